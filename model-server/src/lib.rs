@@ -1,0 +1,6 @@
+//! Kiln's model server.
+//!
+//! With default features off this crate is only [`manifest`]: the types the operator writes and
+//! the server reads. The `server` feature adds the engine, batching, HTTP API and puller.
+
+pub mod manifest;

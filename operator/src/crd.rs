@@ -1,0 +1,317 @@
+//! The `ModelDeployment` API (`kiln.dev/v1alpha1`).
+//!
+//! Validation lives in the schema (OpenAPI keywords and CEL `x-kubernetes-validations`), so the
+//! API server refuses a bad resource with a message a person can act on; the operator never
+//! sees one. Lists that CEL walks carry `maxItems`/`maxLength` so the rules fit the API server's
+//! cost budget.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
+
+/// Models and the GPU node pools that serve them. The operator creates, per pool, a Deployment,
+/// Service, manifest ConfigMap, PodDisruptionBudget and (with autoscaling) an HPA on queue depth.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    shortname = "md",
+    category = "kiln",
+    status = "ModelDeploymentStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "A set of models and the node pools that serve them",
+    printcolumn(name = "Family", type_ = "string", json_path = ".spec.family"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready replicas / desired replicas, across pools"
+    ),
+    printcolumn(
+        name = "Models",
+        type_ = "string",
+        json_path = ".status.modelSummary",
+        description = "Served model versions"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new(
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+    ).message(kube::core::Message::Expression(
+        "'metadata.name ' + self.metadata.name + ' must start with a letter and hold only lowercase letters, digits and -, because it prefixes the Service of every pool'".into()
+    )),
+    validation = kube::core::Rule::new(
+        "self.spec.pools.all(p, size(self.metadata.name) + 1 + size(p.name) <= 63)"
+    ).message(kube::core::Message::Expression(
+        "'the Service name <metadata.name>-<pool> must fit in 63 characters; shorten metadata.name (' + string(size(self.metadata.name)) + ' characters) or the pool names'".into()
+    )),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new(
+        "self.pools.all(p, p.serve.all(s, self.models.exists(m, m.name + ':' + m.version == s)))"
+    ).message(kube::core::Message::Expression(
+        "'pools[].serve names ' + self.pools.map(p, p.serve.filter(s, !self.models.exists(m, m.name + ':' + m.version == s))).filter(l, size(l) > 0).map(l, l.join(', ')).join(', ') + ', which is not in spec.models; add it to models or fix the name:version'".into()
+    )).field_path(".pools"),
+    validation = kube::core::Rule::new(
+        "self.models.all(m, !has(m.fallback) || self.models.exists(o, o.name == m.fallback.name && o.version == m.fallback.version))"
+    ).message(kube::core::Message::Expression(
+        "'models[].fallback ' + self.models.filter(m, has(m.fallback) && !self.models.exists(o, o.name == m.fallback.name && o.version == m.fallback.version)).map(m, m.fallback.name + ':' + m.fallback.version).join(', ') + ' is not in spec.models; list the fallback version under models too'".into()
+    )).field_path(".models"),
+    validation = kube::core::Rule::new(
+        "self.models.all(m, !has(m.fallback) || m.fallback.name != m.name || m.fallback.version != m.version)"
+    ).message("a model cannot be its own fallback; point fallback at another version").field_path(".models"),
+)]
+pub struct ModelDeploymentSpec {
+    /// What the pods serve; one family per pod.
+    pub family: Family,
+    /// Model-server image; empty means the operator's --model-server-image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
+    /// Every model version this resource may serve.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(
+        merge_strategy = kube::core::ListMerge::Map(vec!["name".into(), "version".into()]),
+        validation = kube::core::Rule::new(
+            "self.all(m, self.exists_one(o, o.name == m.name && o.version == m.version))"
+        ).message("each models entry needs a unique name and version pair").reason(kube::core::Reason::FieldValueDuplicate),
+    )]
+    pub models: Vec<ModelSpec>,
+    /// Which node pool serves which models.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(
+        merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]),
+        validation = kube::core::Rule::new("self.all(p, self.exists_one(o, o.name == p.name))")
+            .message("each pools entry needs a unique name").reason(kube::core::Reason::FieldValueDuplicate),
+    )]
+    pub pools: Vec<PoolSpec>,
+    /// Warmup before readiness; also sizes the startup probe.
+    #[serde(default)]
+    pub warmup: Warmup,
+    /// Dynamic batching in every model server.
+    #[serde(default)]
+    pub batching: Batching,
+}
+
+/// One model version.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Model name, a DNS-1123 label; clients ask for `name` or `name:version`.
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = kube::core::Rule::new(DNS_LABEL_RULE).message(kube::core::Message::Expression(DNS_LABEL_MSG.into())))]
+    pub name: String,
+    /// Version, a DNS-1123 label (e.g. v2).
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = kube::core::Rule::new(DNS_LABEL_RULE).message(kube::core::Message::Expression(DNS_LABEL_MSG.into())))]
+    pub version: String,
+    /// Where the weights come from.
+    pub source: SourceSpec,
+    /// Resident-size hint (a quantity such as 120Mi); otherwise derived from the weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = kube::core::Rule::new("isQuantity(self)").message(kube::core::Message::Expression(QUANTITY_MSG.into())))]
+    pub memory: Option<String>,
+    /// Served in this version's place if it fails to load; must be listed in models too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackRef>,
+}
+
+/// A model version named by its parts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FallbackRef {
+    #[schemars(length(max = 63))]
+    pub name: String,
+    #[schemars(length(max = 63))]
+    pub version: String,
+}
+
+/// Source of a model's files.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// s3://bucket/prefix/, http(s)://host/path/, file:///path/ or pvc://claim/path.
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.matches('^(s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/\\\\s]+(/.*)?|file:///.*|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?)$')"
+    ).message(kube::core::Message::Expression(
+        "'source.uri ' + self + ' is not supported: use s3://bucket/prefix/, http(s)://host/path/, file:///absolute/path/ or pvc://claim/path'".into()
+    )))]
+    pub uri: String,
+    /// Secret in the same namespace holding AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    /// optionally AWS_ENDPOINT_URL and AWS_REGION; passed to the pods, never read by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub credentials_secret: Option<String>,
+    /// Expected sha256 (64 lowercase hex) per file; every listed file is verified before load.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(
+        validation = kube::core::Rule::new("self.all(f, self[f].matches('^[0-9a-f]{64}$'))").message(kube::core::Message::Expression(
+            "'sha256 of ' + self.filter(f, !self[f].matches('^[0-9a-f]{64}$')).join(', ') + ' must be 64 lowercase hex characters (sha256sum prints them)'".into()
+        )),
+        validation = kube::core::Rule::new("self.all(f, size(f) <= 512 && !f.matches('^/|//|(^|/)[.][.]?(/|$)'))")
+            .message("sha256 keys are file paths relative to the source, without a leading '/', empty parts, '.' or '..'"),
+    )]
+    pub sha256: BTreeMap<String, String>,
+}
+
+/// A node pool and what it serves.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("!(has(self.replicas) && has(self.autoscaling))")
+        .message("set either replicas (fixed size) or autoscaling, not both"),
+)]
+pub struct PoolSpec {
+    /// Pool name, a DNS-1123 label; objects are named <resource>-<pool>.
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = kube::core::Rule::new(DNS_LABEL_RULE).message(kube::core::Message::Expression(DNS_LABEL_MSG.into())))]
+    pub name: String,
+    /// Node labels that select this pool's nodes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for the pool's taints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Accelerators per replica; 0 is a CPU pool.
+    #[serde(default)]
+    #[schemars(range(max = 64))]
+    pub gpus: u32,
+    /// Extended resource name of the accelerator.
+    #[serde(default = "default_gpu_resource")]
+    #[schemars(length(max = 253))]
+    pub gpu_resource: String,
+    /// Memory per accelerator (a quantity such as 80Gi); models that do not fit are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = kube::core::Rule::new("isQuantity(self)").message(kube::core::Message::Expression(QUANTITY_MSG.into())))]
+    pub gpu_memory: Option<String>,
+    /// CPU and memory requests and limits of the model-server container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "(!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])))) && (!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k]))))"
+    ).message("resources.requests and resources.limits values must be quantities such as 500m, 2 or 4Gi"))]
+    pub resources: Option<ResourceRequirements>,
+    /// "name:version" entries of spec.models served by this pool.
+    #[schemars(length(min = 1, max = 32), inner(length(max = 127)))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(s, self.exists_one(o, o == s))").message("serve lists each name:version once").reason(kube::core::Reason::FieldValueDuplicate))]
+    pub serve: Vec<String>,
+    /// Fixed replica count when autoscaling is absent (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
+    pub replicas: Option<u32>,
+    /// Horizontal autoscaling on the pods' queue depth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".to_string()
+}
+
+/// HPA on the `kiln_queue_depth` pods metric.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.minReplicas <= self.maxReplicas").message(kube::core::Message::Expression(
+    "'autoscaling.minReplicas (' + string(self.minReplicas) + ') must not exceed maxReplicas (' + string(self.maxReplicas) + ')'".into()
+)))]
+pub struct AutoscalingSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: u32,
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: u32,
+    /// Average requests waiting per pod that the HPA aims for.
+    #[schemars(range(min = 1, max = 100000))]
+    pub target_queue_depth: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+const DNS_LABEL_RULE: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
+const DNS_LABEL_MSG: &str = "self + ' is not a DNS-1123 label: use lowercase letters, digits and -, starting and ending with a letter or digit'";
+const QUANTITY_MSG: &str = "self + ' is not a quantity; write it like 512Mi, 80Gi or 1.5G'";
+
+/// Observed state, written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing and Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Ready replicas / desired replicas across pools, as `kubectl get md` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Served model versions, comma-separated, for `kubectl get md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    pub name: String,
+    pub deployment: String,
+    pub service: String,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub serving: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_required: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_available: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ModelState {
+    Pending,
+    Loading,
+    Ready,
+    Failed,
+    FallenBack,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    pub name: String,
+    pub version: String,
+    pub pools: Vec<String>,
+    pub state: ModelState,
+    /// In-cluster URL of a Service serving this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ModelSpec {
+    pub fn id(&self) -> ModelRef {
+        ModelRef::new(&self.name, &self.version)
+    }
+}
+
+/// The CRD as `kubectl apply` takes it.
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    use kube::CustomResourceExt;
+    serde_norway::to_string(&ModelDeployment::crd())
+}

@@ -1,0 +1,4 @@
+//! Kiln's operator: `ModelDeployment` → per-pool model-server Deployments, Services, manifests,
+//! PodDisruptionBudgets and queue-depth HPAs.
+
+pub mod crd;
