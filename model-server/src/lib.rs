@@ -4,3 +4,6 @@
 //! the server reads. The `server` feature adds the engine, batching, HTTP API and puller.
 
 pub mod manifest;
+
+#[cfg(feature = "server")]
+pub mod engine;
