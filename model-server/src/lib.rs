@@ -6,4 +6,16 @@
 pub mod manifest;
 
 #[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod batching;
+#[cfg(feature = "server")]
 pub mod engine;
+#[cfg(feature = "server")]
+pub mod loader;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod serve;
+#[cfg(feature = "server")]
+pub mod state;

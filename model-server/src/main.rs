@@ -1,5 +1,145 @@
-//! `kiln-model-server`: pull and serve.
-fn main() -> std::process::ExitCode {
-    eprintln!("kiln-model-server: the server is not built yet (it lands with the model-server issue)");
-    std::process::ExitCode::FAILURE
+//! `kiln-model-server`: `serve` what a manifest (or the command line) names; `pull` artifacts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_model_server::manifest::{Batching, Family, Warmup};
+use kiln_model_server::serve::{self, ServePlan};
+use kiln_model_server::state::Limits;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-model-server",
+    version,
+    about = "Loads each model once, warms it, batches requests and exports queue depth"
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "KILN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models over HTTP: from the operator's manifest, or from local directories.
+    ///
+    /// Examples:
+    ///   kiln-model-server serve --manifest /etc/kiln/manifest.json --cache-dir /var/cache/kiln
+    ///   kiln-model-server serve --family text-embedding --model minilm:v2=./minilm
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Manifest written by the operator (JSON).
+    #[arg(long, conflicts_with_all = ["family", "model"], required_unless_present = "model")]
+    manifest: Option<PathBuf>,
+    /// Where `pull` put the models named by the manifest.
+    #[arg(long, default_value = "/var/cache/kiln/models")]
+    cache_dir: PathBuf,
+    /// Model family, with --model.
+    #[arg(long, default_value = "text-embedding", value_parser = parse_family)]
+    family: Family,
+    /// NAME:VERSION=DIR holding config.json, tokenizer.json and model.safetensors; repeatable.
+    #[arg(long = "model", value_name = "NAME:VERSION=DIR")]
+    model: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Inference threads; default: the cgroup CPU quota, else the number of cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Warmup passes over the default inputs (with --model; the manifest carries its own).
+    #[arg(long, default_value_t = 3)]
+    warmup_iterations: u32,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Most inputs in one embeddings request; more get 413.
+    #[arg(long, default_value_t = 2048)]
+    max_inputs: usize,
+    /// After SIGTERM, keep answering (503 for new work) this long before closing the listener,
+    /// so load balancers see readiness drop first.
+    #[arg(long, default_value_t = 0.0)]
+    drain_delay_seconds: f64,
+    /// With --model: batch size, delay and queue bound.
+    #[arg(long, default_value_t = 32)]
+    max_batch_size: u32,
+    #[arg(long, default_value_t = 5)]
+    max_delay_ms: u32,
+    #[arg(long, default_value_t = 1024)]
+    max_queue_depth: u32,
+}
+
+fn parse_family(s: &str) -> Result<Family, String> {
+    s.parse::<Family>().map_err(|e| e.to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => serve_cmd(args),
+    }
+}
+
+fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
+    let threads = args.threads.unwrap_or_else(serve::default_threads).max(1);
+    // candle and gemm size their pools from this; it must be set before any pool starts.
+    // SAFETY: no other thread exists yet (the runtime is built below).
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    let plan = match &args.manifest {
+        Some(path) => ServePlan::from_manifest(path, &args.cache_dir)
+            .with_context(|| format!("cannot serve manifest {}", path.display()))?,
+        None => {
+            let warmup = Warmup { iterations: args.warmup_iterations, ..Warmup::default() };
+            let batching = Batching {
+                max_batch_size: args.max_batch_size,
+                max_delay_milliseconds: args.max_delay_ms,
+                max_queue_depth: args.max_queue_depth,
+            };
+            ServePlan::from_args(args.family, &args.model, warmup, batching)?
+        }
+    };
+    let limits = Limits { max_body_bytes: args.max_body_bytes, max_inputs: args.max_inputs };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.clamp(1, 4))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(threads, "inference threads");
+        serve::run(
+            plan,
+            listener,
+            limits,
+            Duration::from_secs_f64(args.drain_delay_seconds.max(0.0)),
+            serve::termination(),
+        )
+        .await
+    })
 }

@@ -45,3 +45,73 @@ pub fn golden() -> Vec<Golden> {
         })
         .collect()
 }
+
+use std::time::Duration;
+
+use kiln_model_server::manifest::{Batching, Family, Warmup};
+use kiln_model_server::serve::{self, ServePlan};
+use kiln_model_server::state::Limits;
+
+/// A server running in this process on 127.0.0.1; dropped → shut down.
+pub struct TestServer {
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(plan: ServePlan, limits: Limits) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve::run(plan, listener, limits, Duration::ZERO, async move {
+            let _ = rx.await;
+        }));
+        TestServer { base, stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn minilm(warmup_iterations: u32, batching: Batching) -> Self {
+        let plan = ServePlan::from_args(
+            Family::TextEmbedding,
+            &[format!("minilm:v2={}", minilm_dir().display())],
+            Warmup { iterations: warmup_iterations, ..Warmup::default() },
+            batching,
+        )
+        .expect("plan");
+        Self::start(plan, Limits { max_body_bytes: 64 << 10, max_inputs: 16 }).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn wait_ready(&self) -> serde_json::Value {
+        let client = reqwest::Client::new();
+        for _ in 0..600 {
+            if let Ok(r) = client.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return r.json().await.expect("readyz json");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server at {} never became ready", self.base);
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("join").expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Prometheus metrics; the names are part of the contract (DESIGN.md) and the HPA scales on
+//! `kiln_queue_depth`.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::manifest::ModelRef;
+
+const MODEL: &[&str] = &["model", "version"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub queue_depth: IntGauge,
+    pub model_queue_depth: IntGaugeVec,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub model_ready: IntGaugeVec,
+    pub load_seconds: GaugeVec,
+    pub warmup_seconds: GaugeVec,
+    pub resident_bytes: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let queue_depth = IntGauge::new("kiln_queue_depth", "Requests waiting in this pod, all models")?;
+        let model_queue_depth =
+            IntGaugeVec::new(Opts::new("kiln_model_queue_depth", "Requests waiting per model"), MODEL)?;
+        let requests = IntCounterVec::new(
+            Opts::new("kiln_requests_total", "Inference requests by model and HTTP status"),
+            &["model", "version", "code"],
+        )?;
+        // Sub-millisecond batch-1 calls up to multi-second long batches.
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("kiln_request_duration_seconds", "Request latency, queueing included")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ]),
+            MODEL,
+        )?;
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("kiln_batch_size", "Inputs per executed batch")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+            MODEL,
+        )?;
+        let model_ready =
+            IntGaugeVec::new(Opts::new("kiln_model_ready", "1 when the model is loaded and warm"), MODEL)?;
+        let load_seconds =
+            GaugeVec::new(Opts::new("kiln_model_load_seconds", "Seconds spent loading the weights"), MODEL)?;
+        let warmup_seconds =
+            GaugeVec::new(Opts::new("kiln_model_warmup_seconds", "Seconds spent warming the model"), MODEL)?;
+        let resident_bytes = IntGaugeVec::new(
+            Opts::new("kiln_model_resident_bytes", "Resident memory the model added when it loaded"),
+            MODEL,
+        )?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(model_queue_depth.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(model_ready.clone()))?;
+        registry.register(Box::new(load_seconds.clone()))?;
+        registry.register(Box::new(warmup_seconds.clone()))?;
+        registry.register(Box::new(resident_bytes.clone()))?;
+        Ok(Metrics {
+            registry,
+            queue_depth,
+            model_queue_depth,
+            requests,
+            request_duration,
+            batch_size,
+            model_ready,
+            load_seconds,
+            warmup_seconds,
+            resident_bytes,
+        })
+    }
+
+    /// Create every per-model series at zero so dashboards and the adapter see them at once.
+    pub fn register_model(&self, id: &ModelRef) {
+        let l = [id.name.as_str(), id.version.as_str()];
+        self.model_queue_depth.with_label_values(&l).set(0);
+        self.model_ready.with_label_values(&l).set(0);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,171 @@
+//! `kiln-model-server serve`: bind, answer health at once, load and warm in the background,
+//! drain on SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::loader::{self, ModelDirs};
+use crate::manifest::{Batching, Family, Manifest, ModelRef, SourceUri, Warmup};
+use crate::metrics::Metrics;
+use crate::state::{AppState, Limits};
+
+/// Everything `serve` needs, however it was described (manifest or command line).
+pub struct ServePlan {
+    pub family: Family,
+    /// (id, serve, fallback) in manifest order.
+    pub models: Vec<(ModelRef, bool, Option<ModelRef>)>,
+    pub dirs: ModelDirs,
+    pub warmup: Warmup,
+    pub batching: Batching,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("--model {0:?}: expected NAME:VERSION=DIR, e.g. minilm:v2=/models/minilm")]
+    ModelArg(String),
+    #[error("{0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("reading manifest {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("family {0} is not served by this build yet; only text-embedding is")]
+    Family(Family),
+}
+
+impl ServePlan {
+    /// From `--model NAME:VERSION=DIR` arguments.
+    pub fn from_args(
+        family: Family,
+        models: &[String],
+        warmup: Warmup,
+        batching: Batching,
+    ) -> Result<Self, PlanError> {
+        let mut plan = ServePlan { family, models: Vec::new(), dirs: ModelDirs::new(), warmup, batching };
+        for arg in models {
+            let (id, dir) = arg.split_once('=').ok_or_else(|| PlanError::ModelArg(arg.clone()))?;
+            let id: ModelRef = id.parse().map_err(|_| PlanError::ModelArg(arg.clone()))?;
+            if dir.is_empty() {
+                return Err(PlanError::ModelArg(arg.clone()));
+            }
+            plan.dirs.insert(id.clone(), PathBuf::from(dir));
+            plan.models.push((id, true, None));
+        }
+        if plan.models.is_empty() {
+            return Err(PlanError::ModelArg(String::new()));
+        }
+        plan.check_family()?;
+        Ok(plan)
+    }
+
+    /// From the operator's manifest: pulled models live under `cache_dir/<name>/<version>`,
+    /// `pvc://` models in place under the manifest's `pvcRoot`.
+    pub fn from_manifest(path: &Path, cache_dir: &Path) -> Result<Self, PlanError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PlanError::Read { path: path.display().to_string(), source })?;
+        let manifest = Manifest::from_json(&text)?;
+        let mut dirs = ModelDirs::new();
+        for m in &manifest.models {
+            let dir = match m.source.uri.parse::<SourceUri>()? {
+                SourceUri::Pvc { claim, path } => Path::new(&manifest.pvc_root).join(claim).join(path),
+                _ => Manifest::cache_path(cache_dir, &m.id()),
+            };
+            dirs.insert(m.id(), dir);
+        }
+        let plan = ServePlan {
+            family: manifest.family,
+            models: manifest.models.iter().map(|m| (m.id(), m.serve, m.fallback.clone())).collect(),
+            dirs,
+            warmup: manifest.warmup,
+            batching: manifest.batching,
+        };
+        plan.check_family()?;
+        Ok(plan)
+    }
+
+    fn check_family(&self) -> Result<(), PlanError> {
+        match self.family {
+            Family::TextEmbedding => Ok(()),
+            other => Err(PlanError::Family(other)),
+        }
+    }
+}
+
+/// Serve until SIGTERM/SIGINT (or `shutdown` resolves), then drain and return.
+pub async fn run(
+    plan: ServePlan,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    drain_delay: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new()?);
+    let state = Arc::new(AppState::new(plan.family, plan.models.clone(), metrics, limits));
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, family = %plan.family, models = plan.models.len(), "listening; loading models");
+
+    let loading = state.clone();
+    let loader = tokio::task::spawn_blocking(move || {
+        loader::load_all(&loading, &plan.dirs, &plan.warmup, &plan.batching);
+    });
+
+    let draining = state.clone();
+    let app = crate::api::router(state.clone());
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: readiness drops, accepted requests finish");
+        draining.start_draining();
+        tokio::time::sleep(drain_delay).await;
+    };
+    axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
+    // In-flight requests are done; let queued work finish and the workers stop.
+    for slot in state.slots.values() {
+        if let Some(rt) = slot.runtime.get() {
+            rt.batcher.close();
+        }
+    }
+    if !loader.is_finished() {
+        tracing::info!("exiting while models were still loading");
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// CPU quota of this cgroup (v2 `cpu.max`, rounded up), else the cores available.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    std::fs::read_to_string("/sys/fs/cgroup/cpu.max")
+        .ok()
+        .and_then(|s| {
+            let mut parts = s.split_whitespace();
+            let quota = parts.next()?.parse::<f64>().ok()?;
+            let period = parts.next()?.parse::<f64>().ok()?;
+            (period > 0.0).then(|| (quota / period).ceil() as usize)
+        })
+        .filter(|&n| n >= 1)
+        .map(|n| n.min(cores))
+        .unwrap_or(cores)
+}
