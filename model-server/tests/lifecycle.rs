@@ -1,0 +1,275 @@
+//! Process-level behaviour: fallback from the manifest, SIGTERM drain, one copy of the weights.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use kiln_model_server::engine::cosine;
+use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelRef, ModelSource, Warmup};
+use kiln_model_server::serve::ServePlan;
+use kiln_model_server::state::Limits;
+use serde_json::{Value, json};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn entry(name: &str, version: &str, fallback: Option<ModelRef>, serve: bool) -> ModelEntry {
+    ModelEntry {
+        name: name.into(),
+        version: version.into(),
+        source: ModelSource { uri: format!("file:///models/{name}/{version}"), ..Default::default() },
+        memory_bytes: None,
+        fallback,
+        serve,
+    }
+}
+
+/// A cache with minilm:v1 (real weights) and minilm:v2 (config only: fails to load).
+fn cache_with_broken_v2(dir: &Path) {
+    std::os::unix::fs::symlink(common::minilm_dir(), dir.join("v1-real")).expect("symlink");
+    std::fs::create_dir_all(dir.join("minilm")).expect("mkdir");
+    std::os::unix::fs::symlink(dir.join("v1-real"), dir.join("minilm/v1")).expect("symlink v1");
+    std::fs::create_dir_all(dir.join("minilm/v2")).expect("mkdir v2");
+    std::fs::copy(common::minilm_dir().join("config.json"), dir.join("minilm/v2/config.json")).expect("copy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_model_is_served_by_its_fallback_and_status_says_so() {
+    let cache = scratch("fallback");
+    cache_with_broken_v2(&cache);
+    let manifest = Manifest::new(
+        Family::TextEmbedding,
+        vec![
+            entry("minilm", "v2", Some(ModelRef::new("minilm", "v1")), true),
+            entry("minilm", "v1", None, false),
+        ],
+        Warmup { iterations: 1, ..Warmup::default() },
+        Batching::default(),
+    );
+    let path = cache.join("manifest.json");
+    std::fs::write(&path, manifest.to_json()).expect("write manifest");
+    let plan = ServePlan::from_manifest(&path, &cache).expect("plan");
+    let server = TestServer::start(plan, Limits::default()).await;
+    let ready = server.wait_ready().await;
+    let v2 = &ready["models"]["minilm:v2"];
+    assert_eq!(v2["state"], "FallenBack", "{ready}");
+    assert_eq!(v2["servedBy"], "minilm:v1");
+    assert!(v2["error"].as_str().is_some_and(|e| e.contains("model.safetensors")), "{v2}");
+
+    let client = reqwest::Client::new();
+    let resp: Value = client
+        .post(server.url("/v1/embeddings"))
+        .json(&json!({"model": "minilm:v2", "input": "a"}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let golden = common::golden();
+    let a = golden.iter().find(|g| g.text == "a").expect("golden a");
+    let got: Vec<f32> = resp["data"][0]["embedding"]
+        .as_array()
+        .expect("vector")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert!(cosine(&got, &a.embedding) >= 0.999, "v1 answered for v2");
+    let status: Value =
+        client.get(server.url("/status")).send().await.expect("send").json().await.expect("json");
+    let states: Vec<(String, String)> = status["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .map(|m| {
+            (
+                format!("{}:{}", m["model"].as_str().unwrap(), m["version"].as_str().unwrap()),
+                m["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(states.contains(&("minilm:v2".into(), "FallenBack".into())), "{states:?}");
+    assert!(states.contains(&("minilm:v1".into(), "Ready".into())), "{states:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_fallback_the_server_stays_unready_with_the_error() {
+    let cache = scratch("nofallback");
+    cache_with_broken_v2(&cache);
+    let manifest = Manifest::new(
+        Family::TextEmbedding,
+        vec![entry("minilm", "v2", None, true)],
+        Warmup::default(),
+        Batching::default(),
+    );
+    let path = cache.join("manifest.json");
+    std::fs::write(&path, manifest.to_json()).expect("write manifest");
+    let server =
+        TestServer::start(ServePlan::from_manifest(&path, &cache).expect("plan"), Limits::default()).await;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let r = client.get(server.url("/readyz")).send().await.expect("readyz");
+        assert_eq!(r.status(), 503, "never ready without the model");
+        let body: Value = r.json().await.expect("json");
+        if body["models"]["minilm:v2"]["state"] == "Failed" {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never reported the failure: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body["models"]["minilm:v2"]["error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert_eq!(client.get(server.url("/healthz")).send().await.expect("healthz").status(), 200);
+    let refused =
+        client.post(server.url("/embed/text")).json(&json!({"text": "x"})).send().await.expect("send");
+    assert_eq!(refused.status(), 503);
+    let err: Value = refused.json().await.expect("json");
+    assert_eq!(err["error"]["code"], "model_failed");
+    server.shutdown().await;
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn spawn_server(port: u16, extra: &[&str]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln-model-server"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--warmup-iterations", "1"])
+        .arg("--model")
+        .arg(format!("minilm:v2={}", common::minilm_dir().display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kiln-model-server");
+    Proc(child)
+}
+
+async fn wait_ready(base: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} never became ready");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_accepted_requests_then_exits_zero() {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = spawn_server(port, &["--drain-delay-seconds", "1", "--max-batch-size", "4"]);
+    wait_ready(&base).await;
+    let client = reqwest::Client::new();
+    let long = "a request that takes a little while to embed ".repeat(20);
+    // Queue work, then signal while it is in flight.
+    let inflight: Vec<_> = (0..12)
+        .map(|_| {
+            let client = client.clone();
+            let url = format!("{base}/v1/embeddings");
+            let body = json!({"input": vec![long.clone(); 8]});
+            tokio::spawn(
+                async move { client.post(url).json(&body).send().await.map(|r| r.status().as_u16()) },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let pid = server.0.id();
+    let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+    assert!(killed.success());
+    // Readiness drops at once; new work is refused with 503 during the drain delay.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = client.get(format!("{base}/readyz")).send().await.expect("readyz while draining");
+    assert_eq!(ready.status(), 503);
+    let late =
+        client.post(format!("{base}/embed/text")).json(&json!({"text": "late"})).send().await.expect("late");
+    assert_eq!(late.status(), 503);
+    for task in inflight {
+        assert_eq!(task.await.expect("join").expect("accepted request completes"), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_does_not_grow_with_concurrency() {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = spawn_server(port, &[]);
+    wait_ready(&base).await;
+    let pid = server.0.id();
+    let client = reqwest::Client::new();
+    let round = |conns: usize| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let tasks: Vec<_> = (0..conns)
+                .map(|i| {
+                    let client = client.clone();
+                    let url = format!("{base}/embed/text");
+                    tokio::spawn(async move {
+                        for j in 0..4 {
+                            let r = client
+                                .post(&url)
+                                .json(&json!({"text": format!("sentence {i} {j} of a burst")}))
+                                .send()
+                                .await
+                                .expect("send");
+                            assert_eq!(r.status(), 200);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("join");
+            }
+        }
+    };
+    round(1).await;
+    let after_one = rss_kib(pid);
+    round(64).await;
+    let after_many = rss_kib(pid);
+    // The weights (87 MiB) are loaded once: 64 connections may add buffers, never a copy.
+    assert!(
+        after_many < after_one + 60 * 1024,
+        "RSS grew from {after_one} KiB to {after_many} KiB with 64 connections"
+    );
+}
