@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Print Kiln vs the Python baseline from the JSON that bench/run.sh wrote (usage: report.py OUT)."""
+import json
+import os
+import platform
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def by_conns(http):
+    return {r.get('connections'): r for r in (http or {}).get('runs', [])}
+
+
+def ratio(a, b, invert=False):
+    if a is None or b in (None, 0):
+        return '-'
+    return f'{(b / a if invert else a / b):.2f}x'
+
+
+def main():
+    out = sys.argv[1]
+    ke, kh = load(os.path.join(out, 'kiln-engine.json')), load(os.path.join(out, 'kiln-http.json'))
+    be, bh = load(os.path.join(out, 'baseline', 'engine.json')), load(os.path.join(out, 'baseline', 'http.json'))
+
+    def eng(res, key, field):
+        return ((res or {}).get('runs', {}).get(key) or {}).get(field)
+
+    rows = [('engine sentences/s, batch 32, short', eng(ke, 'throughput_short', 'sentences_per_s'),
+             eng(be, 'throughput_short', 'sentences_per_s'), False),
+            ('engine sentences/s, batch 32, long', eng(ke, 'throughput_long', 'sentences_per_s'),
+             eng(be, 'throughput_long', 'sentences_per_s'), False),
+            ('engine batch-1 p50 ms', eng(ke, 'latency_single', 'p50_ms'), eng(be, 'latency_single', 'p50_ms'), True),
+            ('engine batch-1 p99 ms', eng(ke, 'latency_single', 'p99_ms'), eng(be, 'latency_single', 'p99_ms'), True)]
+    kc, bc = by_conns(kh), by_conns(bh)
+    for n in sorted(set(kc) | set(bc)):
+        rows.append((f'HTTP /embed/text req/s, {n} conns', kc.get(n, {}).get('rps'), bc.get(n, {}).get('rps'), False))
+        rows.append((f'HTTP p50 ms, {n} conns', kc.get(n, {}).get('p50_ms'), bc.get(n, {}).get('p50_ms'), True))
+        rows.append((f'HTTP p99 ms, {n} conns', kc.get(n, {}).get('p99_ms'), bc.get(n, {}).get('p99_ms'), True))
+    rows.append(('RSS idle MiB', (kh or {}).get('rss_mib_idle'), (bh or {}).get('rss_mib_idle'), True))
+    k_after = max((r.get('rss_mib_after') or 0 for r in (kh or {}).get('runs', [])), default=None)
+    b_after = max((r.get('rss_mib_after') or 0 for r in (bh or {}).get('runs', [])), default=None)
+    rows.append(('RSS after load MiB', k_after, b_after, True))
+    rows.append(('start to ready s', (kh or {}).get('startup_s'), (bh or {}).get('startup_s'), True))
+
+    print(f'\nKiln vs Python baseline ({platform.machine()}, {os.cpu_count()} cores); '
+          'ratio = Kiln advantage (higher is better)')
+    print(f'| {"measure":40} | {"kiln":>10} | {"baseline":>10} | {"ratio":>7} |')
+    print(f'|{"-" * 42}|{"-" * 12}|{"-" * 12}|{"-" * 9}|')
+    for name, k, b, lower_better in rows:
+        fmt = lambda v: '-' if v is None else f'{v:.1f}' if isinstance(v, (int, float)) else str(v)  # noqa: E731
+        print(f'| {name:40} | {fmt(k):>10} | {fmt(b):>10} | {ratio(k, b, lower_better):>7} |')
+
+
+if __name__ == '__main__':
+    main()

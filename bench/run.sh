@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# make bench: Kiln and the Python stack people run today, side by side, in the same run.
+# Writes JSON under $OUT and prints the table that docs/benchmarks.md records.
+#   env: DURATION (wrk seconds per point, default 20), OUT (default target/bench), SKIP_BASELINE=1
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SHARED="$ROOT/../shared/bench"
+OUT="${OUT:-$ROOT/target/bench}"
+MODEL="${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/minilm"
+mkdir -p "$OUT"
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+bash "$ROOT/scripts/fixtures.sh"
+
+echo "== building (release)"
+(cd "$ROOT" && cargo build --release --locked -p kiln-model-server --bin kiln-model-server --example bench_engine)
+
+echo "== kiln engine"
+"$ROOT/target/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" "$OUT/kiln-engine.json"
+echo "== kiln http"
+python3 "$ROOT/bench/kiln_http.py" "$ROOT/target/release/kiln-model-server" "$MODEL" "$SHARED/corpus" \
+  "$OUT/kiln-http.json" --duration "${DURATION:-20}" --baseline-dir "$SHARED/python-baseline"
+
+if [ "${SKIP_BASELINE:-0}" != 1 ]; then
+  echo "== python baseline (sentence-transformers on torch, FastAPI/uvicorn)"
+  OUT="$OUT/baseline" DURATION="${DURATION:-20}" bash "$SHARED/python-baseline/run.sh" all
+fi
+python3 "$ROOT/bench/report.py" "$OUT"
