@@ -2,3 +2,5 @@
 //! PodDisruptionBudgets and queue-depth HPAs.
 
 pub mod crd;
+pub mod quantity;
+pub mod resources;

@@ -1,0 +1,67 @@
+//! Kubernetes quantities as byte counts (memory fit needs arithmetic, k8s-openapi keeps strings).
+
+/// Bytes of a quantity such as `120Mi`, `80Gi`, `1.5G`, `512k` or `1e9`; None if malformed.
+pub fn parse_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split =
+        q.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse::<i32>().ok()?),
+        _ => return None,
+    };
+    let bytes = value * factor;
+    (bytes.is_finite() && bytes >= 0.0).then(|| bytes.ceil() as u64)
+}
+
+/// A byte count in the largest binary unit that keeps it readable (`1.5Gi`, `120Mi`).
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            let v = bytes as f64 / size as f64;
+            return if v.fract() == 0.0 { format!("{v:.0}{unit}") } else { format!("{v:.1}{unit}") };
+        }
+    }
+    bytes.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_binary_decimal_and_exponent_forms() {
+        assert_eq!(parse_bytes("120Mi"), Some(120 << 20));
+        assert_eq!(parse_bytes("80Gi"), Some(80 << 30));
+        assert_eq!(parse_bytes("1.5G"), Some(1_500_000_000));
+        assert_eq!(parse_bytes("512k"), Some(512_000));
+        assert_eq!(parse_bytes("1e9"), Some(1_000_000_000));
+        assert_eq!(parse_bytes("1024"), Some(1024));
+        for bad in ["", "Mi", "lots", "80GB", "1..2Gi"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn formats_readably() {
+        assert_eq!(format_bytes(120 << 20), "120Mi");
+        assert_eq!(format_bytes(3 << 29), "1.5Gi");
+        assert_eq!(format_bytes(100), "100");
+    }
+}
