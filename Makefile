@@ -6,6 +6,10 @@ SHELL := bash
 KILN_CACHE ?= $(HOME)/.cache/kiln
 export KILN_CACHE
 CARGO ?= cargo
+# Build outputs live in the user cache, so a fresh clone (CI, a second worktree) reuses the
+# compiled dependencies instead of spending 20 minutes rebuilding candle and kube.
+CARGO_TARGET_DIR ?= $(KILN_CACHE)/cargo-target
+export CARGO_TARGET_DIR
 
 .PHONY: help
 help: ## list the targets
@@ -42,8 +46,8 @@ build: ## release binaries
 	$(CARGO) build --release --locked -p kiln-operator -p kiln-model-server
 
 .PHONY: bench
-bench: ## benchmarks side by side with the Python baseline (lands with the model server)
-	@echo "make bench: not built yet; the engine and HTTP benchmarks land with issue 4 (model server)." >&2; exit 1
+bench: ## Kiln vs the Python baseline, same run: engine, HTTP (wrk), RSS, start to ready
+	bash bench/run.sh
 
 .PHONY: e2e
 e2e: ## end-to-end tests on a real local control plane (lands with issue 7)

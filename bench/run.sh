@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
-OUT="${OUT:-$ROOT/target/bench}"
+OUT="${OUT:-$ROOT/target/bench}"  # results, beside the sources
 MODEL="${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/minilm"
 mkdir -p "$OUT"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
@@ -15,9 +15,9 @@ echo "== building (release)"
 (cd "$ROOT" && cargo build --release --locked -p kiln-model-server --bin kiln-model-server --example bench_engine)
 
 echo "== kiln engine"
-"$ROOT/target/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" "$OUT/kiln-engine.json"
+"${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" "$OUT/kiln-engine.json"
 echo "== kiln http"
-python3 "$ROOT/bench/kiln_http.py" "$ROOT/target/release/kiln-model-server" "$MODEL" "$SHARED/corpus" \
+python3 "$ROOT/bench/kiln_http.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$MODEL" "$SHARED/corpus" \
   "$OUT/kiln-http.json" --duration "${DURATION:-20}" --baseline-dir "$SHARED/python-baseline"
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
