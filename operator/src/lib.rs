@@ -2,5 +2,8 @@
 //! PodDisruptionBudgets and queue-depth HPAs.
 
 pub mod crd;
+pub mod metrics;
 pub mod quantity;
+pub mod reconcile;
 pub mod resources;
+pub mod status;

@@ -1,7 +1,150 @@
-//! `kiln-operator`: the controller binary.
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "kiln-operator: the reconciler is not built yet (it lands with the operator issue); use `crdgen` for the CRD"
-    );
-    std::process::ExitCode::FAILURE
+//! `kiln-operator`: watches ModelDeployments and reconciles their pools.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kiln_operator::crd::ModelDeployment;
+use kiln_operator::metrics::OperatorMetrics;
+use kiln_operator::reconcile::{Context, error_policy, reconcile};
+use kiln_operator::resources::{FIELD_MANAGER, LABEL_MD, OperatorSettings};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-operator",
+    version,
+    about = "Reconciles ModelDeployments into warm, autoscaled model-server pools"
+)]
+struct Args {
+    /// Watch one namespace; empty watches all.
+    #[arg(long, env = "KILN_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// Default model-server image (a ModelDeployment's spec.image overrides it).
+    #[arg(long, env = "KILN_MODEL_SERVER_IMAGE", default_value = "ghcr.io/kiln-dev/kiln-model-server:0.1.0")]
+    model_server_image: String,
+    /// Serves /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    metrics_addr: SocketAddr,
+    /// Memory added to every pool's requirement in the fit check, in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_headroom_mib: u64,
+    /// Log format.
+    #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        fmt.json().flatten_event(true).with_current_span(true).init();
+    } else {
+        fmt.init();
+    }
+
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
+    let metrics = Arc::new(OperatorMetrics::new()?);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: OperatorSettings {
+            model_server_image: args.model_server_image,
+            memory_headroom_bytes: args.memory_headroom_mib << 20,
+        },
+        metrics: metrics.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: FIELD_MANAGER.into(), instance: None },
+        ),
+    });
+
+    let (mds, children) = if args.namespace.is_empty() {
+        (Api::<ModelDeployment>::all(client.clone()), None)
+    } else {
+        (Api::<ModelDeployment>::namespaced(client.clone(), &args.namespace), Some(args.namespace.clone()))
+    };
+    let deployments: Api<Deployment> = scoped(&client, children.as_deref());
+    let services: Api<Service> = scoped(&client, children.as_deref());
+    let config_maps: Api<ConfigMap> = scoped(&client, children.as_deref());
+    let pdbs: Api<PodDisruptionBudget> = scoped(&client, children.as_deref());
+    let hpas: Api<HorizontalPodAutoscaler> = scoped(&client, children.as_deref());
+    // Only our children: the label keeps the watches small in a busy cluster.
+    let owned = watcher::Config::default().labels(LABEL_MD);
+
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = serve_metrics(args.metrics_addr, metrics, ready.clone()).await?;
+
+    tracing::info!(namespace = %if args.namespace.is_empty() { "<all>" } else { &args.namespace }, "starting controller");
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    Controller::new(mds, watcher::Config::default())
+        .owns(deployments, owned.clone())
+        .owns(services, owned.clone())
+        .owns(config_maps, owned.clone())
+        .owns(pdbs, owned.clone())
+        .owns(hpas, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        })
+        .await;
+    server.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<OperatorMetrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(std::sync::atomic::Ordering::SeqCst) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        );
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    }))
+}
+
+/// An API over one namespace, or over all of them.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }

@@ -1,0 +1,316 @@
+//! Status as a pure function of the spec and what the cluster reports, so `kubectl get md` and
+//! `kubectl wait --for=condition=Ready` tell the truth.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelState, ModelStatus, PoolStatus};
+use crate::quantity::format_bytes;
+use crate::resources::{SERVER_PORT, pool_object_name};
+
+/// Memory a pool needs against what it has, when both are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fit {
+    pub required: u64,
+    pub available: Option<u64>,
+    /// Served models without a size hint (not counted in `required`).
+    pub unknown_size: Vec<String>,
+}
+
+impl Fit {
+    pub fn fits(&self) -> bool {
+        self.available.is_none_or(|a| self.required <= a)
+    }
+}
+
+/// What the reconciler observed for one pool.
+#[derive(Debug, Clone)]
+pub struct PoolObservation {
+    pub deployment: Option<Deployment>,
+    pub fit: Fit,
+}
+
+fn condition(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        // Replaced by the previous time when the status did not change (see `keep_transition_times`).
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+    }
+}
+
+/// Desired replicas of a pool: the Deployment's (set by us or by the HPA).
+fn desired(d: &Deployment) -> i32 {
+    d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+}
+
+fn ready(d: &Deployment) -> i32 {
+    d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0)
+}
+
+fn rollout_done(d: &Deployment) -> bool {
+    let generation_seen = d.status.as_ref().and_then(|s| s.observed_generation) >= d.metadata.generation;
+    let s = d.status.as_ref();
+    let updated = s.and_then(|s| s.updated_replicas).unwrap_or(0);
+    let total = s.and_then(|s| s.replicas).unwrap_or(0);
+    generation_seen && updated >= desired(d) && total <= desired(d) && ready(d) >= desired(d)
+}
+
+/// A Deployment condition saying the rollout is stuck (quota, deadline exceeded).
+fn deployment_failure(d: &Deployment) -> Option<String> {
+    d.status.as_ref()?.conditions.as_ref()?.iter().find_map(|c| {
+        let failed = (c.type_ == "ReplicaFailure" && c.status == "True")
+            || (c.type_ == "Progressing"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+        failed.then(|| c.message.clone().unwrap_or_else(|| c.type_.clone()))
+    })
+}
+
+pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeploymentStatus {
+    let generation = md.metadata.generation;
+    let ns = md.namespace().unwrap_or_default();
+    let mut pool_status = Vec::new();
+    let mut degraded: Vec<(String, String)> = Vec::new();
+    let mut progressing = Vec::new();
+    let (mut total_ready, mut total_desired) = (0, 0);
+    for (pool, obs) in md.spec.pools.iter().zip(pools) {
+        let name = pool_object_name(md, pool);
+        if !obs.fit.fits() {
+            degraded.push((
+                "InsufficientMemory".into(),
+                format!(
+                    "pool {}: models {} need {} but a replica has {}; pods left as they were",
+                    pool.name,
+                    pool.serve.join(", "),
+                    format_bytes(obs.fit.required),
+                    format_bytes(obs.fit.available.unwrap_or(0)),
+                ),
+            ));
+        }
+        let (replicas, ready_replicas) = match &obs.deployment {
+            Some(d) => {
+                if let Some(msg) = deployment_failure(d) {
+                    degraded.push(("RolloutFailed".into(), format!("pool {}: {msg}", pool.name)));
+                }
+                if !rollout_done(d) {
+                    progressing.push(pool.name.clone());
+                }
+                (desired(d), ready(d))
+            }
+            None => {
+                progressing.push(pool.name.clone());
+                (pool.replicas.map(|r| r as i32).unwrap_or(1), 0)
+            }
+        };
+        total_ready += ready_replicas;
+        total_desired += replicas;
+        pool_status.push(PoolStatus {
+            name: pool.name.clone(),
+            deployment: name.clone(),
+            service: name,
+            replicas,
+            ready_replicas,
+            serving: pool.serve.clone(),
+            memory_required: Some(format_bytes(obs.fit.required)),
+            memory_available: obs.fit.available.map(format_bytes),
+        });
+    }
+
+    let models: Vec<ModelStatus> = md
+        .spec
+        .models
+        .iter()
+        .filter_map(|m| {
+            let id = m.id().to_string();
+            let serving: Vec<&PoolStatus> = pool_status.iter().filter(|p| p.serving.contains(&id)).collect();
+            if serving.is_empty() {
+                return None; // present only as a fallback
+            }
+            let any_ready = serving.iter().any(|p| p.ready_replicas > 0);
+            let state = if any_ready {
+                ModelState::Ready
+            } else if serving.iter().any(|p| p.replicas > 0) && pools.iter().any(|o| o.deployment.is_some()) {
+                ModelState::Loading
+            } else {
+                ModelState::Pending
+            };
+            let endpoint = serving
+                .iter()
+                .find(|p| p.ready_replicas > 0)
+                .or(serving.first())
+                .map(|p| format!("http://{}.{ns}.svc:{SERVER_PORT}", p.service));
+            Some(ModelStatus {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                pools: serving.iter().map(|p| p.name.clone()).collect(),
+                state,
+                endpoint,
+                message: None,
+            })
+        })
+        .collect();
+
+    let all_ready = degraded.is_empty()
+        && progressing.is_empty()
+        && pool_status.iter().all(|p| p.ready_replicas >= p.replicas)
+        && models.iter().all(|m| m.state == ModelState::Ready);
+    let ready_message = if all_ready {
+        format!("{total_ready}/{total_desired} replicas ready; every model loaded and warm")
+    } else {
+        format!("{total_ready}/{total_desired} replicas ready")
+    };
+    let conditions = vec![
+        condition(
+            "Ready",
+            all_ready,
+            if all_ready { "AllReplicasReady" } else { "NotReady" },
+            ready_message,
+            generation,
+        ),
+        condition(
+            "Progressing",
+            !progressing.is_empty(),
+            if progressing.is_empty() { "Stable" } else { "RollingOut" },
+            if progressing.is_empty() {
+                "no rollout underway".into()
+            } else {
+                format!("rolling out pools {}", progressing.join(", "))
+            },
+            generation,
+        ),
+        match degraded.first() {
+            Some((reason, _)) => condition(
+                "Degraded",
+                true,
+                reason,
+                degraded.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; "),
+                generation,
+            ),
+            None => condition("Degraded", false, "Healthy", "no failures".into(), generation),
+        },
+    ];
+    let summary: Vec<String> =
+        md.spec.pools.iter().flat_map(|p| p.serve.iter().cloned()).fold(Vec::new(), |mut acc, s| {
+            if !acc.contains(&s) {
+                acc.push(s);
+            }
+            acc
+        });
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        conditions,
+        ready: Some(format!("{total_ready}/{total_desired}")),
+        model_summary: Some(summary.join(",")),
+        pools: pool_status,
+        models,
+    }
+}
+
+/// Keep each condition's lastTransitionTime when its status did not change, so an unchanged
+/// world yields an identical status (and the reconciler writes nothing).
+pub fn keep_transition_times(new: &mut ModelDeploymentStatus, old: Option<&ModelDeploymentStatus>) {
+    let Some(old) = old else { return };
+    for c in &mut new.conditions {
+        if let Some(prev) = old.conditions.iter().find(|p| p.type_ == c.type_)
+            && prev.status == c.status
+        {
+            c.last_transition_time = prev.last_transition_time.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::testing::sample;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn deploy(replicas: i32, ready: i32, updated: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta { generation: Some(2), ..Default::default() },
+            spec: Some(DeploymentSpec { replicas: Some(replicas), ..Default::default() }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(replicas),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn fit(required: u64, available: Option<u64>) -> Fit {
+        Fit { required, available, unknown_size: vec![] }
+    }
+
+    fn cond<'a>(s: &'a ModelDeploymentStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).expect("condition")
+    }
+
+    #[test]
+    fn all_replicas_ready_is_ready() {
+        let md = sample("embeddings-ab-gpu.yaml");
+        let obs = vec![
+            PoolObservation { deployment: Some(deploy(1, 1, 1)), fit: fit(1, Some(2)) },
+            PoolObservation { deployment: Some(deploy(3, 3, 3)), fit: fit(1, Some(2)) },
+        ];
+        let s = compute(&md, &obs);
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(cond(&s, "Progressing").status, "False");
+        assert_eq!(cond(&s, "Degraded").status, "False");
+        assert_eq!(s.ready.as_deref(), Some("4/4"));
+        assert_eq!(s.model_summary.as_deref(), Some("bge-base:v1,bge-base:v2"));
+        assert_eq!(s.models.len(), 2);
+        assert!(s.models.iter().all(|m| m.state == ModelState::Ready));
+        assert_eq!(s.models[1].endpoint.as_deref(), Some("http://bge-ab-l4.ml.svc:8080"));
+        assert_eq!(s.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn a_rollout_in_progress_is_progressing_not_ready() {
+        let md = sample("embeddings-cpu.yaml");
+        let s = compute(&md, &[PoolObservation { deployment: Some(deploy(2, 2, 1)), fit: fit(1, None) }]);
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Progressing").status, "True");
+        assert!(cond(&s, "Progressing").message.contains("cpu"));
+        let s = compute(&md, &[PoolObservation { deployment: None, fit: fit(1, None) }]);
+        assert_eq!(s.models[0].state, ModelState::Pending);
+        assert_eq!(s.ready.as_deref(), Some("0/2"));
+    }
+
+    #[test]
+    fn a_misfit_is_degraded_with_the_numbers() {
+        let md = sample("embeddings-cpu.yaml");
+        let s = compute(
+            &md,
+            &[PoolObservation { deployment: Some(deploy(2, 2, 2)), fit: fit(3 << 30, Some(1 << 30)) }],
+        );
+        let d = cond(&s, "Degraded");
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "InsufficientMemory"));
+        assert!(
+            d.message.contains("minilm:v2") && d.message.contains("3Gi") && d.message.contains("1Gi"),
+            "{}",
+            d.message
+        );
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(s.pools[0].memory_available.as_deref(), Some("1Gi"));
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let md = sample("embeddings-cpu.yaml");
+        let obs = [PoolObservation { deployment: Some(deploy(2, 2, 2)), fit: fit(1, None) }];
+        let first = compute(&md, &obs);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut second = compute(&md, &obs);
+        assert_ne!(first, second, "fresh times differ");
+        keep_transition_times(&mut second, Some(&first));
+        assert_eq!(first, second, "an unchanged world yields an identical status");
+    }
+}
