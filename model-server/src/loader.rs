@@ -11,7 +11,14 @@ use crate::manifest::{Batching, ModelRef, Warmup};
 use crate::state::{AppState, ModelState, Runtime};
 
 /// Where each model's files are, by id.
-pub type ModelDirs = std::collections::BTreeMap<ModelRef, PathBuf>;
+pub type ModelDirs = std::collections::BTreeMap<ModelRef, ModelDir>;
+
+pub struct ModelDir {
+    pub path: PathBuf,
+    /// Set for models from a manifest: the directory must be a complete `pull` cache entry
+    /// whose marker agrees with these pinned digests, or the model is refused.
+    pub pinned: Option<std::collections::BTreeMap<String, String>>,
+}
 
 pub fn load_all(state: &Arc<AppState>, dirs: &ModelDirs, warmup: &Warmup, batching: &Batching) {
     for id in &state.served {
@@ -94,9 +101,13 @@ fn load_one(
     if slot.runtime.get().is_some() {
         return Ok(());
     }
-    let dir = dirs.get(id).ok_or_else(|| format!("no directory for {id}"))?;
+    let entry = dirs.get(id).ok_or_else(|| format!("no directory for {id}"))?;
+    let dir = &entry.path;
     let span = tracing::info_span!("load", model = %id.name, version = %id.version);
     let _enter = span.enter();
+    if let Some(pinned) = &entry.pinned {
+        crate::pull::cache::check(dir, pinned).map_err(|e| e.to_string())?;
+    }
     let bytes = weight_bytes(dir);
     let t0 = Instant::now();
     slot.update(|p| {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln_model_server::manifest::{Batching, Family, Warmup};
+use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelSource, Warmup};
+use kiln_model_server::pull::{self, PullOptions};
 use kiln_model_server::serve::{self, ServePlan};
 use kiln_model_server::state::Limits;
 
@@ -38,6 +39,47 @@ enum Command {
     ///   kiln-model-server serve --manifest /etc/kiln/manifest.json --cache-dir /var/cache/kiln
     ///   kiln-model-server serve --family text-embedding --model minilm:v2=./minilm
     Serve(ServeArgs),
+    /// Fetch model files into the cache, verifying sha256 while they stream; exit 0 only when
+    /// every file is present and verified.
+    ///
+    /// Examples:
+    ///   kiln-model-server pull --manifest /etc/kiln/manifest.json --cache-dir /var/cache/kiln/models
+    ///   kiln-model-server pull --source s3://models/minilm/v2/ --dest ./minilm
+    ///   kiln-model-server pull --source https://mirror/minilm/ --dest ./minilm \
+    ///       --sha256 config.json=953f... --sha256 model.safetensors=53aa...
+    ///
+    /// S3 credentials and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL (S3-compatible stores, path-style).
+    Pull(PullArgs),
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    /// Manifest written by the operator: every model and fallback it names.
+    #[arg(long, conflicts_with_all = ["source", "dest", "sha256", "in_place"], required_unless_present = "source")]
+    manifest: Option<PathBuf>,
+    /// With --manifest: the cache root; models land in DIR/NAME/VERSION.
+    #[arg(long, default_value = "/var/cache/kiln/models")]
+    cache_dir: PathBuf,
+    /// One source by hand: s3://bucket/prefix/, http(s)://base/, file:///path/.
+    #[arg(long, requires = "dest")]
+    source: Option<String>,
+    /// With --source: the directory to create (atomically, only once verified).
+    #[arg(long)]
+    dest: Option<PathBuf>,
+    /// FILE=HEX: expected digest of a file (relative to the source); HTTP sources fetch
+    /// exactly these files. Repeatable.
+    #[arg(long = "sha256", value_name = "FILE=HEX")]
+    sha256: Vec<String>,
+    /// file:// sources: verify and link to the files instead of copying them.
+    #[arg(long)]
+    in_place: bool,
+    /// Attempts per file after the client's own request retries.
+    #[arg(long, default_value_t = 4)]
+    attempts: u32,
+    /// Abandon (and retry) a transfer that delivers nothing for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -101,7 +143,58 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => serve_cmd(args),
+        Command::Pull(args) => pull_cmd(args),
     }
+}
+
+fn pull_cmd(args: PullArgs) -> anyhow::Result<()> {
+    pull::install_crypto_provider();
+    let opts = PullOptions {
+        attempts: args.attempts.max(1),
+        idle_timeout: Duration::from_secs(args.idle_timeout_seconds.max(1)),
+        in_place: args.in_place,
+        ..PullOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        if let Some(path) = &args.manifest {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read manifest {}", path.display()))?;
+            let manifest =
+                Manifest::from_json(&text).with_context(|| format!("manifest {}", path.display()))?;
+            let pulled = pull::pull_manifest(&manifest, &args.cache_dir, &opts).await?;
+            let fetched = pulled.iter().filter(|p| !p.cached).count();
+            tracing::info!(models = pulled.len(), fetched, "every model is in the cache and verified");
+            return Ok(());
+        }
+        let (Some(uri), Some(dest)) = (&args.source, &args.dest) else {
+            anyhow::bail!("give --manifest FILE, or --source URI --dest DIR");
+        };
+        let mut sha256 = std::collections::BTreeMap::new();
+        for pin in &args.sha256 {
+            let (file, hex) =
+                pin.split_once('=').with_context(|| format!("--sha256 {pin:?}: expected FILE=HEX"))?;
+            sha256.insert(file.to_string(), hex.to_string());
+        }
+        let source = ModelSource { uri: uri.clone(), sha256 };
+        // The same checks the manifest gets: scheme, clean file names, 64-hex digests.
+        let check = ModelEntry {
+            name: "pull".into(),
+            version: "cli".into(),
+            source: source.clone(),
+            memory_bytes: None,
+            fallback: None,
+            serve: true,
+        };
+        Manifest::new(Family::TextEmbedding, vec![check], Warmup::default(), Batching::default())
+            .validate()?;
+        pull::pull_source(&source, dest, &opts).await?;
+        Ok(())
+    })
 }
 
 fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {

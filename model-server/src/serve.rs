@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::loader::{self, ModelDirs};
-use crate::manifest::{Batching, Family, Manifest, ModelRef, SourceUri, Warmup};
+use crate::loader::{self, ModelDir, ModelDirs};
+use crate::manifest::{Batching, Family, Manifest, ModelRef, Warmup};
 use crate::metrics::Metrics;
 use crate::state::{AppState, Limits};
 
@@ -48,7 +48,7 @@ impl ServePlan {
             if dir.is_empty() {
                 return Err(PlanError::ModelArg(arg.clone()));
             }
-            plan.dirs.insert(id.clone(), PathBuf::from(dir));
+            plan.dirs.insert(id.clone(), ModelDir { path: PathBuf::from(dir), pinned: None });
             plan.models.push((id, true, None));
         }
         if plan.models.is_empty() {
@@ -58,17 +58,18 @@ impl ServePlan {
         Ok(plan)
     }
 
-    /// From the operator's manifest: pulled models live under `cache_dir/<name>/<version>`,
-    /// `pvc://` models in place under the manifest's `pvcRoot`.
+    /// From the operator's manifest: every model lives in its verified cache entry
+    /// `cache_dir/<name>/<version>` written by `pull` (for `pvc://` sources, links into the
+    /// claim), and is refused when that entry's marker is missing or disagrees with the pins.
     pub fn from_manifest(path: &Path, cache_dir: &Path) -> Result<Self, PlanError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| PlanError::Read { path: path.display().to_string(), source })?;
         let manifest = Manifest::from_json(&text)?;
         let mut dirs = ModelDirs::new();
         for m in &manifest.models {
-            let dir = match m.source.uri.parse::<SourceUri>()? {
-                SourceUri::Pvc { claim, path } => Path::new(&manifest.pvc_root).join(claim).join(path),
-                _ => Manifest::cache_path(cache_dir, &m.id()),
+            let dir = ModelDir {
+                path: Manifest::cache_path(cache_dir, &m.id()),
+                pinned: Some(m.source.sha256.clone()),
             };
             dirs.insert(m.id(), dir);
         }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::TestServer;
 use kiln_model_server::engine::cosine;
 use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelRef, ModelSource, Warmup};
+use kiln_model_server::pull::PullOptions;
 use kiln_model_server::serve::ServePlan;
 use kiln_model_server::state::Limits;
 use serde_json::{Value, json};
@@ -21,41 +22,49 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn entry(name: &str, version: &str, fallback: Option<ModelRef>, serve: bool) -> ModelEntry {
+fn entry(name: &str, version: &str, source: &Path, fallback: Option<ModelRef>, serve: bool) -> ModelEntry {
     ModelEntry {
         name: name.into(),
         version: version.into(),
-        source: ModelSource { uri: format!("file:///models/{name}/{version}"), ..Default::default() },
+        source: ModelSource { uri: format!("file://{}/", source.display()), ..Default::default() },
         memory_bytes: None,
         fallback,
         serve,
     }
 }
 
-/// A cache with minilm:v1 (real weights) and minilm:v2 (config only: fails to load).
-fn cache_with_broken_v2(dir: &Path) {
-    std::os::unix::fs::symlink(common::minilm_dir(), dir.join("v1-real")).expect("symlink");
-    std::fs::create_dir_all(dir.join("minilm")).expect("mkdir");
-    std::os::unix::fs::symlink(dir.join("v1-real"), dir.join("minilm/v1")).expect("symlink v1");
-    std::fs::create_dir_all(dir.join("minilm/v2")).expect("mkdir v2");
-    std::fs::copy(common::minilm_dir().join("config.json"), dir.join("minilm/v2/config.json")).expect("copy");
+/// A source for minilm:v2 that pulls fine but cannot load (config only, no weights).
+fn broken_v2_source(dir: &Path) -> PathBuf {
+    let src = dir.join("src-v2");
+    std::fs::create_dir_all(&src).expect("mkdir v2");
+    std::fs::copy(common::minilm_dir().join("config.json"), src.join("config.json")).expect("copy");
+    src
+}
+
+/// Writes the manifest and pulls it into `<dir>/cache` the way the init container does.
+async fn pulled(dir: &Path, manifest: &Manifest) -> (PathBuf, PathBuf) {
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, manifest.to_json()).expect("write manifest");
+    let cache = dir.join("cache");
+    let opts = PullOptions { in_place: true, ..PullOptions::default() };
+    kiln_model_server::pull::pull_manifest(manifest, &cache, &opts).await.expect("pull");
+    (path, cache)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_model_is_served_by_its_fallback_and_status_says_so() {
-    let cache = scratch("fallback");
-    cache_with_broken_v2(&cache);
+    let dir = scratch("fallback");
+    let v2 = broken_v2_source(&dir);
     let manifest = Manifest::new(
         Family::TextEmbedding,
         vec![
-            entry("minilm", "v2", Some(ModelRef::new("minilm", "v1")), true),
-            entry("minilm", "v1", None, false),
+            entry("minilm", "v2", &v2, Some(ModelRef::new("minilm", "v1")), true),
+            entry("minilm", "v1", &common::minilm_dir(), None, false),
         ],
         Warmup { iterations: 1, ..Warmup::default() },
         Batching::default(),
     );
-    let path = cache.join("manifest.json");
-    std::fs::write(&path, manifest.to_json()).expect("write manifest");
+    let (path, cache) = pulled(&dir, &manifest).await;
     let plan = ServePlan::from_manifest(&path, &cache).expect("plan");
     let server = TestServer::start(plan, Limits::default()).await;
     let ready = server.wait_ready().await;
@@ -103,16 +112,15 @@ async fn a_failed_model_is_served_by_its_fallback_and_status_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_fallback_the_server_stays_unready_with_the_error() {
-    let cache = scratch("nofallback");
-    cache_with_broken_v2(&cache);
+    let dir = scratch("nofallback");
+    let v2 = broken_v2_source(&dir);
     let manifest = Manifest::new(
         Family::TextEmbedding,
-        vec![entry("minilm", "v2", None, true)],
+        vec![entry("minilm", "v2", &v2, None, true)],
         Warmup::default(),
         Batching::default(),
     );
-    let path = cache.join("manifest.json");
-    std::fs::write(&path, manifest.to_json()).expect("write manifest");
+    let (path, cache) = pulled(&dir, &manifest).await;
     let server =
         TestServer::start(ServePlan::from_manifest(&path, &cache).expect("plan"), Limits::default()).await;
     let client = reqwest::Client::new();

@@ -2,6 +2,8 @@
 //! reference vectors from ../shared/bench.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod faulty_http;
+
 use std::path::PathBuf;
 
 pub fn minilm_dir() -> PathBuf {
