@@ -50,22 +50,16 @@ pub use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
     )),
     validation = kube::core::Rule::new(
         "self.spec.pools.all(p, size(self.metadata.name) + 1 + size(p.name) <= 63)"
-    ).message(kube::core::Message::Expression(
-        "'the Service name <metadata.name>-<pool> must fit in 63 characters; shorten metadata.name (' + string(size(self.metadata.name)) + ' characters) or the pool names'".into()
-    )),
+    ).message("the Service name <metadata.name>-<pool> must fit in 63 characters; shorten metadata.name or the pool names"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = kube::core::Rule::new(
         "self.pools.all(p, p.serve.all(s, self.models.exists(m, m.name + ':' + m.version == s)))"
-    ).message(kube::core::Message::Expression(
-        "'pools[].serve names ' + self.pools.map(p, p.serve.filter(s, !self.models.exists(m, m.name + ':' + m.version == s))).filter(l, size(l) > 0).map(l, l.join(', ')).join(', ') + ', which is not in spec.models; add it to models or fix the name:version'".into()
-    )).field_path(".pools"),
+    ).message("every pools[].serve entry must name a name:version listed in spec.models; add it to models or fix the name:version").field_path(".pools"),
     validation = kube::core::Rule::new(
         "self.models.all(m, !has(m.fallback) || self.models.exists(o, o.name == m.fallback.name && o.version == m.fallback.version))"
-    ).message(kube::core::Message::Expression(
-        "'models[].fallback ' + self.models.filter(m, has(m.fallback) && !self.models.exists(o, o.name == m.fallback.name && o.version == m.fallback.version)).map(m, m.fallback.name + ':' + m.fallback.version).join(', ') + ' is not in spec.models; list the fallback version under models too'".into()
-    )).field_path(".models"),
+    ).message("every models[].fallback must name a version listed in spec.models; list the fallback version under models too").field_path(".models"),
     validation = kube::core::Rule::new(
         "self.models.all(m, !has(m.fallback) || m.fallback.name != m.name || m.fallback.version != m.version)"
     ).message("a model cannot be its own fallback; point fallback at another version").field_path(".models"),
@@ -154,11 +148,10 @@ pub struct SourceSpec {
     pub credentials_secret: Option<String>,
     /// Expected sha256 (64 lowercase hex) per file; every listed file is verified before load.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    // The digest format is an OpenAPI pattern, not CEL: a CEL walk over map values costs more
+    // than the API server's estimate allows for a list of 32 models.
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 64, "pattern": "^[0-9a-f]{64}$"}))]
     #[x_kube(
-        validation = kube::core::Rule::new("self.all(f, self[f].matches('^[0-9a-f]{64}$'))").message(kube::core::Message::Expression(
-            "'sha256 of ' + self.filter(f, !self[f].matches('^[0-9a-f]{64}$')).join(', ') + ' must be 64 lowercase hex characters (sha256sum prints them)'".into()
-        )),
         validation = kube::core::Rule::new("self.all(f, size(f) <= 512 && !f.matches('^/|//|(^|/)[.][.]?(/|$)'))")
             .message("sha256 keys are file paths relative to the source, without a leading '/', empty parts, '.' or '..'"),
     )]
@@ -198,9 +191,9 @@ pub struct PoolSpec {
     pub gpu_memory: Option<String>,
     /// CPU and memory requests and limits of the model-server container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "(!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])))) && (!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k]))))"
-    ).message("resources.requests and resources.limits values must be quantities such as 500m, 2 or 4Gi"))]
+    // No CEL over the quantities: maps of int-or-string have no size bound, so any rule walking
+    // them exceeds the API server's cost budget. The Deployment's own validation refuses a bad
+    // quantity and status reports it.
     pub resources: Option<ResourceRequirements>,
     /// "name:version" entries of spec.models served by this pool.
     #[schemars(length(min = 1, max = 32), inner(length(max = 127)))]
@@ -222,9 +215,8 @@ fn default_gpu_resource() -> String {
 /// HPA on the `kiln_queue_depth` pods metric.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.minReplicas <= self.maxReplicas").message(kube::core::Message::Expression(
-    "'autoscaling.minReplicas (' + string(self.minReplicas) + ') must not exceed maxReplicas (' + string(self.maxReplicas) + ')'".into()
-)))]
+// Static message: string(int) in a messageExpression has no size bound for the cost estimate.
+#[x_kube(validation = kube::core::Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas"))]
 pub struct AutoscalingSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
