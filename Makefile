@@ -16,7 +16,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 .PHONY: test
-test: lint crd-check fixtures unit ## every test: formatting, clippy, unit and integration tests
+test: lint crd-check fixtures unit e2e ## every test: formatting, clippy, unit, integration and end-to-end tests
 	@echo "make test: all passed"
 
 .PHONY: lint
@@ -35,7 +35,7 @@ crds: ## regenerate crds/ from the Rust types
 
 .PHONY: unit
 unit: fixtures ## cargo test over the workspace (real weights from make fixtures)
-	KILN_FIXTURES=$(KILN_CACHE)/fixtures $(CARGO) test --workspace --locked
+	KILN_FIXTURES=$(KILN_CACHE)/fixtures KILN_MOTO=$(KILN_CACHE)/moto-5.1.18 $(CARGO) test --workspace --locked --exclude kiln-e2e
 
 .PHONY: fixtures
 fixtures: ## download the real test weights (MiniLM) into ~/.cache/kiln/fixtures
@@ -50,8 +50,8 @@ bench: ## Kiln vs the Python baseline, same run: engine, HTTP (wrk), RSS, start 
 	bash bench/run.sh
 
 .PHONY: e2e
-e2e: ## end-to-end tests on a real local control plane (lands with issue 7)
-	@echo "make e2e: not built yet; the end-to-end suite lands with issue 7." >&2; exit 1
+e2e: ## end-to-end tests on the local control plane (starts and stops it unless already running)
+	bash e2e/run.sh
 
 .PHONY: demo
 demo: ## the whole product on a local control plane (lands with issue 7)
@@ -59,8 +59,8 @@ demo: ## the whole product on a local control plane (lands with issue 7)
 
 .PHONY: dev-cluster
 dev-cluster: ## start the local control plane in the background; prints the kubeconfig path
-	@echo "make dev-cluster: not built yet; it lands with issue 7." >&2; exit 1
+	bash e2e/cluster/dev-cluster.sh up
 
 .PHONY: dev-cluster-down
 dev-cluster-down: ## stop the local control plane and remove its state
-	@echo "make dev-cluster-down: not built yet; it lands with issue 7." >&2; exit 1
+	bash e2e/cluster/dev-cluster.sh down
