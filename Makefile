@@ -54,8 +54,8 @@ e2e: ## end-to-end tests on the local control plane (starts and stops it unless 
 	bash e2e/run.sh
 
 .PHONY: demo
-demo: ## the whole product on a local control plane (lands with issue 7)
-	@echo "make demo: not built yet; it lands with issue 7 (needs the dev cluster and the operator)." >&2; exit 1
+demo: ## the whole product locally: control plane, operator, samples, a real MiniLM pod answering
+	bash e2e/demo.sh
 
 .PHONY: dev-cluster
 dev-cluster: ## start the local control plane in the background; prints the kubeconfig path

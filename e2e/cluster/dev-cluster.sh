@@ -6,6 +6,7 @@
 #   dev-cluster.sh down            stop exactly the recorded processes, remove the state directory
 #   dev-cluster.sh status          what runs, where the logs are; exit 0 only when all is up
 #   dev-cluster.sh exec -- CMD...  run CMD inside the cluster's network + mount namespace
+#   dev-cluster.sh spawn ns|host NAME -- CMD...  a background helper that `down` also stops
 #   dev-cluster.sh stages          regenerate e2e/cluster/stages/ from the cached kwok stages
 #
 # What runs (all inside one network namespace; docs/dev-cluster.md has the details):
@@ -14,7 +15,7 @@
 #   a TCP<->Unix-socket bridge pair (bridge.py) that makes 127.0.0.1:16443 work on the host, and
 #   kubelet.py, a small kubelet that runs the pods of cpu-0 as real processes (pod IPs 10.245.1.x).
 #   Five nodes: a100-0, a100-1, l4-0 (GPU, tainted), cpu-0 (kwok only heartbeats it and deletes
-#   its pods; kubelet.py runs them), cpu-1.
+#   its pods; kubelet.py runs them), cpu-1 (pool cpu-sim, simulated).
 #
 # Environment:
 #   KILN_CACHE                       cache root (default ~/.cache/kiln)
@@ -487,7 +488,8 @@ nodes_yaml() {
   node_yaml a100-1 a100 32 256Gi 4 81920 A100-SXM4-80GB ""
   node_yaml l4-0 l4 32 256Gi 2 23034 L4 ""
   node_yaml cpu-0 cpu 16 64Gi 0 "" "" "${HARNESS_NODE_IP}"
-  node_yaml cpu-1 cpu 16 64Gi 0 "" "" ""
+  # Simulated CPU capacity in a pool of its own, so pods of the `cpu` pool always run for real.
+  node_yaml cpu-1 cpu-sim 16 64Gi 0 "" "" ""
 }
 NODE_COUNT=5
 
@@ -754,6 +756,18 @@ assert socket.gethostbyname(sys.argv[1]) == sys.argv[2], "private /etc/hosts not
   echo "${KUBECONFIG_ADMIN}"
 }
 
+# spawn ns|host NAME -- CMD...: a long-lived helper (the demo's operator, a model mirror) that
+# `down` stops with the cluster; logs to $LOGS/NAME.log.
+cmd_spawn() {
+  local where="${1:-}" name="${2:-}"
+  [[ "${where}" == ns || "${where}" == host ]] && [[ -n "${name}" ]] && [[ "${3:-}" == -- ]] \
+    || die "usage: dev-cluster.sh spawn ns|host NAME -- CMD..."
+  shift 3
+  HOLDER="$(holder_pid)" || die "the dev cluster is not running"
+  if [[ "${where}" == ns ]]; then start_in_ns "${name}" "$@"; else start_on_host "${name}" "$@"; fi
+  echo "${LOGS}/${name}.log"
+}
+
 cmd_down() {
   take_lock
   if [[ ! -d "${STATE}" ]]; then
@@ -819,6 +833,7 @@ case "${1:-}" in
   down) shift; cmd_down "$@" ;;
   status) shift; cmd_status "$@" ;;
   exec) shift; cmd_exec "$@" ;;
+  spawn) shift; cmd_spawn "$@" ;;
   stages) shift; cmd_stages "$@" ;;
   -h | --help | help | "") usage ;;
   *) echo "unknown subcommand '$1'" >&2; usage ;;

@@ -126,6 +126,11 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(namespace: &str) -> Operator {
+        Operator::start_with_lease(namespace, &format!("kiln-operator-{namespace}"), "").await
+    }
+
+    /// `instance` tells replicas of one test apart (their logs, their identities).
+    pub async fn start_with_lease(namespace: &str, lease: &str, instance: &str) -> Operator {
         kubectl_apply(&["-f", repo().join("config/rbac/namespace.yaml").to_str().unwrap()]);
         kubectl_apply(&["-k", repo().join("config/rbac").to_str().unwrap()]);
         let token = kubectl(&["create", "token", "kiln-operator", "-n", "kiln-system", "--duration=2h"])
@@ -144,7 +149,7 @@ impl Operator {
             "contexts": [{"name": "operator", "context": {"cluster": "dev", "user": "kiln-operator"}}],
             "current-context": "operator",
         });
-        let dir = std::env::temp_dir().join(format!("kiln-e2e-operator-{namespace}"));
+        let dir = std::env::temp_dir().join(format!("kiln-e2e-operator-{namespace}{instance}"));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("kubeconfig");
         std::fs::write(&path, serde_json::to_vec(&kubeconfig).unwrap()).unwrap();
@@ -153,6 +158,9 @@ impl Operator {
         let log = dir.join("operator.log");
         let child = Command::new(built_binary("kiln-operator"))
             .args(["--namespace", namespace, "--metrics-addr", &metrics, "--log-format", "json"])
+            // One Lease per test namespace: the tests run operators side by side.
+            .args(["--leader-election-id", lease])
+            .env("POD_NAME", format!("e2e-{namespace}{instance}"))
             .env("KUBECONFIG", &path)
             .env("RUST_LOG", "info,kiln_operator=debug")
             .stdout(Stdio::null())

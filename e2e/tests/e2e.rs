@@ -362,3 +362,39 @@ async fn gpu_pools_place_pods_roll_only_the_changed_pool_and_report_misfits() {
     assert!(degraded["message"].as_str().unwrap_or_default().contains("bge-base:v1"), "{degraded}");
     assert!(deployments.get_opt("too-big-a100").await.unwrap().is_none(), "a misfit pool gets no pods");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operator_replicas_elect_one_leader_and_the_standby_takes_over() {
+    let client = admin().await;
+    install_crd().await;
+    let ns = TestNamespace::create(&client, "e2e-ha").await;
+    let n = ns.name.as_str();
+    let lease = "kiln-operator-e2e-ha";
+    let mut first = Operator::start_with_lease(n, lease, "-a").await;
+    let second = Operator::start_with_lease(n, lease, "-b").await;
+    let mut md = cpu_md(n, "ha", 1);
+    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    apply_json(&client, n, &md).await.expect("apply md");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
+    wait_for("the leader's Deployment", Duration::from_secs(60), || async {
+        deployments.get_opt("ha-cpu").await.map_err(|e| e.to_string())?.ok_or("absent".to_string())
+    })
+    .await;
+    assert!(second.logs().contains("standing by"), "the second replica must not lead: {}", second.logs());
+    assert!(!second.logs().contains("\"applied\""), "the standby wrote: {}", second.logs());
+
+    // The leader dies without releasing the Lease; the standby takes over once it expires
+    // (15 s) and reconciles the next change.
+    first.stop();
+    md["spec"]["pools"][0]["replicas"] = json!(2);
+    apply_json(&client, n, &md).await.expect("scale");
+    wait_for("the standby to take over and apply", Duration::from_secs(90), || async {
+        let d = deployments.get("ha-cpu").await.map_err(|e| e.to_string())?;
+        match d.spec.and_then(|s| s.replicas) {
+            Some(2) => Ok(()),
+            other => Err(format!("replicas {other:?}")),
+        }
+    })
+    .await;
+    assert!(second.logs().contains("took over the leader lease"), "{}", second.logs());
+}

@@ -2,6 +2,7 @@
 //! PodDisruptionBudgets and queue-depth HPAs.
 
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod quantity;
 pub mod reconcile;

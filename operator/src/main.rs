@@ -2,15 +2,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kiln_operator::crd::ModelDeployment;
+use kiln_operator::leader::LeaderElector;
 use kiln_operator::metrics::OperatorMetrics;
 use kiln_operator::reconcile::{Context, error_policy, reconcile};
 use kiln_operator::resources::{FIELD_MANAGER, LABEL_MD, OperatorSettings};
@@ -40,6 +43,15 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
+    /// Reconcile only while holding a Lease, so several replicas can run (false: always lead).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the Lease replicas compete for.
+    #[arg(long, default_value = "kiln-operator")]
+    leader_election_id: String,
+    /// Namespace of that Lease (in a pod: its own namespace, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kiln-system")]
+    leader_election_namespace: String,
 }
 
 #[tokio::main]
@@ -87,9 +99,27 @@ async fn main() -> anyhow::Result<()> {
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = serve_metrics(args.metrics_addr, metrics, ready.clone()).await?;
 
-    tracing::info!(namespace = %if args.namespace.is_empty() { "<all>" } else { &args.namespace }, "starting controller");
+    // A standby replica is healthy and ready; it just does not reconcile.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    Controller::new(mds, watcher::Config::default())
+    let lost_lead = if args.leader_elect {
+        let identity = format!(
+            "{}-{}",
+            std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| "kiln-operator".into()),
+            std::process::id()
+        );
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &args.leader_election_namespace);
+        let elector =
+            LeaderElector::new(leases, &args.leader_election_id, &identity, Duration::from_secs(15));
+        elector.acquire(Duration::from_secs(2)).await;
+        futures::future::Either::Left(Box::pin(async move { elector.keep(Duration::from_secs(5)).await }))
+    } else {
+        futures::future::Either::Right(futures::future::pending::<()>())
+    };
+
+    tracing::info!(namespace = %if args.namespace.is_empty() { "<all>" } else { &args.namespace }, "starting controller");
+    let controller = Controller::new(mds, watcher::Config::default())
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(config_maps, owned.clone())
@@ -101,8 +131,14 @@ async fn main() -> anyhow::Result<()> {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile loop");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = controller => {}
+        () = lost_lead => {
+            server.abort();
+            anyhow::bail!("lost the leader lease; exiting so a fresh replica can stand by");
+        }
+    }
     server.abort();
     tracing::info!("stopped");
     Ok(())
