@@ -12,7 +12,12 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk 
 bash "$ROOT/scripts/fixtures.sh"
 
 echo "== building (release)"
-(cd "$ROOT" && cargo build --release --locked -p kiln-model-server --bin kiln-model-server --example bench_engine)
+(cd "$ROOT" && cargo build --release --locked -p kiln-model-server --bin kiln-model-server)
+
+echo "== pull: kiln vs curl, local HTTP and S3 (moto)"
+bash "$ROOT/bench/pull.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$OUT"
+
+(cd "$ROOT" && cargo build --release --locked -p kiln-model-server --example bench_engine)
 
 echo "== kiln engine"
 "${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" "$OUT/kiln-engine.json"
