@@ -361,6 +361,31 @@ async fn gpu_pools_place_pods_roll_only_the_changed_pool_and_report_misfits() {
     .await;
     assert!(degraded["message"].as_str().unwrap_or_default().contains("bge-base:v1"), "{degraded}");
     assert!(deployments.get_opt("too-big-a100").await.unwrap().is_none(), "a misfit pool gets no pods");
+
+    // A pool asking for more GPUs than any node has: its pod stays Pending, and status says why.
+    let mut greedy = sample.clone();
+    greedy["metadata"]["name"] = json!("greedy");
+    greedy["metadata"]["namespace"] = json!(n);
+    greedy["spec"]["pools"][0]["gpus"] = json!(8);
+    apply_json(&client, n, &greedy).await.expect("apply greedy");
+    let unschedulable = wait_for("Degraded/Unschedulable", Duration::from_secs(90), || async {
+        let s = md_status(&client, n, "greedy").await;
+        match condition(&s, "Degraded") {
+            Some(c) if c["reason"] == "Unschedulable" => Ok(c.clone()),
+            _ => Err(s.to_string()),
+        }
+    })
+    .await;
+    let message = unschedulable["message"].as_str().unwrap_or_default();
+    assert!(message.contains("pool a100") && message.contains("nvidia.com/gpu"), "{message}");
+    let pending = pods
+        .list(&ListParams::default().labels("kiln.dev/modeldeployment=greedy,kiln.dev/pool=a100"))
+        .await
+        .unwrap();
+    assert!(
+        pending.items.iter().all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")),
+        "over-asking pods never run"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

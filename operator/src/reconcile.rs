@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -152,6 +152,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     let mut observations = Vec::new();
     for pool in &md.spec.pools {
@@ -220,7 +221,13 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
                 .await;
             }
         }
-        observations.push(PoolObservation { deployment: deployments.get_opt(&name).await?, fit });
+        let selector = resources::selector_labels(md, pool)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods = pods_api.list(&ListParams::default().labels(&selector)).await?.items;
+        observations.push(PoolObservation { deployment: deployments.get_opt(&name).await?, pods, fit });
     }
 
     let pools: Vec<String> = md.spec.pools.iter().map(|p| p.name.clone()).collect();

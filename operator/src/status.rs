@@ -2,6 +2,7 @@
 //! `kubectl wait --for=condition=Ready` tell the truth.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
@@ -28,7 +29,52 @@ impl Fit {
 #[derive(Debug, Clone)]
 pub struct PoolObservation {
     pub deployment: Option<Deployment>,
+    /// The pool's pods, for what a Deployment does not say: unschedulable, crash-looping.
+    pub pods: Vec<Pod>,
     pub fit: Fit,
+}
+
+/// Container states that mean "this will not get better by waiting".
+const STUCK: [&str; 6] = [
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CreateContainerConfigError",
+    "InvalidImageName",
+    "RunContainerError",
+];
+
+/// Why a pod cannot serve, as (reason, message), from its scheduling condition and container
+/// statuses. Messages keep only the last line of a termination message (the error itself), so
+/// they stay stable across restarts and the status is not rewritten on every crash.
+pub fn pod_problem(pod: &Pod) -> Option<(String, String)> {
+    let status = pod.status.as_ref()?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    if let Some(c) = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+    }) {
+        let why = c.message.clone().unwrap_or_default();
+        return Some(("Unschedulable".into(), format!("pod {name} cannot be scheduled: {why}")));
+    }
+    let containers =
+        status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else { continue };
+        let reason = waiting.reason.clone().unwrap_or_default();
+        if !STUCK.contains(&reason.as_str()) {
+            continue;
+        }
+        let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+        let detail = last
+            .and_then(|t| t.message.as_deref())
+            .or(waiting.message.as_deref())
+            .and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()))
+            .map(|l| l.chars().take(300).collect::<String>())
+            .unwrap_or_default();
+        let exit = last.map(|t| format!(" (exit code {})", t.exit_code)).unwrap_or_default();
+        return Some((reason, format!("pod {name} container {}{exit}: {detail}", c.name)));
+    }
+    None
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -92,6 +138,12 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
                 ),
             ));
         }
+        // One problem per pool is enough to act on; the first pod by name keeps it stable.
+        let mut pods: Vec<&Pod> = obs.pods.iter().collect();
+        pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        if let Some((reason, message)) = pods.iter().find_map(|p| pod_problem(p)) {
+            degraded.push((reason, format!("pool {}: {message}", pool.name)));
+        }
         let (replicas, ready_replicas) = match &obs.deployment {
             Some(d) => {
                 if let Some(msg) = deployment_failure(d) {
@@ -132,8 +184,16 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
                 return None; // present only as a fallback
             }
             let any_ready = serving.iter().any(|p| p.ready_replicas > 0);
+            let stuck = serving.iter().find_map(|p| {
+                degraded
+                    .iter()
+                    .find(|(_, m)| m.starts_with(&format!("pool {}:", p.name)))
+                    .map(|(_, m)| m.clone())
+            });
             let state = if any_ready {
                 ModelState::Ready
+            } else if stuck.is_some() {
+                ModelState::Failed
             } else if serving.iter().any(|p| p.replicas > 0) && pools.iter().any(|o| o.deployment.is_some()) {
                 ModelState::Loading
             } else {
@@ -150,7 +210,7 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
                 pools: serving.iter().map(|p| p.name.clone()).collect(),
                 state,
                 endpoint,
-                message: None,
+                message: if any_ready { None } else { stuck },
             })
         })
         .collect();
@@ -257,8 +317,8 @@ mod tests {
     fn all_replicas_ready_is_ready() {
         let md = sample("embeddings-ab-gpu.yaml");
         let obs = vec![
-            PoolObservation { deployment: Some(deploy(1, 1, 1)), fit: fit(1, Some(2)) },
-            PoolObservation { deployment: Some(deploy(3, 3, 3)), fit: fit(1, Some(2)) },
+            PoolObservation { deployment: Some(deploy(1, 1, 1)), pods: vec![], fit: fit(1, Some(2)) },
+            PoolObservation { deployment: Some(deploy(3, 3, 3)), pods: vec![], fit: fit(1, Some(2)) },
         ];
         let s = compute(&md, &obs);
         assert_eq!(cond(&s, "Ready").status, "True");
@@ -275,11 +335,14 @@ mod tests {
     #[test]
     fn a_rollout_in_progress_is_progressing_not_ready() {
         let md = sample("embeddings-cpu.yaml");
-        let s = compute(&md, &[PoolObservation { deployment: Some(deploy(2, 2, 1)), fit: fit(1, None) }]);
+        let s = compute(
+            &md,
+            &[PoolObservation { deployment: Some(deploy(2, 2, 1)), pods: vec![], fit: fit(1, None) }],
+        );
         assert_eq!(cond(&s, "Ready").status, "False");
         assert_eq!(cond(&s, "Progressing").status, "True");
         assert!(cond(&s, "Progressing").message.contains("cpu"));
-        let s = compute(&md, &[PoolObservation { deployment: None, fit: fit(1, None) }]);
+        let s = compute(&md, &[PoolObservation { deployment: None, pods: vec![], fit: fit(1, None) }]);
         assert_eq!(s.models[0].state, ModelState::Pending);
         assert_eq!(s.ready.as_deref(), Some("0/2"));
     }
@@ -289,7 +352,11 @@ mod tests {
         let md = sample("embeddings-cpu.yaml");
         let s = compute(
             &md,
-            &[PoolObservation { deployment: Some(deploy(2, 2, 2)), fit: fit(3 << 30, Some(1 << 30)) }],
+            &[PoolObservation {
+                deployment: Some(deploy(2, 2, 2)),
+                pods: vec![],
+                fit: fit(3 << 30, Some(1 << 30)),
+            }],
         );
         let d = cond(&s, "Degraded");
         assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "InsufficientMemory"));
@@ -305,12 +372,72 @@ mod tests {
     #[test]
     fn unchanged_conditions_keep_their_transition_time() {
         let md = sample("embeddings-cpu.yaml");
-        let obs = [PoolObservation { deployment: Some(deploy(2, 2, 2)), fit: fit(1, None) }];
+        let obs = [PoolObservation { deployment: Some(deploy(2, 2, 2)), pods: vec![], fit: fit(1, None) }];
         let first = compute(&md, &obs);
         std::thread::sleep(std::time::Duration::from_millis(5));
         let mut second = compute(&md, &obs);
         assert_ne!(first, second, "fresh times differ");
         keep_transition_times(&mut second, Some(&first));
         assert_eq!(first, second, "an unchanged world yields an identical status");
+    }
+
+    fn pod(name: &str, status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "status": status}))
+            .expect("pod")
+    }
+
+    #[test]
+    fn an_unschedulable_pod_degrades_the_pool_and_fails_its_model() {
+        let md = sample("embeddings-cpu.yaml");
+        let pending = pod(
+            "embeddings-cpu-abc",
+            serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable", "message": "0/5 nodes are available: 5 Insufficient nvidia.com/gpu."}]}),
+        );
+        let obs =
+            [PoolObservation { deployment: Some(deploy(2, 0, 2)), pods: vec![pending], fit: fit(1, None) }];
+        let s = compute(&md, &obs);
+        let d = cond(&s, "Degraded");
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "Unschedulable"));
+        assert!(
+            d.message.contains("pool cpu: pod embeddings-cpu-abc cannot be scheduled: 0/5 nodes"),
+            "{}",
+            d.message
+        );
+        assert_eq!(s.models[0].state, ModelState::Failed);
+        assert!(s.models[0].message.as_deref().is_some_and(|m| m.contains("Insufficient nvidia.com/gpu")));
+        assert_eq!(cond(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn a_crash_looping_init_container_reports_its_last_error_line() {
+        let md = sample("embeddings-cpu.yaml");
+        let crashing = pod(
+            "embeddings-cpu-xyz",
+            serde_json::json!({"phase": "Pending",
+                "initContainerStatuses": [{"name": "pull", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                        "message": "2026-11-23T10:00:00Z INFO pulling\nError: s3://m/: model.safetensors: sha256 mismatch\n"}}}]}),
+        );
+        let obs = [PoolObservation {
+            deployment: Some(deploy(1, 0, 1)),
+            pods: vec![crashing.clone()],
+            fit: fit(1, None),
+        }];
+        let s = compute(&md, &obs);
+        let d = cond(&s, "Degraded");
+        assert_eq!(d.reason, "CrashLoopBackOff");
+        assert_eq!(
+            d.message,
+            "pool cpu: pod embeddings-cpu-xyz container pull (exit code 1): Error: s3://m/: model.safetensors: sha256 mismatch"
+        );
+        // A Running, ready pod is no problem at all.
+        let fine = pod(
+            "ok",
+            serde_json::json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}),
+        );
+        assert_eq!(pod_problem(&fine), None);
+        assert!(pod_problem(&crashing).is_some());
     }
 }
