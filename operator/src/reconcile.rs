@@ -262,6 +262,9 @@ pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) 
 }
 
 #[cfg(test)]
+mod mock_api;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
