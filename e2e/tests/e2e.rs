@@ -257,8 +257,8 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
         ]
     };
     let before = versions().await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(versions().await, before, "a steady state caused writes");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(versions().await, before, "a steady state caused writes over a minute");
 
     // A child deleted by hand comes back.
     let old = services.get("embeddings-cpu").await.unwrap().uid();
@@ -270,6 +270,22 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
         }
     })
     .await;
+    // A child edited by hand is put back: the Deployment's image is ours to decide.
+    let image = |d: &Deployment| {
+        d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone())
+    };
+    let ours = image(&deployments.get("embeddings-cpu").await.unwrap());
+    let edit = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "someone/else:latest"}]}}}});
+    deployments
+        .patch("embeddings-cpu", &PatchParams::default(), &Patch::Strategic(&edit))
+        .await
+        .expect("edit by hand");
+    wait_for("the edited Deployment restored", Duration::from_secs(60), || async {
+        let d = deployments.get("embeddings-cpu").await.map_err(|e| e.to_string())?;
+        if image(&d) == ours { Ok(()) } else { Err(format!("{:?}", image(&d))) }
+    })
+    .await;
+
     let metrics = operator.metrics_text().await;
     assert!(metrics.contains("kiln_operator_reconciles_total"), "{metrics}");
 
