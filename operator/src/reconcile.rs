@@ -58,8 +58,9 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
     }
 }
 
-/// Server-side apply `obj` unless the live object already matches it. Returns whether it wrote.
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<bool, kube::Error>
+/// Server-side apply `obj` unless the live object already matches it. Returns whether it wrote,
+/// and the object as the server now holds it (so callers need not read it again).
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<(bool, K), kube::Error>
 where
     K: Resource<Scope = NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
@@ -67,16 +68,38 @@ where
     let name = obj.meta().name.clone().unwrap_or_default();
     if let Some(live) = api.get_opt(&name).await? {
         let desired = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
-        let live = serde_json::to_value(&live).map_err(kube::Error::SerdeError)?;
-        if is_subset(&strip_meta(desired), &live) {
-            return Ok(false);
+        let live_json = serde_json::to_value(&live).map_err(kube::Error::SerdeError)?;
+        if is_subset(&strip_meta(desired), &live_json) {
+            return Ok((false, live));
         }
     }
     let mut body = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
     body["apiVersion"] = json!(K::api_version(&K::DynamicType::default()));
     body["kind"] = json!(K::kind(&K::DynamicType::default()));
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
-    Ok(true)
+    let written = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok((true, written))
+}
+
+/// A child the spec may or may not want (PDB, HPA): apply it when wanted, delete it when not.
+/// Returns what was written, for the log and the event.
+async fn apply_or_remove<K>(
+    api: &Api<K>,
+    name: &str,
+    desired: Option<K>,
+) -> Result<Option<String>, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    match desired {
+        Some(obj) => Ok(apply(api, &obj).await?.0.then_some(kind)),
+        None if api.get_opt(name).await?.is_some() => {
+            api.delete(name, &DeleteParams::default()).await?;
+            Ok(Some(format!("{kind} (deleted)")))
+        }
+        None => Ok(None),
+    }
 }
 
 /// The comparison ignores apiVersion/kind (absent from typed objects when serialized).
@@ -158,6 +181,8 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     for pool in &md.spec.pools {
         let name = resources::pool_object_name(md, pool);
         let fit = fit(md, pool, &ctx.settings);
+        // The Deployment as applied, when this pass applied it; read below otherwise.
+        let mut deployment_seen = None;
         let span = tracing::info_span!("pool", pool = %pool.name);
         let _enter = span.enter();
         if !fit.fits() {
@@ -174,41 +199,20 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         } else {
             let manifest = pool_manifest(md, pool)?;
             let mut wrote = Vec::new();
-            if apply(&config_maps, &config_map(md, pool, &manifest)).await? {
-                wrote.push("ConfigMap");
+            if apply(&config_maps, &config_map(md, pool, &manifest)).await?.0 {
+                wrote.push("ConfigMap".to_string());
             }
-            if apply(&deployments, &deployment(md, pool, &manifest, &ctx.settings)).await? {
-                wrote.push("Deployment");
+            let (changed, live) =
+                apply(&deployments, &deployment(md, pool, &manifest, &ctx.settings)).await?;
+            if changed {
+                wrote.push("Deployment".to_string());
             }
-            if apply(&services, &service(md, pool)).await? {
-                wrote.push("Service");
+            deployment_seen = Some(live);
+            if apply(&services, &service(md, pool)).await?.0 {
+                wrote.push("Service".to_string());
             }
-            match pdb(md, pool) {
-                Some(p) => {
-                    if apply(&pdbs, &p).await? {
-                        wrote.push("PodDisruptionBudget");
-                    }
-                }
-                None => {
-                    if pdbs.get_opt(&name).await?.is_some() {
-                        pdbs.delete(&name, &DeleteParams::default()).await?;
-                        wrote.push("PodDisruptionBudget (deleted)");
-                    }
-                }
-            }
-            match hpa(md, pool) {
-                Some(h) => {
-                    if apply(&hpas, &h).await? {
-                        wrote.push("HorizontalPodAutoscaler");
-                    }
-                }
-                None => {
-                    if hpas.get_opt(&name).await?.is_some() {
-                        hpas.delete(&name, &DeleteParams::default()).await?;
-                        wrote.push("HorizontalPodAutoscaler (deleted)");
-                    }
-                }
-            }
+            wrote.extend(apply_or_remove(&pdbs, &name, pdb(md, pool)).await?);
+            wrote.extend(apply_or_remove(&hpas, &name, hpa(md, pool)).await?);
             if !wrote.is_empty() {
                 tracing::info!(objects = ?wrote, "applied");
                 event(
@@ -227,7 +231,11 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
             .collect::<Vec<_>>()
             .join(",");
         let pods = pods_api.list(&ListParams::default().labels(&selector)).await?.items;
-        observations.push(PoolObservation { deployment: deployments.get_opt(&name).await?, pods, fit });
+        let deployment = match deployment_seen {
+            Some(d) => Some(d),
+            None => deployments.get_opt(&name).await?,
+        };
+        observations.push(PoolObservation { deployment, pods, fit });
     }
 
     let pools: Vec<String> = md.spec.pools.iter().map(|p| p.name.clone()).collect();
