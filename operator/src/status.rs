@@ -121,13 +121,15 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
     let generation = md.metadata.generation;
     let ns = md.namespace().unwrap_or_default();
     let mut pool_status = Vec::new();
-    let mut degraded: Vec<(String, String)> = Vec::new();
+    // (pool, reason, message): the pool lets a model find its own pools' problems.
+    let mut degraded: Vec<(String, String, String)> = Vec::new();
     let mut progressing = Vec::new();
     let (mut total_ready, mut total_desired) = (0, 0);
     for (pool, obs) in md.spec.pools.iter().zip(pools) {
         let name = pool_object_name(md, pool);
         if !obs.fit.fits() {
             degraded.push((
+                pool.name.clone(),
                 "InsufficientMemory".into(),
                 format!(
                     "pool {}: models {} need {} but a replica has {}; pods left as they were",
@@ -142,12 +144,16 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
         let mut pods: Vec<&Pod> = obs.pods.iter().collect();
         pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         if let Some((reason, message)) = pods.iter().find_map(|p| pod_problem(p)) {
-            degraded.push((reason, format!("pool {}: {message}", pool.name)));
+            degraded.push((pool.name.clone(), reason, format!("pool {}: {message}", pool.name)));
         }
         let (replicas, ready_replicas) = match &obs.deployment {
             Some(d) => {
                 if let Some(msg) = deployment_failure(d) {
-                    degraded.push(("RolloutFailed".into(), format!("pool {}: {msg}", pool.name)));
+                    degraded.push((
+                        pool.name.clone(),
+                        "RolloutFailed".into(),
+                        format!("pool {}: {msg}", pool.name),
+                    ));
                 }
                 if !rollout_done(d) {
                     progressing.push(pool.name.clone());
@@ -185,10 +191,7 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
             }
             let any_ready = serving.iter().any(|p| p.ready_replicas > 0);
             let stuck = serving.iter().find_map(|p| {
-                degraded
-                    .iter()
-                    .find(|(_, m)| m.starts_with(&format!("pool {}:", p.name)))
-                    .map(|(_, m)| m.clone())
+                degraded.iter().find(|(pool, _, _)| *pool == p.name).map(|(_, _, m)| m.clone())
             });
             let state = if any_ready {
                 ModelState::Ready
@@ -244,11 +247,11 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
             generation,
         ),
         match degraded.first() {
-            Some((reason, _)) => condition(
+            Some((_, reason, _)) => condition(
                 "Degraded",
                 true,
                 reason,
-                degraded.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; "),
+                degraded.iter().map(|(_, _, m)| m.as_str()).collect::<Vec<_>>().join("; "),
                 generation,
             ),
             None => condition("Degraded", false, "Healthy", "no failures".into(), generation),
