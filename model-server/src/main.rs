@@ -148,7 +148,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn pull_cmd(args: PullArgs) -> anyhow::Result<()> {
-    pull::install_crypto_provider();
     let opts = PullOptions {
         attempts: args.attempts.max(1),
         idle_timeout: Duration::from_secs(args.idle_timeout_seconds.max(1)),

@@ -100,6 +100,7 @@ pub struct EntryLock {
 }
 
 /// The lock file, the temporary download directory, and the final directory of one entry.
+#[derive(Clone)]
 pub struct EntryPaths {
     pub lock: PathBuf,
     pub partial: PathBuf,

@@ -76,8 +76,13 @@ pub enum PullError {
 
 impl PullError {
     fn io(path: &Path, source: std::io::Error) -> PullError {
+        PullError::io_needing(path, source, 0)
+    }
+
+    /// As `io`, naming how many bytes the write needed when the disk is full.
+    fn io_needing(path: &Path, source: std::io::Error, needed: u64) -> PullError {
         if source.kind() == std::io::ErrorKind::StorageFull {
-            return PullError::DiskFull { path: path.display().to_string(), needed: 0 };
+            return PullError::DiskFull { path: path.display().to_string(), needed };
         }
         PullError::Io { path: path.display().to_string(), source }
     }
@@ -99,7 +104,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Rustls needs one process-wide crypto provider; ring is the one this build carries.
-pub fn install_crypto_provider() {
+fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
@@ -138,9 +143,9 @@ pub async fn pull_source(source: &ModelSource, dest: &Path, opts: &PullOptions) 
     let uri: SourceUri = source.uri.parse()?;
     let paths = EntryPaths::for_dest(dest).map_err(|e| PullError::io(dest, e))?;
     let lock_path = paths.lock.clone();
-    let lock_paths = EntryPaths::for_dest(dest).map_err(|e| PullError::io(dest, e))?;
+    let locking = paths.clone();
     // Another pod on this node may hold the lock for minutes: wait off the async workers.
-    let _lock = tokio::task::spawn_blocking(move || lock_paths.lock())
+    let _lock = tokio::task::spawn_blocking(move || locking.lock())
         .await
         .map_err(|e| PullError::io(&lock_path, std::io::Error::other(e)))?
         .map_err(|e| PullError::io(&lock_path, e))?;

@@ -110,14 +110,7 @@ async fn download_once(
     drop(tx);
     let written =
         writer.await.map_err(|e| Failure::Permanent(PullError::io(target, std::io::Error::other(e))))?;
-    let (size, sha256) = written.map_err(|e| {
-        Failure::Permanent(match e.kind() {
-            std::io::ErrorKind::StorageFull => {
-                PullError::DiskFull { path: target.display().to_string(), needed: total }
-            }
-            _ => PullError::io(target, e),
-        })
-    })?;
+    let (size, sha256) = written.map_err(|e| Failure::Permanent(PullError::io_needing(target, e, total)))?;
     if let Some(why) = failure {
         return Err(Failure::Transient(why));
     }
