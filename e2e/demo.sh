@@ -4,11 +4,8 @@
 # the operator as a user would (its own ServiceAccount token, on the host), serves the model
 # files from an in-cluster HTTP mirror, applies the samples, waits, and shows the result.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-CARGO="${CARGO:-cargo}"
-KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/cargo-target}"
-export KILN_MODEL_SERVER_BIN="${KILN_MODEL_SERVER_BIN:-$CARGO_TARGET_DIR/debug/kiln-model-server}"
+# shellcheck source=e2e/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cluster=e2e/cluster/dev-cluster.sh
 step() { printf '\n== %s\n' "$*"; }
 

@@ -3,13 +3,8 @@
 # start the dev cluster if it is not running, run the tests inside its network namespace, and
 # stop the cluster again if this script started it (KILN_E2E_KEEP=1 keeps it).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-CARGO="${CARGO:-cargo}"
-KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/cargo-target}"
-export KILN_FIXTURES="${KILN_FIXTURES:-$KILN_CACHE/fixtures}"
-# The harness runs the same model-server binary the tests were built with.
-export KILN_MODEL_SERVER_BIN="${KILN_MODEL_SERVER_BIN:-$CARGO_TARGET_DIR/debug/kiln-model-server}"
+# shellcheck source=e2e/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 bash scripts/fixtures.sh
 # Builds the bins too (operator and model-server have integration tests), with the same

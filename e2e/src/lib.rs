@@ -131,7 +131,6 @@ impl Operator {
 
     /// `instance` tells replicas of one test apart (their logs, their identities).
     pub async fn start_with_lease(namespace: &str, lease: &str, instance: &str) -> Operator {
-        kubectl_apply(&["-f", repo().join("config/rbac/namespace.yaml").to_str().unwrap()]);
         kubectl_apply(&["-k", repo().join("config/rbac").to_str().unwrap()]);
         let token = kubectl(&["create", "token", "kiln-operator", "-n", "kiln-system", "--duration=2h"])
             .expect("ServiceAccount token");
