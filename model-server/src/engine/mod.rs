@@ -4,6 +4,7 @@
 //! Encoders run on the batcher's dedicated OS threads, never on the async runtime.
 
 pub mod candle_bert;
+pub mod packed_bert;
 pub mod settings;
 
 use std::path::Path;
@@ -53,9 +54,10 @@ pub struct EmbeddingModel {
 }
 
 impl EmbeddingModel {
-    /// Load from a Hugging Face style directory (config.json, tokenizer.json, safetensors).
+    /// Load from a Hugging Face style directory (config.json, tokenizer.json, safetensors),
+    /// with the fast packed encoder ([`candle_bert`] stays as the reference).
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let encoder = candle_bert::CandleBert::load(dir)?;
+        let encoder = packed_bert::PackedBert::load(dir)?;
         let settings = EncoderSettings::read(dir, encoder.max_positions())?;
         Self::with_encoder(dir, Arc::new(encoder), settings)
     }

@@ -1,0 +1,518 @@
+//! Fast CPU encoder for BERT-family models (BERT, MiniLM, BGE, E5: post-LayerNorm, absolute
+//! positions, GELU (erf), token type 0).
+//!
+//! Where the reference [`CandleBert`](super::candle_bert::CandleBert) pads a batch to its
+//! longest input, this one packs: the real tokens of every input sit in one
+//! `[tokens, hidden]` matrix, positions restart at each input, and attention runs per
+//! (input, head) on strided views of the fused QKV matrix. So no work is spent on padding and no
+//! sorting is needed. The rest follows the measurements in `shared/notes/engine.md`:
+//! - weights are converted once at load: Q, K, V fused into one matrix with 1/√d folded into Q,
+//!   all stored transposed (`[in, out]`), the layout gemm reads without packing;
+//! - matmuls write into their output with the bias or the residual already in it, and the
+//!   element-wise work after them is one fused pass (bias + GELU, bias + LayerNorm);
+//! - row kernels use AVX2+FMA when the CPU has it (`kernels`);
+//! - buffers are kept between calls, so steady state allocates nothing large.
+
+mod kernels;
+mod matmul;
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{Config, HiddenAct};
+use rayon::prelude::*;
+
+pub use kernels::Isa;
+use matmul::View;
+
+use super::candle_bert::{read_config, weight_files};
+use super::{Encoder, EngineError, Pooling};
+
+/// Tokens per feed-forward block: bounds the `[block, intermediate]` buffer (1.5 MB for
+/// MiniLM) so it stays in cache between the two matmuls, whatever the batch.
+const FFN_BLOCK: usize = 256;
+
+/// How to run; `Default` reads the environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackedOptions {
+    /// Worker threads. Default: `RAYON_NUM_THREADS`, else the available cores.
+    pub threads: Option<usize>,
+    /// Row-kernel implementation. Default: `KILN_ENGINE_ISA=scalar` forces the portable one,
+    /// else the best the CPU supports.
+    pub isa: Option<Isa>,
+}
+
+impl PackedOptions {
+    fn threads(&self) -> usize {
+        let env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        self.threads.or(env).filter(|&n| n > 0).unwrap_or(cores)
+    }
+
+    fn isa(&self) -> Isa {
+        let forced_scalar = std::env::var("KILN_ENGINE_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
+        self.isa.unwrap_or(if forced_scalar { Isa::Scalar } else { Isa::best() })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    vocab: usize,
+    max_positions: usize,
+    token_types: usize,
+    eps: f32,
+}
+
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+/// A linear layer stored transposed: `weight` is `[in, out]` row-major.
+struct Linear {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+struct Layer {
+    /// `[hidden, 3·hidden]`: columns Q·(1/√d) | K | V.
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    ffn_up: Linear,
+    ffn_down: Linear,
+    ffn_norm: Norm,
+}
+
+struct Embeddings {
+    word: Vec<f32>,
+    position: Vec<f32>,
+    /// Row 0 of the token-type table: every input is a single segment.
+    token_type: Vec<f32>,
+    norm: Norm,
+}
+
+/// Activations of one batch; grown to the largest batch seen and then reused.
+#[derive(Default)]
+struct Workspace {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    ffn: Vec<f32>,
+}
+
+impl Workspace {
+    fn reserve(&mut self, tokens: usize, d: &Dims) {
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        };
+        grow(&mut self.x, tokens * d.hidden);
+        grow(&mut self.qkv, tokens * 3 * d.hidden);
+        grow(&mut self.ctx, tokens * d.hidden);
+        grow(&mut self.ffn, tokens.min(FFN_BLOCK) * d.intermediate);
+    }
+}
+
+/// Where one input's tokens sit in the packed matrix.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    len: usize,
+}
+
+thread_local! {
+    /// Attention scores of the (input, head) a pool thread is working on; grows to the longest
+    /// input seen and is reused.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The context matrix, shared by the attention tasks that each write their own block of it.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks only write disjoint (rows of one input) × (columns of one head) blocks, and the
+// buffer outlives the parallel loop that uses it (see `PackedBert::attention`).
+unsafe impl Sync for SharedOut {}
+
+pub struct PackedBert {
+    dims: Dims,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    isa: Isa,
+    threads: usize,
+    pool: rayon::ThreadPool,
+    workspaces: Mutex<Vec<Workspace>>,
+}
+
+impl PackedBert {
+    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_with(dir, PackedOptions::default())
+    }
+
+    pub fn load_with(dir: &Path, options: PackedOptions) -> Result<Self, EngineError> {
+        let config = read_config(dir)?;
+        let dims = check_config(dir, &config)?;
+        let isa = options.isa();
+        if !isa.is_supported() {
+            return Err(EngineError::Inference(format!("{isa:?} kernels are not supported by this CPU")));
+        }
+        let threads = options.threads();
+        let files = weight_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
+        // `pull` and never modified in place. The mapping is dropped once weights are copied.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
+            .map_err(|e| files_error(dir, e))?;
+        let vb = model_root(vb, &config).ok_or_else(|| EngineError::Files {
+            path: dir.display().to_string(),
+            message: "no embeddings.word_embeddings.weight tensor (with or without a model prefix)"
+                .to_string(),
+        })?;
+        let (embeddings, layers) =
+            load_weights(&vb, &dims, config.num_hidden_layers).map_err(|e| files_error(dir, e))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("kiln-encoder-{i}"))
+            .build()
+            .map_err(|e| EngineError::Inference(format!("thread pool: {e}")))?;
+        Ok(PackedBert { dims, embeddings, layers, isa, threads, pool, workspaces: Mutex::new(Vec::new()) })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn check_inputs(&self, inputs: &[&[u32]]) -> Result<(), EngineError> {
+        for input in inputs {
+            if input.len() > self.dims.max_positions {
+                return Err(EngineError::Inference(format!(
+                    "input of {} tokens is longer than the model's {} positions",
+                    input.len(),
+                    self.dims.max_positions
+                )));
+            }
+            if let Some(id) = input.iter().find(|&&id| id as usize >= self.dims.vocab) {
+                return Err(EngineError::Inference(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.dims.vocab
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the encoder; on return `ws.x` holds the last hidden states of all tokens.
+    fn forward(&self, ws: &mut Workspace, inputs: &[&[u32]], spans: &[Span], tokens: usize) {
+        let h = self.dims.hidden;
+        let x = &mut ws.x[..tokens * h];
+        self.embed(x, inputs, spans);
+        for layer in &self.layers {
+            self.attention_block(layer, x, &mut ws.qkv[..tokens * 3 * h], &mut ws.ctx[..tokens * h], spans);
+            self.ffn_block(layer, x, &mut ws.ffn);
+        }
+    }
+
+    /// `x = LayerNorm(word + position + token type)` per token.
+    fn embed(&self, x: &mut [f32], inputs: &[&[u32]], spans: &[Span]) {
+        let (h, e) = (self.dims.hidden, &self.embeddings);
+        for (input, span) in inputs.iter().zip(spans) {
+            for (pos, &id) in input.iter().enumerate() {
+                let row = &mut x[(span.start + pos) * h..][..h];
+                let word = &e.word[id as usize * h..][..h];
+                let position = &e.position[pos * h..][..h];
+                for ((r, w), p) in row.iter_mut().zip(word).zip(position) {
+                    *r = w + p;
+                }
+            }
+        }
+        // The token-type row goes in as the LayerNorm's "bias".
+        self.par_rows(x, h, |rows| {
+            kernels::bias_layer_norm(
+                rows,
+                &e.token_type,
+                &e.norm.gamma,
+                &e.norm.beta,
+                self.dims.eps,
+                self.isa,
+            )
+        });
+    }
+
+    /// Self-attention and its output projection: `x = LayerNorm(x + attn(x)·Wo + bo)`.
+    fn attention_block(
+        &self,
+        layer: &Layer,
+        x: &mut [f32],
+        qkv: &mut [f32],
+        ctx: &mut [f32],
+        spans: &[Span],
+    ) {
+        let h = self.dims.hidden;
+        let tokens = x.len() / h;
+        fill_rows(qkv, &layer.qkv.bias);
+        matmul::matmul(qkv, x, &layer.qkv.weight, (tokens, h, 3 * h), true, self.threads);
+        self.attention(qkv, ctx, spans);
+        // Accumulating onto x adds the residual for free; bias and LayerNorm follow in one pass.
+        matmul::matmul(x, ctx, &layer.attn_out.weight, (tokens, h, h), true, self.threads);
+        self.par_rows(x, h, |rows| {
+            let n = &layer.attn_norm;
+            kernels::bias_layer_norm(rows, &layer.attn_out.bias, &n.gamma, &n.beta, self.dims.eps, self.isa)
+        });
+    }
+
+    /// `ctx = softmax(Q·Kᵀ)·V` for every (input, head), in parallel over those pairs.
+    fn attention(&self, qkv: &[f32], ctx: &mut [f32], spans: &[Span]) {
+        let heads = self.dims.heads;
+        let out = SharedOut { ptr: ctx.as_mut_ptr(), len: ctx.len() };
+        (0..spans.len() * heads).into_par_iter().for_each(|item| {
+            // SAFETY: item ↦ (input, head) is one-to-one, so each task writes its own block of
+            // `ctx`, which stays mutably borrowed (and alive) for the whole loop.
+            unsafe { self.attend(qkv, &out, spans[item / heads], item % heads) }
+        });
+    }
+
+    /// One (input, head): two strided GEMMs straight on the packed QKV matrix, no copies.
+    ///
+    /// # Safety
+    /// No other thread may access the rows of `span` × the columns of `head` in `out` meanwhile.
+    unsafe fn attend(&self, qkv: &[f32], out: &SharedOut, span: Span, head: usize) {
+        let (h, d, n) = (self.dims.hidden, self.dims.head_dim, span.len);
+        if n == 0 {
+            return;
+        }
+        let stride = 3 * h;
+        let rows = |offset| View { offset, rows: n, cols: d, row_stride: stride, col_stride: 1 };
+        let base = span.start * stride + head * d;
+        let (q, k, v) = (rows(base), rows(base + h), rows(base + 2 * h));
+        let ctx = View { offset: span.start * h + head * d, rows: n, cols: d, row_stride: h, col_stride: 1 };
+        SCORES.with_borrow_mut(|buf| {
+            if buf.len() < n * n {
+                buf.resize(n * n, 0.0);
+            }
+            let scores = &mut buf[..n * n];
+            let sv = View::dense(0, n, n);
+            matmul::gemm(scores, sv, (qkv, q), (qkv, k.t()), false, 1);
+            kernels::softmax(scores, n, self.isa);
+            // SAFETY: the caller gives this task exclusive use of the `ctx` block.
+            unsafe { matmul::gemm_raw(out.ptr, out.len, ctx, (scores, sv), (qkv, v), false, 1) };
+        });
+    }
+
+    /// Feed-forward: `x = LayerNorm(x + GELU(x·W1 + b1)·W2 + b2)`, in blocks of tokens.
+    fn ffn_block(&self, layer: &Layer, x: &mut [f32], ffn: &mut [f32]) {
+        let (h, i) = (self.dims.hidden, self.dims.intermediate);
+        for xb in x.chunks_mut(FFN_BLOCK * h) {
+            let tokens = xb.len() / h;
+            let up = &mut ffn[..tokens * i];
+            matmul::matmul(up, xb, &layer.ffn_up.weight, (tokens, h, i), false, self.threads);
+            self.par_rows(up, i, |rows| kernels::bias_gelu(rows, &layer.ffn_up.bias, self.isa));
+            matmul::matmul(xb, up, &layer.ffn_down.weight, (tokens, i, h), true, self.threads);
+            self.par_rows(xb, h, |rows| {
+                let n = &layer.ffn_norm;
+                kernels::bias_layer_norm(
+                    rows,
+                    &layer.ffn_down.bias,
+                    &n.gamma,
+                    &n.beta,
+                    self.dims.eps,
+                    self.isa,
+                )
+            });
+        }
+    }
+
+    /// Runs a row kernel over `data` (rows of `row_len`), one contiguous block per thread.
+    fn par_rows(&self, data: &mut [f32], row_len: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+        let rows = data.len() / row_len;
+        if self.threads == 1 || rows < 2 {
+            return f(data);
+        }
+        let per_thread = rows.div_ceil(self.threads);
+        data.par_chunks_mut(per_thread * row_len).for_each(f);
+    }
+
+    fn take_workspace(&self) -> Workspace {
+        self.workspaces.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default()
+    }
+
+    fn return_workspace(&self, ws: Workspace) {
+        self.workspaces.lock().unwrap_or_else(PoisonError::into_inner).push(ws);
+    }
+}
+
+impl Encoder for PackedBert {
+    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.check_inputs(inputs)?;
+        let mut spans = Vec::with_capacity(inputs.len());
+        let mut tokens = 0;
+        for input in inputs {
+            spans.push(Span { start: tokens, len: input.len() });
+            tokens += input.len();
+        }
+        let mut ws = self.take_workspace();
+        ws.reserve(tokens, &self.dims);
+        if tokens > 0 {
+            self.pool.install(|| self.forward(&mut ws, inputs, &spans, tokens));
+        }
+        let out = pool_spans(&ws.x, &spans, self.dims.hidden, pooling);
+        self.return_workspace(ws);
+        Ok(out)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.dims.hidden
+    }
+
+    fn max_positions(&self) -> usize {
+        self.dims.max_positions
+    }
+}
+
+/// One vector per input: the mean of its tokens or its first ([CLS]) token; zeros when empty.
+fn pool_spans(x: &[f32], spans: &[Span], h: usize, pooling: Pooling) -> Vec<Vec<f32>> {
+    spans
+        .iter()
+        .map(|s| {
+            let mut v = vec![0.0; h];
+            if s.len == 0 {
+                return v;
+            }
+            let rows = &x[s.start * h..(s.start + s.len) * h];
+            match pooling {
+                Pooling::Cls => v.copy_from_slice(&rows[..h]),
+                Pooling::Mean => {
+                    for row in rows.chunks_exact(h) {
+                        v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                    }
+                    let inv = 1.0 / s.len as f32;
+                    v.iter_mut().for_each(|a| *a *= inv);
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// Every row of `dst` set to `row` (the bias a matmul then accumulates onto).
+fn fill_rows(dst: &mut [f32], row: &[f32]) {
+    for r in dst.chunks_exact_mut(row.len()) {
+        r.copy_from_slice(row);
+    }
+}
+
+fn files_error(dir: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Files { path: dir.display().to_string(), message: e.to_string() }
+}
+
+fn check_config(dir: &Path, c: &Config) -> Result<Dims, EngineError> {
+    let unsupported = |what: String| EngineError::Files {
+        path: dir.join("config.json").display().to_string(),
+        message: format!("unsupported by the packed BERT encoder: {what}"),
+    };
+    if c.hidden_act != HiddenAct::Gelu {
+        return Err(unsupported(format!("hidden_act {:?} (only gelu)", c.hidden_act)));
+    }
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(unsupported(format!(
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            c.hidden_size, c.num_attention_heads
+        )));
+    }
+    if c.type_vocab_size == 0 {
+        return Err(unsupported("type_vocab_size 0 (token type 0 is always used)".to_string()));
+    }
+    Ok(Dims {
+        hidden: c.hidden_size,
+        heads: c.num_attention_heads,
+        head_dim: c.hidden_size / c.num_attention_heads,
+        intermediate: c.intermediate_size,
+        vocab: c.vocab_size,
+        max_positions: c.max_position_embeddings,
+        token_types: c.type_vocab_size,
+        eps: c.layer_norm_eps as f32,
+    })
+}
+
+/// The weights sit at the root (sentence-transformers exports), under `bert.` (BertModel
+/// checkpoints), or under the model type's name.
+fn model_root<'a>(vb: VarBuilder<'a>, config: &Config) -> Option<VarBuilder<'a>> {
+    let probe = "embeddings.word_embeddings.weight";
+    let prefixes = ["bert"].into_iter().map(String::from).chain(config.model_type.clone());
+    if vb.contains_tensor(probe) {
+        return Some(vb);
+    }
+    prefixes.map(|p| vb.pp(p)).find(|v| v.contains_tensor(probe))
+}
+
+fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `[in, out]` row-major from a `[out, in]` PyTorch weight.
+fn transposed(w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    to_vec(&w.t()?.contiguous()?)
+}
+
+fn load_linear(vb: &VarBuilder, (out, inp): (usize, usize)) -> candle_core::Result<Linear> {
+    Ok(Linear { weight: transposed(&vb.get((out, inp), "weight")?)?, bias: vb.get(out, "bias")?.to_vec1()? })
+}
+
+fn load_norm(vb: &VarBuilder, h: usize) -> candle_core::Result<Norm> {
+    Ok(Norm { gamma: vb.get(h, "weight")?.to_vec1()?, beta: vb.get(h, "bias")?.to_vec1()? })
+}
+
+/// Q, K and V as one linear layer, with attention's 1/√d folded into Q.
+fn load_qkv(vb: &VarBuilder, d: &Dims) -> candle_core::Result<Linear> {
+    let h = d.hidden;
+    let scale = 1.0 / (d.head_dim as f64).sqrt();
+    let part = |name: &str, s: f64| -> candle_core::Result<(Tensor, Tensor)> {
+        let vb = vb.pp(name);
+        Ok(((vb.get((h, h), "weight")? * s)?, (vb.get(h, "bias")? * s)?))
+    };
+    let (q, k, v) = (part("query", scale)?, part("key", 1.0)?, part("value", 1.0)?);
+    let weight = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?; // [3h, h]
+    let bias = Tensor::cat(&[&q.1, &k.1, &v.1], 0)?;
+    Ok(Linear { weight: transposed(&weight)?, bias: bias.to_vec1()? })
+}
+
+fn load_layer(vb: &VarBuilder, d: &Dims) -> candle_core::Result<Layer> {
+    let (h, i) = (d.hidden, d.intermediate);
+    Ok(Layer {
+        qkv: load_qkv(&vb.pp("attention.self"), d)?,
+        attn_out: load_linear(&vb.pp("attention.output.dense"), (h, h))?,
+        attn_norm: load_norm(&vb.pp("attention.output.LayerNorm"), h)?,
+        ffn_up: load_linear(&vb.pp("intermediate.dense"), (i, h))?,
+        ffn_down: load_linear(&vb.pp("output.dense"), (h, i))?,
+        ffn_norm: load_norm(&vb.pp("output.LayerNorm"), h)?,
+    })
+}
+
+fn load_weights(vb: &VarBuilder, d: &Dims, layers: usize) -> candle_core::Result<(Embeddings, Vec<Layer>)> {
+    let e = vb.pp("embeddings");
+    let h = d.hidden;
+    let token_types = e.get((d.token_types, h), "token_type_embeddings.weight")?;
+    let embeddings = Embeddings {
+        word: to_vec(&e.get((d.vocab, h), "word_embeddings.weight")?)?,
+        position: to_vec(&e.get((d.max_positions, h), "position_embeddings.weight")?)?,
+        token_type: token_types.get(0)?.to_vec1()?,
+        norm: load_norm(&e.pp("LayerNorm"), h)?,
+    };
+    let layers = (0..layers)
+        .map(|l| load_layer(&vb.pp(format!("encoder.layer.{l}")), d))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((embeddings, layers))
+}

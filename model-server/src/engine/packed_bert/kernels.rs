@@ -1,0 +1,417 @@
+//! Row kernels: the element-wise work between matmuls (bias + GELU, softmax, bias + residual +
+//! LayerNorm). Each has a portable scalar version and an AVX2+FMA version; [`Isa`] picks one at
+//! run time, so one binary is fast on current x86-64 and still correct on any CPU or target.
+//!
+//! `exp` and `erf` are branch-free polynomials: libm's scalar versions (and `f32::round`, a libm
+//! call on baseline x86-64) cost more than the matmuls they sit between.
+
+/// Which implementation the row kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust, any CPU.
+    Scalar,
+    /// 256-bit AVX2 with fused multiply-add; only chosen when the CPU has both.
+    Avx2Fma,
+}
+
+impl Isa {
+    /// The fastest implementation this CPU supports.
+    pub fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Scalar
+    }
+
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2Fma => Isa::best() == Isa::Avx2Fma,
+        }
+    }
+}
+
+/// `x[r] = gelu(x[r] + bias)` for every row `r` of `x` (rows of `bias.len()`).
+pub fn bias_gelu(x: &mut [f32], bias: &[f32], isa: Isa) {
+    debug_assert_eq!(x.len() % bias.len(), 0);
+    match isa {
+        // SAFETY: `Isa::Avx2Fma` is only used when `is_supported` said the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2::bias_gelu(x, bias) },
+        _ => scalar::bias_gelu(x, bias),
+    }
+}
+
+/// Softmax of every row of `x` (rows of `n`), in place.
+pub fn softmax(x: &mut [f32], n: usize, isa: Isa) {
+    debug_assert_eq!(x.len() % n, 0);
+    match isa {
+        // SAFETY: as in `bias_gelu`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2::softmax(x, n) },
+        _ => scalar::softmax(x, n),
+    }
+}
+
+/// `x[r] = LayerNorm(x[r] + bias)` for every row `r` (rows of `bias.len()`). The residual is
+/// already in `x`: the matmul before it accumulated onto the layer's input.
+pub fn bias_layer_norm(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32, isa: Isa) {
+    debug_assert_eq!(x.len() % bias.len(), 0);
+    debug_assert!(gamma.len() == bias.len() && beta.len() == bias.len());
+    match isa {
+        // SAFETY: as in `bias_gelu`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2::bias_layer_norm(x, bias, gamma, beta, eps) },
+        _ => scalar::bias_layer_norm(x, bias, gamma, beta, eps),
+    }
+}
+
+/// Polynomial coefficients shared by both implementations.
+mod coef {
+    // exp(x) = 2^n · p(r), n = round(x·log2 e), r = x − n·ln 2 (ln 2 split in two for precision);
+    // p is Cephes' expf polynomial. Inputs are clamped so that 2^n stays a normal float.
+    pub const EXP_HI: f32 = 88.0;
+    pub const EXP_LO: f32 = -87.0;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const EXP_P: [f32; 6] =
+        [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
+    // erf(x) = x·P(x²)/Q(x²) on [−4, 4] (outside it erf is ±1 in f32): Eigen's rational fit,
+    // within 1e-7 of erf.
+    pub const ERF_CLAMP: f32 = 4.0;
+    pub const ERF_P: [f32; 7] = [
+        -2.726_142_3e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ];
+    pub const ERF_Q: [f32; 5] =
+        [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2];
+}
+
+pub(crate) mod scalar {
+    use super::coef::*;
+
+    /// Round half to even without libm: adding 1.5·2^23 leaves no fraction bits.
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        const MAGIC: f32 = 12_582_912.0;
+        (x + MAGIC) - MAGIC
+    }
+
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        let x = x.clamp(EXP_LO, EXP_HI);
+        let n = round(x * LOG2E);
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = EXP_P.iter().fold(0.0, |acc, c| acc * r + c);
+        let p = p * r * r + r + 1.0;
+        // n is in [−126, 127], so the biased exponent is a normal one.
+        p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+
+    #[inline(always)]
+    pub fn erf(x: f32) -> f32 {
+        let x = x.clamp(-ERF_CLAMP, ERF_CLAMP);
+        let x2 = x * x;
+        let p = ERF_P.iter().fold(0.0, |acc, c| acc * x2 + c);
+        let q = ERF_Q.iter().fold(0.0, |acc, c| acc * x2 + c);
+        x * p / q
+    }
+
+    #[inline(always)]
+    pub fn gelu(x: f32) -> f32 {
+        0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+
+    pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = gelu(*v + b);
+            }
+        }
+    }
+
+    pub fn softmax(x: &mut [f32], n: usize) {
+        for row in x.chunks_exact_mut(n) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = exp(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    pub fn bias_layer_norm(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let inv_n = 1.0 / bias.len() as f32;
+        for row in x.chunks_exact_mut(bias.len()) {
+            let mut sum = 0.0;
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+                sum += *v;
+            }
+            let mean = sum * inv_n;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() * inv_n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *v = (*v - mean) * rstd * g + b;
+            }
+        }
+    }
+}
+
+/// The same kernels on 8 lanes. Tails shorter than 8 go through the scalar code.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::coef::*;
+    use super::scalar;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn load(s: &[f32]) -> __m256 {
+        assert!(s.len() >= 8);
+        // SAFETY: `s` has at least 8 elements, and loadu has no alignment requirement.
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn store(s: &mut [f32], v: __m256) {
+        assert!(s.len() >= 8);
+        // SAFETY: as in `load`.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_max_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn poly(x: __m256, c: &[f32]) -> __m256 {
+        c.iter().fold(_mm256_setzero_ps(), |acc, &k| _mm256_fmadd_ps(acc, x, _mm256_set1_ps(k)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(EXP_HI)), _mm256_set1_ps(EXP_LO));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(LOG2E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let p = poly(r, &EXP_P);
+        let p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn gelu(x: __m256) -> __m256 {
+        let z = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let z = _mm256_max_ps(_mm256_min_ps(z, _mm256_set1_ps(ERF_CLAMP)), _mm256_set1_ps(-ERF_CLAMP));
+        let z2 = _mm256_mul_ps(z, z);
+        let erf = _mm256_div_ps(_mm256_mul_ps(z, poly(z2, &ERF_P)), poly(z2, &ERF_Q));
+        let half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5));
+        _mm256_fmadd_ps(half_x, erf, half_x)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            let mut row = row.chunks_exact_mut(8);
+            let mut b = bias.chunks_exact(8);
+            for (r, b) in (&mut row).zip(&mut b) {
+                store(r, gelu(_mm256_add_ps(load(r), load(b))));
+            }
+            for (v, b) in row.into_remainder().iter_mut().zip(b.remainder()) {
+                *v = scalar::gelu(*v + b);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn softmax(x: &mut [f32], n: usize) {
+        for row in x.chunks_exact_mut(n) {
+            let split = n - n % 8;
+            let (body, tail) = row.split_at_mut(split);
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in body.chunks_exact(8) {
+                vmax = _mm256_max_ps(vmax, load(c));
+            }
+            let max = tail.iter().fold(hmax(vmax), |m, &v| m.max(v));
+            let (vm, mut vsum) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+            for c in body.chunks_exact_mut(8) {
+                let e = exp(_mm256_sub_ps(load(c), vm));
+                vsum = _mm256_add_ps(vsum, e);
+                store(c, e);
+            }
+            let mut sum = hsum(vsum);
+            for v in tail.iter_mut() {
+                *v = scalar::exp(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            let vinv = _mm256_set1_ps(inv);
+            for c in body.chunks_exact_mut(8) {
+                store(c, _mm256_mul_ps(load(c), vinv));
+            }
+            tail.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn bias_layer_norm(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let n = bias.len();
+        let split = n - n % 8;
+        let inv_n = 1.0 / n as f32;
+        for row in x.chunks_exact_mut(n) {
+            let (body, tail) = row.split_at_mut(split);
+            // Pass 1: add the bias, sum.
+            let mut vsum = _mm256_setzero_ps();
+            for (c, b) in body.chunks_exact_mut(8).zip(bias.chunks_exact(8)) {
+                let v = _mm256_add_ps(load(c), load(b));
+                vsum = _mm256_add_ps(vsum, v);
+                store(c, v);
+            }
+            let mut sum = hsum(vsum);
+            for (v, b) in tail.iter_mut().zip(&bias[split..]) {
+                *v += b;
+                sum += *v;
+            }
+            let mean = sum * inv_n;
+            // Pass 2: variance around the mean (two passes: no cancellation).
+            let vmean = _mm256_set1_ps(mean);
+            let mut vvar = _mm256_setzero_ps();
+            for c in body.chunks_exact(8) {
+                let d = _mm256_sub_ps(load(c), vmean);
+                vvar = _mm256_fmadd_ps(d, d, vvar);
+            }
+            let var = tail.iter().fold(hsum(vvar), |s, v| s + (v - mean) * (v - mean)) * inv_n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            // Pass 3: normalise, scale, shift.
+            let vrstd = _mm256_set1_ps(rstd);
+            for ((c, g), b) in body.chunks_exact_mut(8).zip(gamma.chunks_exact(8)).zip(beta.chunks_exact(8)) {
+                let d = _mm256_mul_ps(_mm256_sub_ps(load(c), vmean), vrstd);
+                store(c, _mm256_fmadd_ps(d, load(g), load(b)));
+            }
+            for ((v, g), b) in tail.iter_mut().zip(&gamma[split..]).zip(&beta[split..]) {
+                *v = (*v - mean) * rstd * g + b;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// erf by its Taylor series in f64 (exact to 1e-10 on [−4, 4]; beyond, 1 − erf < 2e-8).
+    fn erf_ref(x: f64) -> f64 {
+        if x.abs() > 4.0 {
+            return x.signum();
+        }
+        let (mut term, mut sum) = (x, x);
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// Deterministic values in [−scale, scale].
+    fn values(n: usize, scale: f32) -> Vec<f32> {
+        let mut s = 0x2545_f491_u32;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scalar_exp_and_erf_are_accurate() {
+        for i in -8700..8800 {
+            let x = i as f32 / 100.0;
+            let (got, want) = (scalar::exp(x) as f64, (x as f64).exp());
+            assert!((got / want - 1.0).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(scalar::exp(f32::NEG_INFINITY), scalar::exp(-87.0));
+        for i in -6000..6000 {
+            let x = i as f32 / 1000.0;
+            let (got, want) = (scalar::erf(x) as f64, erf_ref(x as f64));
+            // A few f32 ulps of 1 near the clamp.
+            assert!((got - want).abs() < 5e-7, "erf({x}) = {got}, want {want}");
+        }
+    }
+
+    /// Every kernel on every supported ISA against the scalar one, with rows that have tails.
+    #[test]
+    fn simd_kernels_match_scalar() {
+        let isa = Isa::best();
+        for n in [1, 7, 8, 13, 64, 384, 390] {
+            let x = values(3 * n, 6.0);
+            let bias = values(n, 1.0);
+            let gamma = values(n, 2.0);
+            let beta = values(n, 0.5);
+            let close =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 2e-6 * (1.0 + b.abs()));
+
+            let (mut a, mut b) = (x.clone(), x.clone());
+            bias_gelu(&mut a, &bias, isa);
+            bias_gelu(&mut b, &bias, Isa::Scalar);
+            assert!(close(&a, &b), "gelu n={n}");
+
+            let (mut a, mut b) = (x.clone(), x.clone());
+            softmax(&mut a, n, isa);
+            softmax(&mut b, n, Isa::Scalar);
+            assert!(close(&a, &b), "softmax n={n}");
+            assert!(b.chunks(n).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+
+            let (mut a, mut b) = (x.clone(), x.clone());
+            bias_layer_norm(&mut a, &bias, &gamma, &beta, 1e-12, isa);
+            bias_layer_norm(&mut b, &bias, &gamma, &beta, 1e-12, Isa::Scalar);
+            assert!(close(&a, &b), "layer norm n={n}");
+        }
+    }
+
+    #[test]
+    fn scalar_gelu_matches_the_erf_definition() {
+        for i in -1000..1000 {
+            let x = i as f32 / 100.0;
+            let want = 0.5 * x as f64 * (1.0 + erf_ref(x as f64 / std::f64::consts::SQRT_2));
+            assert!((scalar::gelu(x) as f64 - want).abs() < 1e-6 * (1.0 + want.abs()), "gelu({x})");
+        }
+    }
+}
