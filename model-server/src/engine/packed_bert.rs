@@ -26,14 +26,15 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
 pub use kernels::Isa;
-use matmul::View;
+use matmul::{SharedOut, View, Weight};
 
 use super::candle_bert::{read_config, weight_files};
 use super::{Encoder, EngineError, Pooling};
 
-/// Tokens per feed-forward block: bounds the `[block, intermediate]` buffer (1.5 MB for
-/// MiniLM) so it stays in cache between the two matmuls, whatever the batch.
-const FFN_BLOCK: usize = 256;
+/// Tokens per feed-forward block: bounds the `[block, intermediate]` buffer (6 MB for MiniLM,
+/// which stays in L3 between the two matmuls) whatever the batch, while keeping gemm's per-call
+/// weight packing rare.
+const FFN_BLOCK: usize = 1024;
 
 /// How to run; `Default` reads the environment.
 #[derive(Debug, Clone, Copy, Default)]
@@ -75,9 +76,9 @@ struct Norm {
     beta: Vec<f32>,
 }
 
-/// A linear layer stored transposed: `weight` is `[in, out]` row-major.
+/// A linear layer; the weight is stored transposed (`[in, out]`), see [`Weight`].
 struct Linear {
-    weight: Vec<f32>,
+    weight: Weight,
     bias: Vec<f32>,
 }
 
@@ -134,16 +135,6 @@ thread_local! {
     /// input seen and is reused.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
-
-/// The context matrix, shared by the attention tasks that each write their own block of it.
-struct SharedOut {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: tasks only write disjoint (rows of one input) × (columns of one head) blocks, and the
-// buffer outlives the parallel loop that uses it (see `PackedBert::attention`).
-unsafe impl Sync for SharedOut {}
 
 pub struct PackedBert {
     dims: Dims,
@@ -262,12 +253,11 @@ impl PackedBert {
         spans: &[Span],
     ) {
         let h = self.dims.hidden;
-        let tokens = x.len() / h;
         fill_rows(qkv, &layer.qkv.bias);
-        matmul::matmul(qkv, x, &layer.qkv.weight, (tokens, h, 3 * h), true, self.threads);
+        matmul::linear(qkv, x, &layer.qkv.weight, true, self.threads);
         self.attention(qkv, ctx, spans);
         // Accumulating onto x adds the residual for free; bias and LayerNorm follow in one pass.
-        matmul::matmul(x, ctx, &layer.attn_out.weight, (tokens, h, h), true, self.threads);
+        matmul::linear(x, ctx, &layer.attn_out.weight, true, self.threads);
         self.par_rows(x, h, |rows| {
             let n = &layer.attn_norm;
             kernels::bias_layer_norm(rows, &layer.attn_out.bias, &n.gamma, &n.beta, self.dims.eps, self.isa)
@@ -277,7 +267,7 @@ impl PackedBert {
     /// `ctx = softmax(Q·Kᵀ)·V` for every (input, head), in parallel over those pairs.
     fn attention(&self, qkv: &[f32], ctx: &mut [f32], spans: &[Span]) {
         let heads = self.dims.heads;
-        let out = SharedOut { ptr: ctx.as_mut_ptr(), len: ctx.len() };
+        let out = SharedOut::new(ctx);
         (0..spans.len() * heads).into_par_iter().for_each(|item| {
             // SAFETY: item ↦ (input, head) is one-to-one, so each task writes its own block of
             // `ctx`, which stays mutably borrowed (and alive) for the whole loop.
@@ -308,7 +298,7 @@ impl PackedBert {
             matmul::gemm(scores, sv, (qkv, q), (qkv, k.t()), false, 1);
             kernels::softmax(scores, n, self.isa);
             // SAFETY: the caller gives this task exclusive use of the `ctx` block.
-            unsafe { matmul::gemm_raw(out.ptr, out.len, ctx, (scores, sv), (qkv, v), false, 1) };
+            unsafe { out.gemm(ctx, (scores, sv), (qkv, v), false) };
         });
     }
 
@@ -318,9 +308,9 @@ impl PackedBert {
         for xb in x.chunks_mut(FFN_BLOCK * h) {
             let tokens = xb.len() / h;
             let up = &mut ffn[..tokens * i];
-            matmul::matmul(up, xb, &layer.ffn_up.weight, (tokens, h, i), false, self.threads);
+            matmul::linear(up, xb, &layer.ffn_up.weight, false, self.threads);
             self.par_rows(up, i, |rows| kernels::bias_gelu(rows, &layer.ffn_up.bias, self.isa));
-            matmul::matmul(xb, up, &layer.ffn_down.weight, (tokens, i, h), true, self.threads);
+            matmul::linear(xb, up, &layer.ffn_down.weight, true, self.threads);
             self.par_rows(xb, h, |rows| {
                 let n = &layer.ffn_norm;
                 kernels::bias_layer_norm(
@@ -462,9 +452,10 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `[in, out]` row-major from a `[out, in]` PyTorch weight.
-fn transposed(w: &Tensor) -> candle_core::Result<Vec<f32>> {
-    to_vec(&w.t()?.contiguous()?)
+/// `[in, out]` from a `[out, in]` PyTorch weight.
+fn transposed(w: &Tensor) -> candle_core::Result<Weight> {
+    let (out, inp) = w.dims2()?;
+    Ok(Weight::new(&to_vec(&w.t()?.contiguous()?)?, inp, out))
 }
 
 fn load_linear(vb: &VarBuilder, (out, inp): (usize, usize)) -> candle_core::Result<Linear> {

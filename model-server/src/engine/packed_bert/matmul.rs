@@ -3,6 +3,7 @@
 //! matrix in place instead of copying heads out.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// A matrix inside a flat buffer: element `(i, j)` is at `offset + i·row_stride + j·col_stride`.
 #[derive(Debug, Clone, Copy)]
@@ -104,23 +105,90 @@ pub fn gemm(
     unsafe { gemm_raw(dst.as_mut_ptr(), dst.len(), dv, a, b, accumulate, threads) }
 }
 
-/// Dense row-major `dst[m×n] (+)= a[m×k] · b[k×n]`.
-pub fn matmul(
-    dst: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    (m, k, n): (usize, usize, usize),
-    accumulate: bool,
-    threads: usize,
-) {
-    gemm(
-        dst,
-        View::dense(0, m, n),
-        (a, View::dense(0, m, k)),
-        (b, View::dense(0, k, n)),
-        accumulate,
-        threads,
-    );
+/// A weight matrix `[in, out]` (PyTorch's `[out, in]`, transposed), laid out for gemm's
+/// micro-kernel: for each input feature it reads 16 consecutive outputs, one cache line if rows
+/// start cache-line aligned. Rows are padded to an odd number of cache lines: with few tokens gemm
+/// reads the weights in place, and a stride of an even number of lines (384, 1152 or 1536 floats)
+/// would map all rows to a handful of L1 sets.
+pub struct Weight {
+    data: Vec<f32>,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl Weight {
+    /// From a dense row-major `[rows, cols]` matrix.
+    pub fn new(dense: &[f32], rows: usize, cols: usize) -> Weight {
+        assert_eq!(dense.len(), rows * cols, "weight shape");
+        const LINE: usize = 16; // f32 per 64-byte cache line
+        let lines = cols.div_ceil(LINE);
+        let stride = (lines | 1) * LINE;
+        let mut data = vec![0.0; rows * stride + LINE];
+        let offset = data.as_ptr().align_offset(64).min(LINE);
+        for (dst, src) in data[offset..].chunks_mut(stride).zip(dense.chunks_exact(cols)) {
+            dst[..cols].copy_from_slice(src);
+        }
+        Weight { data, offset, rows, cols, stride }
+    }
+
+    fn view(&self) -> View {
+        View { offset: self.offset, rows: self.rows, cols: self.cols, row_stride: self.stride, col_stride: 1 }
+    }
+}
+
+/// Above this many tokens [`linear`] makes one gemm call, which packs the weights once and
+/// splits the work itself. gemm packs its LHS (here: the weights) when a call has more than 16
+/// micro-tiles of 6 columns (tokens); below that it reads the weights in place, which the padded
+/// [`Weight`] layout makes cheap, and packing would cost more than it saves.
+const PACKED_ABOVE_TOKENS: usize = 96;
+
+/// The output of a parallel loop whose tasks each write their own block of it.
+pub struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl SharedOut {
+    pub fn new(dst: &mut [f32]) -> SharedOut {
+        SharedOut { ptr: dst.as_mut_ptr(), len: dst.len() }
+    }
+
+    /// [`gemm_raw`] into this buffer.
+    ///
+    /// # Safety
+    /// The buffer must still be alive and borrowed for this loop only, and no other task may
+    /// access the elements `dv` covers meanwhile.
+    pub unsafe fn gemm(&self, dv: View, a: (&[f32], View), b: (&[f32], View), accumulate: bool) {
+        // SAFETY: forwarded from the caller.
+        unsafe { gemm_raw(self.ptr, self.len, dv, a, b, accumulate, 1) }
+    }
+}
+
+// SAFETY: a `SharedOut` is only written through `gemm`, whose callers guarantee that concurrent
+// tasks write disjoint elements of a buffer that outlives them.
+unsafe impl Sync for SharedOut {}
+
+/// `dst[t×out] (+)= x[t×in] · w`, all rows dense, on the current rayon pool.
+pub fn linear(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
+    let (inp, out) = (w.rows, w.cols);
+    let tokens = x.len() / inp;
+    let xv = View::dense(0, tokens, inp);
+    if tokens > PACKED_ABOVE_TOKENS || threads == 1 {
+        return gemm(dst, View::dense(0, tokens, out), (x, xv), (&w.data, w.view()), accumulate, threads);
+    }
+    // Few tokens (one short input, say): one task per thread, each on a block of output
+    // columns cut at multiples of gemm's 16-row micro-tile.
+    let part = out.div_ceil(threads).div_ceil(16) * 16;
+    let shared = SharedOut::new(dst);
+    (0..out.div_ceil(part)).into_par_iter().for_each(|p| {
+        let (c0, cn) = (p * part, part.min(out - p * part));
+        let dv = View { offset: c0, rows: tokens, cols: cn, row_stride: out, col_stride: 1 };
+        let wv = View { offset: w.offset + c0, rows: inp, cols: cn, row_stride: w.stride, col_stride: 1 };
+        // SAFETY: tasks write disjoint column blocks of `dst`, borrowed until the loop ends.
+        unsafe { shared.gemm(dv, (x, xv), (&w.data, wv), accumulate) };
+    });
 }
 
 #[cfg(test)]
@@ -150,6 +218,19 @@ mod tests {
         assert!(dst.iter().zip(&want).all(|(d, w)| (d - (w + 1.0)).abs() < 1e-4));
         gemm(&mut dst, View::dense(0, 5, 5), (&buf, q), (&buf, k), false, 1);
         assert!(dst.iter().zip(&want).all(|(d, w)| (d - w).abs() < 1e-4));
+    }
+
+    #[test]
+    fn padded_weights_multiply_like_dense_ones() {
+        let (t, i, o) = (7, 5, 40);
+        let x: Vec<f32> = (0..t * i).map(|v| (v % 5) as f32 - 2.0).collect();
+        let w: Vec<f32> = (0..i * o).map(|v| (v % 7) as f32 * 0.5).collect();
+        let want = naive(&x, View::dense(0, t, i), &w, View::dense(0, i, o));
+        let weight = Weight::new(&w, i, o);
+        assert_eq!(weight.stride % 32, 16, "odd number of cache lines");
+        let mut dst = vec![0.0; t * o];
+        linear(&mut dst, &x, &weight, false, 1);
+        assert_eq!(dst, want);
     }
 
     #[test]
