@@ -30,14 +30,24 @@ def main():
     be, bh = load(os.path.join(out, 'baseline', 'engine.json')), load(os.path.join(out, 'baseline', 'http.json'))
 
     def eng(res, key, field):
-        return ((res or {}).get('runs', {}).get(key) or {}).get(field)
+        # The baseline nests its runs under "runs"; bench_engine writes one object per encoder.
+        runs = (res or {}).get('runs', res or {})
+        return (runs.get(key) or {}).get(field)
 
-    rows = [('engine sentences/s, batch 32, short', eng(ke, 'throughput_short', 'sentences_per_s'),
-             eng(be, 'throughput_short', 'sentences_per_s'), False),
-            ('engine sentences/s, batch 32, long', eng(ke, 'throughput_long', 'sentences_per_s'),
-             eng(be, 'throughput_long', 'sentences_per_s'), False),
-            ('engine batch-1 p50 ms', eng(ke, 'latency_single', 'p50_ms'), eng(be, 'latency_single', 'p50_ms'), True),
-            ('engine batch-1 p99 ms', eng(ke, 'latency_single', 'p99_ms'), eng(be, 'latency_single', 'p99_ms'), True)]
+    packed, stock = (ke or {}).get('packed'), (ke or {}).get('candle')
+
+    rows = []
+    for label, enc in (('engine', packed), ('candle stock BertModel', stock)):
+        if enc is None:
+            continue
+        rows += [(f'{label} sentences/s, batch 32, short', eng(enc, 'throughput_short', 'sentences_per_s'),
+                  eng(be, 'throughput_short', 'sentences_per_s'), False),
+                 (f'{label} sentences/s, batch 32, long', eng(enc, 'throughput_long', 'sentences_per_s'),
+                  eng(be, 'throughput_long', 'sentences_per_s'), False),
+                 (f'{label} batch-1 p50 ms', eng(enc, 'latency_single', 'p50_ms'),
+                  eng(be, 'latency_single', 'p50_ms'), True),
+                 (f'{label} batch-1 p99 ms', eng(enc, 'latency_single', 'p99_ms'),
+                  eng(be, 'latency_single', 'p99_ms'), True)]
     kc, bc = by_conns(kh), by_conns(bh)
     for n in sorted(set(kc) | set(bc)):
         rows.append((f'HTTP /embed/text req/s, {n} conns', kc.get(n, {}).get('rps'), bc.get(n, {}).get('rps'), False))

@@ -20,7 +20,7 @@ bash "$ROOT/bench/pull.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model
 (cd "$ROOT" && cargo build --release --locked -p kiln-model-server --example bench_engine)
 
 echo "== kiln engine"
-"${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" "$OUT/kiln-engine.json"
+"${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" --out "$OUT/kiln-engine.json" >/dev/null
 echo "== kiln http"
 python3 "$ROOT/bench/kiln_http.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$MODEL" "$SHARED/corpus" \
   "$OUT/kiln-http.json" --duration "${DURATION:-20}" --baseline-dir "$SHARED/python-baseline"
