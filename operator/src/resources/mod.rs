@@ -2,6 +2,8 @@
 //! No I/O here; the reconciler applies what these return.
 
 mod manifest;
+#[cfg(test)]
+mod snapshots;
 mod workload;
 
 use std::collections::BTreeMap;
