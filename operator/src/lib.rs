@@ -6,5 +6,6 @@ pub mod leader;
 pub mod metrics;
 pub mod quantity;
 pub mod reconcile;
+pub mod reference;
 pub mod resources;
 pub mod status;
