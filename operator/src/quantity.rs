@@ -41,6 +41,18 @@ pub fn format_bytes(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// A byte count rounded up to whole MiB, in the form the API server stores (`819Mi`, `2Gi`):
+/// for quantities written into objects, so the live object reads back equal to what was
+/// applied (the server rewrites `818.5Mi` as `838144Ki`, which would look like drift).
+pub fn canonical_mib(bytes: u64) -> String {
+    let mib = bytes.div_ceil(1 << 20).max(1);
+    match mib {
+        m if m % (1 << 20) == 0 => format!("{}Ti", m >> 20),
+        m if m % (1 << 10) == 0 => format!("{}Gi", m >> 10),
+        m => format!("{m}Mi"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +75,13 @@ mod tests {
         assert_eq!(format_bytes(120 << 20), "120Mi");
         assert_eq!(format_bytes(3 << 29), "1.5Gi");
         assert_eq!(format_bytes(100), "100");
+    }
+
+    #[test]
+    fn canonical_quantities_are_whole_units() {
+        assert_eq!(canonical_mib((818 << 20) + (1 << 19)), "819Mi");
+        assert_eq!(canonical_mib(2048 << 20), "2Gi");
+        assert_eq!(canonical_mib(3 << 40), "3Ti");
+        assert_eq!(canonical_mib(1), "1Mi");
     }
 }

@@ -24,7 +24,7 @@ use super::{
     ANNOTATION_MANIFEST_HASH, OperatorSettings, SERVER_PORT, child_meta, pool_object_name, selector_labels,
 };
 use crate::crd::{ModelDeployment, PoolSpec};
-use crate::quantity::format_bytes;
+use crate::quantity::canonical_mib;
 
 const MANIFEST_DIR: &str = "/etc/kiln";
 const MANIFEST_KEY: &str = "manifest.json";
@@ -82,7 +82,8 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.to_string(),
         mount_path: path.to_string(),
-        read_only: Some(read_only),
+        // The API server omits `readOnly: false`; leaving it out keeps live equal to desired.
+        read_only: read_only.then_some(true),
         ..VolumeMount::default()
     }
 }
@@ -107,7 +108,7 @@ fn pvc_claims(manifest: &Manifest) -> Vec<String> {
 fn cache_size(manifest: &Manifest) -> Quantity {
     let declared: u64 = manifest.models.iter().filter_map(|m| m.memory_bytes).sum();
     let bytes = if declared == 0 { 10 << 30 } else { declared + declared / 4 + (256 << 20) };
-    Quantity(format_bytes(bytes))
+    Quantity(canonical_mib(bytes))
 }
 
 fn resources(pool: &PoolSpec) -> ResourceRequirements {
