@@ -7,6 +7,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 bash scripts/fixtures.sh
+# The chart test installs with the real helm.
+KILN_HELM="$(bash scripts/helm.sh)"
+export KILN_HELM
 # Builds the bins too (operator and model-server have integration tests), with the same
 # features as `make unit`, so nothing compiles twice.
 "$CARGO" test --workspace --locked --no-run

@@ -75,6 +75,7 @@ BACKOFF_BASE, BACKOFF_MAX = 5, 60
 BACKOFF_RESET_AFTER = 120   # a container that ran this long starts a fresh back-off streak
 GRACE_CAP = 30
 LOG_TAIL_LINES, LOG_TAIL_BYTES = 10, 2048
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")  # nothing else leaks in (RUST_BACKTRACE, ...)
 
 _log_lock = threading.Lock()
@@ -616,6 +617,19 @@ class PodWorker(threading.Thread):
             raise ApiError(status, f"{kind} {self.ns}/{name}: {obj.get('message', '') if isinstance(obj, dict) else ''}")
         return obj
 
+    def service_account_token(self, src):
+        """A token bound to this pod from the TokenRequest API, as the kubelet projects it."""
+        sa = self.pod["spec"].get("serviceAccountName") or "default"
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+            "audiences": [src["audience"]] if src.get("audience") else [],
+            "expirationSeconds": src.get("expirationSeconds", 3607),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid}}}
+        status, obj = self.k.kube.request(
+            "POST", f"/api/v1/namespaces/{q(self.ns)}/serviceaccounts/{q(sa)}/token", body)
+        if status != 201 and status != 200:
+            raise ApiError(status, f"token for serviceaccount {self.ns}/{sa}: {obj.get('message', '') if isinstance(obj, dict) else ''}")
+        return obj["status"]["token"]
+
     @staticmethod
     def object_files(obj, kind):
         files = {}
@@ -701,6 +715,9 @@ class PodWorker(threading.Thread):
                                      src.get("optional", False), f"secret {src['name']}", None)
                 elif "downwardAPI" in s:
                     self.downward_files(root, s["downwardAPI"].get("items"))
+                elif "serviceAccountToken" in s:
+                    self.write_file(root, s["serviceAccountToken"]["path"],
+                                    self.service_account_token(s["serviceAccountToken"]).encode(), 0o644)
                 else:
                     self.log(f"warning: volume {name}: projected source {sorted(s)} not supported (left out)")
         else:
@@ -810,6 +827,8 @@ class PodWorker(threading.Thread):
             out.append(s.replace("0.0.0.0:", f"{self.ip}:"))
         if out and (out[0] == "kiln-model-server" or out[0].endswith("/kiln-model-server")):
             out[0] = self.k.model_server_bin
+        elif out and (out[0] == "kiln-operator" or out[0].endswith("/kiln-operator")):
+            out[0] = os.path.join(os.path.dirname(self.k.model_server_bin), "kiln-operator")
         return out
 
     def container_config(self, ctr):
@@ -827,6 +846,15 @@ class PodWorker(threading.Thread):
         if not cmd:
             raise ConfigError("no command: the harness does not know image entrypoints")
         argv = self.argv(cmd, args, env, mounts)
+        # In-cluster clients read the token from a fixed path: give the process a private mount
+        # namespace with the pod's token directory bound there, and the API address in its env.
+        sa = dict(mounts).get(SA_DIR)
+        if sa is not None:
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f'mkdir -p {SA_DIR} 2>/dev/null; mount --bind "$0" {SA_DIR} && exec "$@"', sa] + argv
+            env.update(self.k.api_service_env())
+            # Not the host's HOME: a kubeconfig there would be chosen over the pod's own identity.
+            env["HOME"] = self.dir
         cwd = ctr.spec.get("workingDir")
         cwd = self.rewrite_path(cwd, mounts) if cwd else None
         if not cwd or not os.path.isdir(cwd):
@@ -1266,6 +1294,13 @@ class Kubelet:
         os.makedirs(os.path.join(self.state, "logs", "pods"), exist_ok=True)
 
     # -- processes -----------------------------------------------------------------------------
+    def api_service_env(self):
+        """KUBERNETES_SERVICE_HOST/PORT: the API server address this harness itself uses. The
+        dev cluster's API server listens on 127.0.0.1 only and publishes no endpoints for the
+        `kubernetes` Service (there is no service proxy here); its certificate names 127.0.0.1."""
+        return {"KUBERNETES_SERVICE_HOST": self.kube.host, "KUBERNETES_SERVICE_PORT": str(self.kube.port),
+                "KUBERNETES_PORT": f"tcp://{self.kube.host}:{self.kube.port}"}
+
     def spawn(self, name, argv, env, cwd, log_path):
         with self.procs_lock:
             if self.closing:

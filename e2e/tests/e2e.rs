@@ -139,6 +139,31 @@ async fn the_crd_installs_and_refuses_invalid_resources_with_their_messages() {
     }
 }
 
+/// Every operator log line is JSON, and every line logged while reconciling carries the
+/// resource (name and namespace) in its span list, and the pool where there is one.
+fn assert_logs_name_the_resource(logs: &str, namespace: &str, name: &str) {
+    let mut in_reconcile = 0;
+    for line in logs.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let Some(spans) = v["spans"].as_array() else { continue };
+        let pool_span = spans.iter().any(|s| s["name"] == "pool");
+        let Some(reconcile) = spans.iter().find(|s| s["name"] == "reconcile") else {
+            assert!(!pool_span, "a pool span outside any reconcile span: {line}");
+            continue;
+        };
+        assert!(reconcile["md"].is_string(), "a reconcile span without its resource: {line}");
+        if reconcile["md"] != name {
+            continue;
+        }
+        in_reconcile += 1;
+        assert_eq!(reconcile["namespace"], namespace, "{line}");
+        if let Some(pool) = spans.iter().find(|s| s["name"] == "pool") {
+            assert!(pool["pool"].is_string(), "pool span without its pool: {line}");
+        }
+    }
+    assert!(in_reconcile > 0, "no log line inside a reconcile of {name}: {logs}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
     let client = admin().await;
@@ -247,7 +272,25 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
         "{table}"
     );
 
-    // Steady state: no writes at all (every resourceVersion unchanged).
+    // Steady state: a reconcile of the unchanged resource writes nothing. A metadata-only edit
+    // (no generation change) makes the operator reconcile it now rather than at its next resync.
+    let applied = |logs: String| logs.lines().filter(|l| l.contains("\"applied\"")).count();
+    let reconciles = |metrics: String| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("kiln_operator_reconciles_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let applied_before = applied(operator.logs());
+    let reconciles_before = reconciles(operator.metrics_text().await);
+    let poke = json!({"metadata": {"annotations": {"kiln.dev/e2e-poke": "1"}}});
+    mds.patch("embeddings", &PatchParams::default(), &Patch::Merge(&poke)).await.expect("poke");
+    wait_for("a reconcile of the unchanged resource", Duration::from_secs(30), || async {
+        let now = reconciles(operator.metrics_text().await);
+        if now > reconciles_before { Ok(()) } else { Err(format!("{now} reconciles")) }
+    })
+    .await;
     let versions = || async {
         vec![
             mds.get("embeddings").await.unwrap().resource_version(),
@@ -259,6 +302,12 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
     let before = versions().await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(versions().await, before, "a steady state caused writes over a minute");
+    assert_eq!(
+        applied(operator.logs()),
+        applied_before,
+        "the unchanged resource was re-applied: {}",
+        operator.logs()
+    );
 
     // A child deleted by hand comes back.
     let old = services.get("embeddings-cpu").await.unwrap().uid();
@@ -288,6 +337,7 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
 
     let metrics = operator.metrics_text().await;
     assert!(metrics.contains("kiln_operator_reconciles_total"), "{metrics}");
+    assert_logs_name_the_resource(&operator.logs(), n, "embeddings");
 
     // Deleting the resource garbage-collects every child (the GC re-reads discovery every 30 s).
     mds.delete("embeddings", &DeleteParams::default()).await.unwrap();
@@ -438,4 +488,320 @@ async fn two_operator_replicas_elect_one_leader_and_the_standby_takes_over() {
     })
     .await;
     assert!(second.logs().contains("took over the leader lease"), "{}", second.logs());
+}
+
+/// `helm` for the chart tests (e2e/run.sh sets KILN_HELM from scripts/helm.sh).
+fn helm(args: &[&str]) -> String {
+    let bin = std::env::var("KILN_HELM").expect("KILN_HELM must name the helm binary (make e2e sets it)");
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .current_dir(repo())
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The chart as a platform team uses it: `helm install --wait` runs two operator pods for real
+/// (on cpu-0, through the kubelet harness, with their own projected ServiceAccount tokens, so
+/// under exactly the chart's RBAC: here the namespaced Role of `watchNamespace`); a resource
+/// becomes Ready; `helm upgrade` rolls the operator without touching the model pools; `helm
+/// uninstall` removes everything but the CRD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_installs_an_operator_that_works_under_its_own_rbac() {
+    let client = admin().await;
+    install_crd().await;
+    let ns = TestNamespace::create(&client, "e2e-helm").await;
+    let n = ns.name.as_str();
+    let home = TestNamespace::create(&client, "e2e-helm-system").await;
+    let h = home.name.as_str();
+    mark_real_node(&client).await;
+    let _ = helm(&["uninstall", "kiln-e2e", "-n", h, "--wait", "--ignore-not-found"]);
+    let watch = format!("watchNamespace={n}");
+    helm(&[
+        "install",
+        "kiln-e2e",
+        "charts/kiln",
+        "-n",
+        h,
+        "--wait",
+        "--timeout",
+        "3m",
+        "--set",
+        &watch,
+        "--set",
+        "nodeSelector.kubernetes\\.io/hostname=cpu-0",
+        "--set",
+        "leaderElection.leaseName=kiln-e2e",
+    ]);
+    let operators: Api<Deployment> = Api::namespaced(client.clone(), h);
+    let op = operators.get("kiln-e2e-operator").await.expect("the chart's Deployment");
+    assert_eq!(op.status.as_ref().and_then(|s| s.ready_replicas), Some(2), "both replicas ready");
+
+    // The operator pods authenticate as the chart's ServiceAccount: a ModelDeployment in the
+    // watched namespace is reconciled and becomes Ready.
+    let mut md = cpu_md(n, "helm", 1);
+    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    apply_json(&client, n, &md).await.expect("apply md");
+    wait_for("md/helm Ready under the chart's operator", Duration::from_secs(120), || async {
+        let s = md_status(&client, n, "helm").await;
+        match condition(&s, "Ready") {
+            Some(c) if c["status"] == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let pool: Api<Deployment> = Api::namespaced(client.clone(), n);
+    let generation = pool.get("helm-cpu").await.unwrap().metadata.generation;
+
+    // An upgrade that changes a value rolls the operator (maxUnavailable 0) and nothing else.
+    helm(&[
+        "upgrade",
+        "kiln-e2e",
+        "charts/kiln",
+        "-n",
+        h,
+        "--reuse-values",
+        "--set",
+        "logLevel=debug",
+        "--wait",
+    ]);
+    let op = operators.get("kiln-e2e-operator").await.unwrap();
+    let env = op.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+    assert!(env.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")), "{env:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), h);
+    wait_for("the upgraded operator pods ready", Duration::from_secs(120), || async {
+        let d = operators.get("kiln-e2e-operator").await.map_err(|e| e.to_string())?;
+        let s = d.status.unwrap_or_default();
+        if s.updated_replicas == Some(2) && s.ready_replicas == Some(2) && s.replicas == Some(2) {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+    let s = md_status(&client, n, "helm").await;
+    assert_eq!(condition(&s, "Ready").unwrap()["status"], "True", "still Ready after the upgrade: {s}");
+    assert_eq!(
+        pool.get("helm-cpu").await.unwrap().metadata.generation,
+        generation,
+        "the pool was not touched"
+    );
+
+    // Uninstall removes the chart's objects; the CRD (and so the resources) stay.
+    helm(&["uninstall", "kiln-e2e", "-n", h, "--wait"]);
+    assert!(operators.get_opt("kiln-e2e-operator").await.unwrap().is_none());
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), n);
+    assert!(roles.get_opt("kiln-e2e-operator").await.unwrap().is_none(), "the namespaced Role is gone");
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), h);
+    assert!(sas.get_opt("kiln-e2e-operator").await.unwrap().is_none(), "the ServiceAccount is gone");
+    wait_for("operator pods gone", Duration::from_secs(60), || async {
+        let l = pods.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        if l.items.is_empty() { Ok(()) } else { Err(format!("{} pods", l.items.len())) }
+    })
+    .await;
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(client.clone());
+    assert!(crds.get_opt("modeldeployments.kiln.dev").await.unwrap().is_some(), "the CRD stays");
+    assert!(md_status(&client, n, "helm").await.is_object(), "the resource stays");
+}
+
+/// The operator dies right after it started a rollout and a fresh one takes over: the rollout
+/// completes without ever dropping ready replicas below the desired count, each object exists
+/// once, and the converged state then sees no write for a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restarted_mid_rollout_converges_without_duplicates_or_lost_capacity() {
+    let client = admin().await;
+    install_crd().await;
+    let ns = TestNamespace::create(&client, "e2e-restart").await;
+    let n = ns.name.as_str();
+    let mut first = Operator::start_with_lease(n, "kiln-operator-e2e-restart", "-a").await;
+    let mut md = cpu_md(n, "restart", 2);
+    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    apply_json(&client, n, &md).await.expect("apply md");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
+    let ready = |d: &Deployment| d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    wait_for("2 ready replicas", Duration::from_secs(120), || async {
+        let d = deployments.get("restart-cpu").await.map_err(|e| e.to_string())?;
+        if ready(&d) == 2 { Ok(()) } else { Err(format!("{} ready", ready(&d))) }
+    })
+    .await;
+    let generation = deployments.get("restart-cpu").await.unwrap().metadata.generation;
+
+    // Sample the ready count all through the rollout.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (deployments, sampling) = (deployments.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut lowest = i32::MAX;
+            let mut samples = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(d) = deployments.get("restart-cpu").await {
+                    lowest = lowest.min(d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0));
+                    samples += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (lowest, samples)
+        })
+    };
+
+    // A change to the served manifest rolls the pool; the operator is killed as soon as it has
+    // applied it, and a new one (a new process, the same Lease once it expires) takes over.
+    md["spec"]["warmup"]["iterations"] = json!(3);
+    apply_json(&client, n, &md).await.expect("change warmup");
+    wait_for("the rollout started", Duration::from_secs(60), || async {
+        let g = deployments.get("restart-cpu").await.map_err(|e| e.to_string())?.metadata.generation;
+        if g > generation { Ok(()) } else { Err(format!("generation {g:?}")) }
+    })
+    .await;
+    first.stop();
+    let second = Operator::start_with_lease(n, "kiln-operator-e2e-restart", "-b").await;
+    let converged = wait_for("converged under the new operator", Duration::from_secs(150), || async {
+        let d = deployments.get("restart-cpu").await.map_err(|e| e.to_string())?;
+        let s = d.status.clone().unwrap_or_default();
+        let st = md_status(&client, n, "restart").await;
+        let ready_md = condition(&st, "Ready").is_some_and(|c| c["status"] == "True");
+        let observed = st["observedGeneration"] == json!(md_generation(&client, n, "restart").await);
+        if s.updated_replicas == Some(2)
+            && s.ready_replicas == Some(2)
+            && s.replicas == Some(2)
+            && ready_md
+            && observed
+        {
+            Ok(d)
+        } else {
+            Err(format!("{s:?}, md Ready {ready_md}, observed {observed}"))
+        }
+    })
+    .await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (lowest, samples) = sampler.await.unwrap();
+    assert!(samples > 10, "too few samples ({samples})");
+    assert!(lowest >= 2, "ready replicas dropped to {lowest} during the rollout");
+    assert!(converged.metadata.generation > generation);
+
+    // Exactly one of each child.
+    let selector = ListParams::default().labels("kiln.dev/modeldeployment=restart");
+    let count_d = deployments.list(&selector).await.unwrap().items.len();
+    let services: Api<Service> = Api::namespaced(client.clone(), n);
+    let count_s = services.list(&selector).await.unwrap().items.len();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), n);
+    let count_c = config_maps.list(&selector).await.unwrap().items.len();
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), n);
+    let count_p = pdbs.list(&selector).await.unwrap().items.len();
+    assert_eq!(
+        (count_d, count_s, count_c, count_p),
+        (1, 1, 1, 1),
+        "duplicates: deployments, services, configmaps, pdbs"
+    );
+
+    // No writes on the converged state: every resourceVersion holds for a minute.
+    let versions = || async {
+        let mut v = vec![md_resource_version(&client, n, "restart").await];
+        v.extend(deployments.list(&selector).await.unwrap().items.iter().map(|o| o.resource_version()));
+        v.extend(services.list(&selector).await.unwrap().items.iter().map(|o| o.resource_version()));
+        v.extend(config_maps.list(&selector).await.unwrap().items.iter().map(|o| o.resource_version()));
+        v.extend(pdbs.list(&selector).await.unwrap().items.iter().map(|o| o.resource_version()));
+        v
+    };
+    let before = versions().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(versions().await, before, "something was written on a steady state");
+    assert!(second.logs().contains("took over the leader lease"), "{}", second.logs());
+}
+
+async fn md_generation(client: &Client, ns: &str, name: &str) -> Option<i64> {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    api.get(name).await.ok().and_then(|m| m.metadata.generation)
+}
+
+async fn md_resource_version(client: &Client, ns: &str, name: &str) -> Option<String> {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    api.get(name).await.ok().and_then(|m| m.metadata.resource_version)
+}
+
+/// The operator skips a write when the live object already holds every desired field. That
+/// only works if what it builds reads back unchanged from the API server (no field the server
+/// drops, like `readOnly: false`, no quantity it rewrites, like `818.5Mi`). Every object built
+/// for every sample goes through a server-side dry-run apply and must come back a superset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_built_object_reads_back_from_the_api_server_as_applied() {
+    use kiln_operator::reconcile::is_subset;
+    use kiln_operator::resources::{
+        OperatorSettings, config_map, deployment, hpa, pdb, pool_manifest, service,
+    };
+    let client = admin().await;
+    install_crd().await;
+    let ns = TestNamespace::create(&client, "e2e-readback").await;
+    let n = ns.name.as_str();
+    let settings = OperatorSettings::default();
+    let mut checked = 0;
+    for sample in ["embeddings-cpu.yaml", "embeddings-ab-gpu.yaml", "textgen-pvc.yaml"] {
+        let text = std::fs::read_to_string(repo().join("config/samples").join(sample)).unwrap();
+        let mut md: ModelDeployment = serde_norway::from_str(&text).unwrap();
+        md.metadata.namespace = Some(n.to_string());
+        md.metadata.uid = Some("0b5e1f2c-7c1e-4d7a-9f00-000000000001".into());
+        for pool in &md.spec.pools {
+            let manifest = pool_manifest(&md, pool).unwrap();
+            let mut objects = vec![
+                (json!(config_map(&md, pool, &manifest)), "v1", "ConfigMap"),
+                (json!(deployment(&md, pool, &manifest, &settings)), "apps/v1", "Deployment"),
+                (json!(service(&md, pool)), "v1", "Service"),
+            ];
+            objects.extend(pdb(&md, pool).map(|o| (json!(o), "policy/v1", "PodDisruptionBudget")));
+            objects.extend(hpa(&md, pool).map(|o| (json!(o), "autoscaling/v2", "HorizontalPodAutoscaler")));
+            for (mut desired, api_version, kind) in objects {
+                desired["apiVersion"] = json!(api_version);
+                desired["kind"] = json!(kind);
+                let gvk = kube::api::GroupVersionKind::gvk(
+                    api_version.split_once('/').map_or("", |(g, _)| g),
+                    api_version.rsplit('/').next().unwrap(),
+                    kind,
+                );
+                let resource = kube::api::ApiResource::from_gvk(&gvk);
+                let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), n, &resource);
+                let name = desired["metadata"]["name"].as_str().unwrap().to_string();
+                let params = PatchParams::apply("kiln-operator").force().dry_run();
+                let stored = api.patch(&name, &params, &Patch::Apply(&desired)).await.unwrap_or_else(|e| {
+                    panic!("{sample}: dry-run apply of {kind} {name}: {e}");
+                });
+                let stored = serde_json::to_value(stored).unwrap();
+                assert!(
+                    is_subset(&desired, &stored),
+                    "{sample}: {kind} {name} reads back differently:\n{}",
+                    diff(&desired, &stored, "")
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 12, "only {checked} objects checked");
+}
+
+/// The first paths where `desired` is not contained in `live`, for a readable failure.
+fn diff(desired: &Value, live: &Value, path: &str) -> String {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match l.get(k) {
+                None => format!("{path}.{k}: missing, wanted {v}\n"),
+                Some(lv) => diff(v, lv, &format!("{path}.{k}")),
+            })
+            .collect(),
+        (Value::Array(d), Value::Array(l)) if d.len() == l.len() => {
+            d.iter().zip(l).enumerate().map(|(i, (a, b))| diff(a, b, &format!("{path}[{i}]"))).collect()
+        }
+        (d, l) if d == l => String::new(),
+        (d, l) => format!("{path}: wanted {d}, stored {l}\n"),
+    }
 }
