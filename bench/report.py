@@ -67,6 +67,25 @@ def main():
         fmt = lambda v: '-' if v is None else f'{v:.1f}' if isinstance(v, (int, float)) else str(v)  # noqa: E731
         print(f'| {name:40} | {fmt(k):>10} | {fmt(b):>10} | {ratio(k, b, lower_better):>7} |')
 
+    cl = load(os.path.join(out, 'cluster.json'))
+    if cl:
+        print(f'\nOperator on the local control plane ({cl["mds"]} ModelDeployments)')
+        print(f'| {"measure":52} | {"value":>10} | {"target":>8} |')
+        print(f'|{"-" * 54}|{"-" * 12}|{"-" * 10}|')
+        per = (cl['writes_during_unchanged_reconciles'] / cl['unchanged_reconciles']
+               if cl.get('unchanged_reconciles') else None)
+        for name, v, target in (
+                ('dev cluster up, binaries cached, s', cl.get('dev_cluster_up_s'), ''),
+                ('kubectl apply of all resources, s', cl.get('apply_s'), ''),
+                ('all reconciled (observedGeneration), s', cl.get('all_reconciled_s'), ''),
+                ('all Ready (pods scheduled and Ready), s', cl.get('all_ready_s'), '60'),
+                ('operator RSS at steady state, MiB', cl.get('operator_rss_mib'), '100'),
+                ('operator peak RSS, MiB', cl.get('operator_peak_rss_mib'), '100'),
+                ('unchanged reconciles after a restart', cl.get('unchanged_reconciles'), ''),
+                ('API writes per unchanged reconcile', per, '0')):
+            val = '-' if v is None else f'{v:.2f}' if isinstance(v, float) else str(v)
+            print(f'| {name:52} | {val:>10} | {target:>8} |')
+
 
 if __name__ == '__main__':
     main()

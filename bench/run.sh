@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: Kiln and the Python stack people run today, side by side, in the same run.
 # Writes JSON under $OUT and prints the table that docs/benchmarks.md records.
-#   env: DURATION (wrk seconds per point, default 20), OUT (default target/bench), SKIP_BASELINE=1
+#   env: DURATION (wrk seconds per point, default 20), OUT (default target/bench), SKIP_BASELINE=1,
+#        SKIP_CLUSTER=1 (no operator-at-scale part), BENCH_MDS (default 1000)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -12,7 +13,7 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk 
 bash "$ROOT/scripts/fixtures.sh"
 
 echo "== building (release)"
-(cd "$ROOT" && cargo build --release --locked -p kiln-model-server --bin kiln-model-server)
+(cd "$ROOT" && cargo build --release --locked -p kiln-operator -p kiln-model-server)
 
 echo "== pull: kiln vs curl, local HTTP and S3 (moto)"
 bash "$ROOT/bench/pull.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$OUT"
@@ -28,5 +29,9 @@ python3 "$ROOT/bench/kiln_http.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/ki
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
   echo "== python baseline (sentence-transformers on torch, FastAPI/uvicorn)"
   OUT="$OUT/baseline" DURATION="${DURATION:-20}" bash "$SHARED/python-baseline/run.sh" all
+fi
+if [ "${SKIP_CLUSTER:-0}" != 1 ]; then
+  echo "== the operator at scale on the local control plane"
+  bash "$ROOT/bench/cluster.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-operator" "$OUT"
 fi
 python3 "$ROOT/bench/report.py" "$OUT"

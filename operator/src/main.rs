@@ -46,6 +46,12 @@ struct Args {
     /// Reconcile only while holding a Lease, so several replicas can run (false: always lead).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
+    /// Reconciles running at once (across resources; one resource is never reconciled twice at once).
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Milliseconds to wait for more events about a resource before reconciling it.
+    #[arg(long, default_value_t = 200)]
+    debounce_ms: u64,
     /// Name of the Lease replicas compete for.
     #[arg(long, default_value = "kiln-operator")]
     leader_election_id: String,
@@ -119,7 +125,14 @@ async fn main() -> anyhow::Result<()> {
     };
 
     tracing::info!(namespace = %if args.namespace.is_empty() { "<all>" } else { &args.namespace }, "starting controller");
+    // Bounded concurrency: a burst of thousands of resources otherwise starts thousands of
+    // reconciles at once, which only contend for the API server and hold memory. The debounce
+    // folds the bursts of child events during a rollout into one reconcile.
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(args.concurrency)
+        .debounce(Duration::from_millis(args.debounce_ms));
     let controller = Controller::new(mds, watcher::Config::default())
+        .with_config(config)
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(config_maps, owned.clone())

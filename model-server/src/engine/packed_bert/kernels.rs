@@ -54,6 +54,78 @@ pub fn softmax(x: &mut [f32], n: usize, isa: Isa) {
     }
 }
 
+/// Where one (input, head) of attention reads and writes: Q, K and V rows of `d` floats start at
+/// `q`, `k` and `v` in the packed QKV matrix, `stride` apart; output rows start at `out`,
+/// `out_stride` apart.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadView {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub stride: usize,
+    pub out_stride: usize,
+    pub n: usize,
+    pub d: usize,
+}
+
+/// `out_i = Σ_j softmax_j(q_i·k_j) v_j` for one (input, head), computed directly (the 1/√d
+/// scale is folded into Wq). For a few dozen tokens this beats two GEMM calls, whose setup
+/// costs more than the arithmetic. `scores` holds at least n×n floats.
+///
+/// # Safety
+/// `out` must be valid for writes of the `n` rows of `d` floats that `h` describes, and no
+/// other thread may access them meanwhile.
+pub unsafe fn small_attention(qkv: &[f32], h: HeadView, scores: &mut [f32], out: *mut f32, isa: Isa) {
+    match isa {
+        // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2::small_attention(qkv, h, scores, out) },
+        // SAFETY: forwarded from the caller.
+        _ => unsafe { small_attention_body(qkv, h, scores, out, Isa::Scalar) },
+    }
+}
+
+/// Eight independent partial sums, so the loop vectorises without reordering a reduction.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Inlined into each ISA's entry point, so the loops are compiled for that ISA.
+///
+/// # Safety
+/// As [`small_attention`].
+#[inline(always)]
+unsafe fn small_attention_body(qkv: &[f32], h: HeadView, scores: &mut [f32], out: *mut f32, isa: Isa) {
+    let (n, d) = (h.n, h.d);
+    let scores = &mut scores[..n * n];
+    for i in 0..n {
+        let qi = &qkv[h.q + i * h.stride..][..d];
+        for j in 0..n {
+            scores[i * n + j] = dot(qi, &qkv[h.k + j * h.stride..][..d]);
+        }
+    }
+    softmax(scores, n, isa);
+    for i in 0..n {
+        // SAFETY: row i of this head's output block, exclusively ours per the contract.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * h.out_stride), d) };
+        o.fill(0.0);
+        for (j, &p) in scores[i * n..(i + 1) * n].iter().enumerate() {
+            for (oc, vc) in o.iter_mut().zip(&qkv[h.v + j * h.stride..][..d]) {
+                *oc += p * vc;
+            }
+        }
+    }
+}
+
 /// `x[r] = LayerNorm(x[r] + bias)` for every row `r` (rows of `bias.len()`). The residual is
 /// already in `x`: the matmul before it accumulated onto the layer's input.
 pub fn bias_layer_norm(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32, isa: Isa) {
@@ -256,6 +328,14 @@ mod avx2 {
                 *v = scalar::gelu(*v + b);
             }
         }
+    }
+
+    /// # Safety
+    /// As [`super::small_attention`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn small_attention(qkv: &[f32], h: super::HeadView, scores: &mut [f32], out: *mut f32) {
+        // SAFETY: forwarded from the caller; this function has the features Avx2Fma needs.
+        unsafe { super::small_attention_body(qkv, h, scores, out, super::Isa::Avx2Fma) }
     }
 
     #[target_feature(enable = "avx2,fma")]

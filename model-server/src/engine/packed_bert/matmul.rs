@@ -164,6 +164,16 @@ impl SharedOut {
         // SAFETY: forwarded from the caller.
         unsafe { gemm_raw(self.ptr, self.len, dv, a, b, accumulate, 1) }
     }
+
+    /// A pointer to element `offset`, for a kernel that writes rows itself.
+    ///
+    /// # Safety
+    /// As [`SharedOut::gemm`], for the elements the kernel writes; `offset` must be in bounds.
+    pub unsafe fn at(&self, offset: usize) -> *mut f32 {
+        debug_assert!(offset < self.len);
+        // SAFETY: in bounds per the caller.
+        unsafe { self.ptr.add(offset) }
+    }
 }
 
 // SAFETY: a `SharedOut` is only written through `gemm`, whose callers guarantee that concurrent
