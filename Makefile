@@ -60,10 +60,10 @@ build: ## release binaries
 
 .PHONY: images
 images: build ## container images of both binaries, pulling nothing: OCI archives in target/images (and docker images where a daemon runs)
-	@docker_flag=""; if docker info >/dev/null 2>&1; then docker_flag=--docker; fi; \
+	@mkdir -p target/images; docker_flag=""; if docker info >/dev/null 2>&1; then docker_flag=--docker; fi; \
 	for bin in kiln-operator kiln-model-server; do \
 	  python3 scripts/image.py "$(CARGO_TARGET_DIR)/release/$$bin" "$$bin" 0.1.0 target/images $$docker_flag \
-	    | python3 -c 'import json,sys; i=json.load(sys.stdin); print(f"{i[\"image\"]}: {i[\"archive\"]}, {i[\"compressed_bytes\"]/2**20:.1f} MiB compressed, {i[\"uncompressed_bytes\"]/2**20:.1f} MiB unpacked")'; \
+	    >"target/images/$$bin.json"; \
 	done
 
 .PHONY: image-check

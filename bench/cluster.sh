@@ -141,9 +141,10 @@ reconciles_now() {
   bash "$cluster" exec -- curl -sf http://127.0.0.1:18091/metrics \
     | awk '/^kiln_operator_reconciles_total/ { s += $2 } END { print int(s) }'
 }
-# First let the operator finish what it has queued: no reconcile for 10 s.
+# First let the operator finish what it has queued: no reconcile for 10 s (at most a minute;
+# resyncs of 1,000 resources may never leave it fully idle).
 last=-1
-for _ in $(seq 60); do
+for _ in $(seq 6); do
   now_n="$(reconciles_now)"
   [[ "$now_n" == "$last" ]] && break
   last="$now_n"

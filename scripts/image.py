@@ -164,6 +164,8 @@ def main():
         docker_build(root, dockerfile, name, tag, repo)
     print(json.dumps({'image': f'{name}:{tag}', 'archive': archive, 'compressed_bytes': compressed,
                       'uncompressed_bytes': len(layer), 'files': sorted(p for p, _, _ in files)}))
+    print(f'{name}:{tag}: {archive}, {compressed / 2**20:.1f} MiB compressed, '
+          f'{len(layer) / 2**20:.1f} MiB unpacked, {len(files)} files', file=sys.stderr)
 
 
 if __name__ == '__main__':
