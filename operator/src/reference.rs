@@ -55,6 +55,16 @@ fn walk(
         escape(&constraints(node)),
         escape(node["description"].as_str().unwrap_or_default()),
     ));
+    fields(node, path, out, rules);
+    // Array items document their fields under `path[]`; no row for the items object itself,
+    // which would only repeat the array's.
+    if node["items"]["properties"].is_object() {
+        fields(&node["items"], &format!("{path}[]"), out, rules);
+    }
+}
+
+/// The CEL rules on `node` and a row for each of its properties (and theirs, recursively).
+fn fields(node: &Value, path: &str, out: &mut String, rules: &mut Vec<(String, String, String)>) {
     for v in node["x-kubernetes-validations"].as_array().into_iter().flatten() {
         rules.push((
             path.to_string(),
@@ -62,32 +72,10 @@ fn walk(
             v["message"].as_str().unwrap_or_default().to_string(),
         ));
     }
-    let required_fields: Vec<&str> =
+    let required: Vec<&str> =
         node["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    if let Some(props) = node["properties"].as_object() {
-        for (name, child) in props {
-            walk(child, &format!("{path}.{name}"), required_fields.contains(&name.as_str()), out, rules);
-        }
-    }
-    let items = &node["items"];
-    if items.is_object() {
-        // Array items document their fields under `path[]`; the row for the items object itself
-        // is skipped when it only repeats the array.
-        let item_path = format!("{path}[]");
-        if items["properties"].is_object() {
-            for v in items["x-kubernetes-validations"].as_array().into_iter().flatten() {
-                rules.push((
-                    item_path.clone(),
-                    v["rule"].as_str().unwrap_or_default().to_string(),
-                    v["message"].as_str().unwrap_or_default().to_string(),
-                ));
-            }
-            let req: Vec<&str> =
-                items["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-            for (name, child) in items["properties"].as_object().into_iter().flatten() {
-                walk(child, &format!("{item_path}.{name}"), req.contains(&name.as_str()), out, rules);
-            }
-        }
+    for (name, child) in node["properties"].as_object().into_iter().flatten() {
+        walk(child, &format!("{path}.{name}"), required.contains(&name.as_str()), out, rules);
     }
 }
 
