@@ -1089,11 +1089,7 @@ class PodWorker(threading.Thread):
                     if k in ctr.probes:
                         ctr.probes[k].next_due = now + ctr.probes[k].initial_delay
             else:
-                p.failures += 1
-                if p.failures == 1 or p.failures >= p.failure_threshold:
-                    self.event(ctr, "Warning", "Unhealthy", f"Startup probe failed: {detail}")
-                if p.failures >= p.failure_threshold:
-                    self.kill_ctr(ctr, now, self.probe_grace(p), f"failed startup probe {p.failures} times ({detail})")
+                self.restarting_probe_failed(ctr, p, now, "startup", detail)
             return
         if "readiness" in ctr.probes:
             p, res = poll("readiness")
@@ -1120,11 +1116,16 @@ class PodWorker(threading.Thread):
                 if ok:
                     p.failures = 0
                 else:
-                    p.failures += 1
-                    if p.failures == 1 or p.failures >= p.failure_threshold:
-                        self.event(ctr, "Warning", "Unhealthy", f"Liveness probe failed: {detail}")
-                    if p.failures >= p.failure_threshold:
-                        self.kill_ctr(ctr, now, self.probe_grace(p), f"failed liveness probe {p.failures} times ({detail})")
+                    self.restarting_probe_failed(ctr, p, now, "liveness", detail)
+
+    def restarting_probe_failed(self, ctr, p, now, kind, detail):
+        """A startup or liveness failure: an event on the first and at the threshold, where the
+        container is killed (and restarted by its policy)."""
+        p.failures += 1
+        if p.failures == 1 or p.failures >= p.failure_threshold:
+            self.event(ctr, "Warning", "Unhealthy", f"{kind.capitalize()} probe failed: {detail}")
+        if p.failures >= p.failure_threshold:
+            self.kill_ctr(ctr, now, self.probe_grace(p), f"failed {kind} probe {p.failures} times ({detail})")
 
     def probe_grace(self, probe):
         g = probe.grace if probe.grace is not None else self.pod["spec"].get("terminationGracePeriodSeconds", 30)

@@ -66,10 +66,28 @@ fn cpu_md(ns: &str, name: &str, replicas: i32) -> Value {
     })
 }
 
+/// `cpu_md` on the simulated CPU pool (kwok), for tests about the operator rather than the server.
+fn sim_md(ns: &str, name: &str, replicas: i32) -> Value {
+    let mut md = cpu_md(ns, name, replicas);
+    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    md
+}
+
 async fn md_status(client: &Client, ns: &str, name: &str) -> Value {
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
     let md = api.get(name).await.expect("get md");
     serde_json::to_value(md.status).unwrap_or(Value::Null)
+}
+
+async fn wait_md_ready(client: &Client, ns: &str, name: &str, timeout: Duration) {
+    wait_for(&format!("md/{name} Ready=True"), timeout, || async {
+        let s = md_status(client, ns, name).await;
+        match condition(&s, "Ready") {
+            Some(c) if c["status"] == "True" => Ok(()),
+            _ => Err(s.to_string()),
+        }
+    })
+    .await;
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
@@ -255,14 +273,7 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
     assert_eq!(dims, Some(384), "{resp}");
 
     // Status tells the truth, and kubectl reads it.
-    wait_for("md Ready=True", Duration::from_secs(60), || async {
-        let s = md_status(&client, n, "embeddings").await;
-        match condition(&s, "Ready") {
-            Some(c) if c["status"] == "True" => Ok(()),
-            _ => Err(s.to_string()),
-        }
-    })
-    .await;
+    wait_md_ready(&client, n, "embeddings", Duration::from_secs(60)).await;
     kubectl(&["wait", "-n", n, "--for=condition=Ready", "md/embeddings", "--timeout=30s"])
         .expect("kubectl wait");
     let table = kubectl(&["get", "md", "-n", n]).unwrap();
@@ -463,8 +474,7 @@ async fn two_operator_replicas_elect_one_leader_and_the_standby_takes_over() {
     let lease = "kiln-operator-e2e-ha";
     let mut first = Operator::start_with_lease(n, lease, "-a").await;
     let second = Operator::start_with_lease(n, lease, "-b").await;
-    let mut md = cpu_md(n, "ha", 1);
-    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    let mut md = sim_md(n, "ha", 1);
     apply_json(&client, n, &md).await.expect("apply md");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
     wait_for("the leader's Deployment", Duration::from_secs(60), || async {
@@ -547,17 +557,9 @@ async fn the_helm_chart_installs_an_operator_that_works_under_its_own_rbac() {
 
     // The operator pods authenticate as the chart's ServiceAccount: a ModelDeployment in the
     // watched namespace is reconciled and becomes Ready.
-    let mut md = cpu_md(n, "helm", 1);
-    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    let md = sim_md(n, "helm", 1);
     apply_json(&client, n, &md).await.expect("apply md");
-    wait_for("md/helm Ready under the chart's operator", Duration::from_secs(120), || async {
-        let s = md_status(&client, n, "helm").await;
-        match condition(&s, "Ready") {
-            Some(c) if c["status"] == "True" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_md_ready(&client, n, "helm", Duration::from_secs(120)).await;
     let pool: Api<Deployment> = Api::namespaced(client.clone(), n);
     let generation = pool.get("helm-cpu").await.unwrap().metadata.generation;
 
@@ -624,8 +626,7 @@ async fn an_operator_restarted_mid_rollout_converges_without_duplicates_or_lost_
     let ns = TestNamespace::create(&client, "e2e-restart").await;
     let n = ns.name.as_str();
     let mut first = Operator::start_with_lease(n, "kiln-operator-e2e-restart", "-a").await;
-    let mut md = cpu_md(n, "restart", 2);
-    md["spec"]["pools"][0]["nodeSelector"] = json!({"kiln.dev/pool": "cpu-sim"});
+    let mut md = sim_md(n, "restart", 2);
     apply_json(&client, n, &md).await.expect("apply md");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
     let ready = |d: &Deployment| d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
@@ -752,16 +753,17 @@ async fn every_built_object_reads_back_from_the_api_server_as_applied() {
         md.metadata.uid = Some("0b5e1f2c-7c1e-4d7a-9f00-000000000001".into());
         for pool in &md.spec.pools {
             let manifest = pool_manifest(&md, pool).unwrap();
+            // k8s-openapi serializes apiVersion and kind, so each object names its own API.
             let mut objects = vec![
-                (json!(config_map(&md, pool, &manifest)), "v1", "ConfigMap"),
-                (json!(deployment(&md, pool, &manifest, &settings)), "apps/v1", "Deployment"),
-                (json!(service(&md, pool)), "v1", "Service"),
+                json!(config_map(&md, pool, &manifest)),
+                json!(deployment(&md, pool, &manifest, &settings)),
+                json!(service(&md, pool)),
             ];
-            objects.extend(pdb(&md, pool).map(|o| (json!(o), "policy/v1", "PodDisruptionBudget")));
-            objects.extend(hpa(&md, pool).map(|o| (json!(o), "autoscaling/v2", "HorizontalPodAutoscaler")));
-            for (mut desired, api_version, kind) in objects {
-                desired["apiVersion"] = json!(api_version);
-                desired["kind"] = json!(kind);
+            objects.extend(pdb(&md, pool).map(|o| json!(o)));
+            objects.extend(hpa(&md, pool).map(|o| json!(o)));
+            for desired in objects {
+                let (api_version, kind) =
+                    (desired["apiVersion"].as_str().unwrap(), desired["kind"].as_str().unwrap());
                 let gvk = kube::api::GroupVersionKind::gvk(
                     api_version.split_once('/').map_or("", |(g, _)| g),
                     api_version.rsplit('/').next().unwrap(),
