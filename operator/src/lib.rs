@@ -1,6 +1,7 @@
 //! Kiln's operator: `ModelDeployment` → per-pool model-server Deployments, Services, manifests,
 //! PodDisruptionBudgets and queue-depth HPAs.
 
+pub mod cache;
 pub mod crd;
 pub mod leader;
 pub mod metrics;

@@ -7,16 +7,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kiln_operator::cache::{Caches, Watches};
 use kiln_operator::crd::ModelDeployment;
 use kiln_operator::leader::LeaderElector;
 use kiln_operator::metrics::OperatorMetrics;
 use kiln_operator::reconcile::{Context, error_policy, reconcile};
-use kiln_operator::resources::{FIELD_MANAGER, LABEL_MD, OperatorSettings};
+use kiln_operator::resources::{FIELD_MANAGER, OperatorSettings};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
@@ -76,8 +73,19 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
     let metrics = Arc::new(OperatorMetrics::new()?);
+    let (mds, children) = if args.namespace.is_empty() {
+        (Api::<ModelDeployment>::all(client.clone()), None)
+    } else {
+        (Api::<ModelDeployment>::namespaced(client.clone(), &args.namespace), Some(args.namespace.clone()))
+    };
+    // One label-selected watch per kind we own (only our children: small in a busy cluster)
+    // fills a cache the reconciler reads and triggers reconciles of the owner.
+    let (caches, watches) = Caches::watch(&client, children.as_deref());
+    let Watches { deployments, services, config_maps, pdbs, hpas, pods } = watches;
+
     let ctx = Arc::new(Context {
         client: client.clone(),
+        caches,
         settings: OperatorSettings {
             model_server_image: args.model_server_image,
             memory_headroom_bytes: args.memory_headroom_mib << 20,
@@ -88,19 +96,6 @@ async fn main() -> anyhow::Result<()> {
             Reporter { controller: FIELD_MANAGER.into(), instance: None },
         ),
     });
-
-    let (mds, children) = if args.namespace.is_empty() {
-        (Api::<ModelDeployment>::all(client.clone()), None)
-    } else {
-        (Api::<ModelDeployment>::namespaced(client.clone(), &args.namespace), Some(args.namespace.clone()))
-    };
-    let deployments: Api<Deployment> = scoped(&client, children.as_deref());
-    let services: Api<Service> = scoped(&client, children.as_deref());
-    let config_maps: Api<ConfigMap> = scoped(&client, children.as_deref());
-    let pdbs: Api<PodDisruptionBudget> = scoped(&client, children.as_deref());
-    let hpas: Api<HorizontalPodAutoscaler> = scoped(&client, children.as_deref());
-    // Only our children: the label keeps the watches small in a busy cluster.
-    let owned = watcher::Config::default().labels(LABEL_MD);
 
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = serve_metrics(args.metrics_addr, metrics, ready.clone()).await?;
@@ -124,6 +119,9 @@ async fn main() -> anyhow::Result<()> {
         futures::future::Either::Right(futures::future::pending::<()>())
     };
 
+    // Pods only feed their cache (their changes reach us through the Deployment's status); a
+    // task keeps that watch running once this replica leads.
+    let pod_watch = tokio::spawn(pods.for_each(|_| futures::future::ready(())));
     tracing::info!(namespace = %if args.namespace.is_empty() { "<all>" } else { &args.namespace }, "starting controller");
     // Bounded concurrency: a burst of thousands of resources otherwise starts thousands of
     // reconciles at once, which only contend for the API server and hold memory. The debounce
@@ -133,11 +131,11 @@ async fn main() -> anyhow::Result<()> {
         .debounce(Duration::from_millis(args.debounce_ms));
     let controller = Controller::new(mds, watcher::Config::default())
         .with_config(config)
-        .owns(deployments, owned.clone())
-        .owns(services, owned.clone())
-        .owns(config_maps, owned.clone())
-        .owns(pdbs, owned.clone())
-        .owns(hpas, owned)
+        .owns_stream(deployments)
+        .owns_stream(services)
+        .owns_stream(config_maps)
+        .owns_stream(pdbs)
+        .owns_stream(hpas)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -153,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     server.abort();
+    pod_watch.abort();
     tracing::info!("stopped");
     Ok(())
 }
@@ -184,16 +183,4 @@ async fn serve_metrics(
             tracing::error!(error = %e, "metrics server stopped");
         }
     }))
-}
-
-/// An API over one namespace, or over all of them.
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }

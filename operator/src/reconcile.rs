@@ -10,14 +10,17 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
+use crate::cache::{self, Caches};
 use crate::crd::{ModelDeployment, PoolSpec};
 use crate::metrics::OperatorMetrics;
 use crate::quantity::parse_bytes;
@@ -35,10 +38,14 @@ pub enum Error {
     Manifest(#[from] resources::ManifestError),
     #[error("resource has no namespace")]
     NoNamespace,
+    #[error("the watch caches stopped before their first listing")]
+    CachesGone,
 }
 
 pub struct Context {
     pub client: Client,
+    /// What the cluster holds of our children, from watches: reads never go to the API server.
+    pub caches: Caches,
     pub settings: OperatorSettings,
     pub metrics: Arc<OperatorMetrics>,
     pub recorder: Recorder,
@@ -58,19 +65,19 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
     }
 }
 
-/// Server-side apply `obj` unless the live object already matches it. Returns whether it wrote,
-/// and the object as the server now holds it (so callers need not read it again).
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<(bool, K), kube::Error>
+/// Server-side apply `obj` unless the cached live object already matches it. Returns whether it
+/// wrote, and the object as the server now holds it (the cache's copy when nothing was written).
+async fn apply<K>(api: &Api<K>, cached: &Store<K>, ns: &str, obj: &K) -> Result<(bool, K), kube::Error>
 where
     K: Resource<Scope = NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
-    K::DynamicType: Default,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
-    if let Some(live) = api.get_opt(&name).await? {
+    if let Some(live) = cache::get(cached, ns, &name) {
         let desired = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
-        let live_json = serde_json::to_value(&live).map_err(kube::Error::SerdeError)?;
+        let live_json = serde_json::to_value(&*live).map_err(kube::Error::SerdeError)?;
         if is_subset(&strip_meta(desired), &live_json) {
-            return Ok((false, live));
+            return Ok((false, (*live).clone()));
         }
     }
     let mut body = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
@@ -84,21 +91,34 @@ where
 /// Returns what was written, for the log and the event.
 async fn apply_or_remove<K>(
     api: &Api<K>,
+    cached: &Store<K>,
+    ns: &str,
     name: &str,
     desired: Option<K>,
 ) -> Result<Option<String>, kube::Error>
 where
     K: Resource<Scope = NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
-    K::DynamicType: Default,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let kind = K::kind(&K::DynamicType::default()).to_string();
     match desired {
-        Some(obj) => Ok(apply(api, &obj).await?.0.then_some(kind)),
-        None if api.get_opt(name).await?.is_some() => {
-            api.delete(name, &DeleteParams::default()).await?;
-            Ok(Some(format!("{kind} (deleted)")))
+        Some(obj) => Ok(apply(api, cached, ns, &obj).await?.0.then_some(kind)),
+        None if cache::get(cached, ns, name).is_some() => {
+            Ok(delete(api, name).await?.then(|| format!("{kind} (deleted)")))
         }
         None => Ok(None),
+    }
+}
+
+/// Delete `name`; one already gone (the cache may lag a deletion) is not an error.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -111,18 +131,24 @@ fn strip_meta(mut v: Value) -> Value {
     v
 }
 
-/// Delete objects labelled for this resource whose pool is no longer in the spec.
-async fn prune<K>(api: &Api<K>, md: &ModelDeployment, pools: &[String]) -> Result<Vec<String>, kube::Error>
+/// Delete cached objects labelled for this resource whose pool is no longer in the spec.
+async fn prune<K>(
+    api: &Api<K>,
+    cached: &Store<K>,
+    md: &ModelDeployment,
+    ns: &str,
+    pools: &[String],
+) -> Result<Vec<String>, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let lp = ListParams::default().labels(&format!("{LABEL_MD}={}", md.name_any()));
+    let name = md.name_any();
     let mut removed = Vec::new();
-    for obj in api.list(&lp).await? {
+    for obj in cache::labelled(cached, ns, &[(LABEL_MD, &name)]) {
         let pool = obj.labels().get(LABEL_POOL).cloned().unwrap_or_default();
         let owned = obj.owner_references().iter().any(|o| Some(&o.uid) == md.metadata.uid.as_ref());
-        if owned && !pools.contains(&pool) {
-            api.delete(&obj.name_any(), &DeleteParams::background()).await?;
+        if owned && !pools.contains(&pool) && delete(api, &obj.name_any()).await? {
             removed.push(obj.name_any());
         }
     }
@@ -167,83 +193,104 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
+/// The typed APIs of the kinds a pool is made of, in one namespace.
+struct PoolApis {
+    deployments: Api<Deployment>,
+    services: Api<Service>,
+    config_maps: Api<ConfigMap>,
+    pdbs: Api<PodDisruptionBudget>,
+    hpas: Api<HorizontalPodAutoscaler>,
+}
+
+/// One pool: apply what differs (when its models fit), then observe it from the caches.
+async fn reconcile_pool(
+    md: &ModelDeployment,
+    pool: &PoolSpec,
+    ctx: &Context,
+    apis: &PoolApis,
+    ns: &str,
+) -> Result<PoolObservation, Error> {
+    let caches = &ctx.caches;
+    let name = resources::pool_object_name(md, pool);
+    let fit = fit(md, pool, &ctx.settings);
+    // The Deployment as the server returned it, when this pass wrote it.
+    let mut deployment_seen = None;
+    if !fit.fits() {
+        // Leave running pods alone; status and an event say why.
+        tracing::warn!(required = fit.required, available = ?fit.available, "models do not fit the pool");
+        event(
+            ctx,
+            md,
+            EventType::Warning,
+            "InsufficientMemory",
+            format!("pool {} cannot hold {}", pool.name, pool.serve.join(", ")),
+        )
+        .await;
+    } else {
+        let manifest = pool_manifest(md, pool)?;
+        let mut wrote = Vec::new();
+        // The manifest first: pods of a new template must never start with the old manifest.
+        if apply(&apis.config_maps, &caches.config_maps, ns, &config_map(md, pool, &manifest)).await?.0 {
+            wrote.push("ConfigMap".to_string());
+        }
+        // The rest do not depend on one another: one round trip instead of four.
+        let desired = deployment(md, pool, &manifest, &ctx.settings);
+        let desired_service = service(md, pool);
+        let ((changed, live), service_changed, pdb_written, hpa_written) = futures::try_join!(
+            apply(&apis.deployments, &caches.deployments, ns, &desired),
+            apply(&apis.services, &caches.services, ns, &desired_service),
+            apply_or_remove(&apis.pdbs, &caches.pdbs, ns, &name, pdb(md, pool)),
+            apply_or_remove(&apis.hpas, &caches.hpas, ns, &name, hpa(md, pool)),
+        )?;
+        if changed {
+            wrote.push("Deployment".to_string());
+            deployment_seen = Some(live);
+        }
+        if service_changed.0 {
+            wrote.push("Service".to_string());
+        }
+        wrote.extend(pdb_written);
+        wrote.extend(hpa_written);
+        if !wrote.is_empty() {
+            tracing::info!(objects = ?wrote, "applied");
+            event(ctx, md, EventType::Normal, "Applied", format!("pool {}: {}", pool.name, wrote.join(", ")))
+                .await;
+        }
+    }
+    let selector = resources::selector_labels(md, pool);
+    let selector: Vec<(&str, &str)> = selector.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pods = cache::labelled(&caches.pods, ns, &selector).iter().map(|p| Pod::clone(p)).collect();
+    let deployment =
+        deployment_seen.or_else(|| cache::get(&caches.deployments, ns, &name).map(|d| (*d).clone()));
+    Ok(PoolObservation { deployment, pods, fit })
+}
+
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let ns = md.namespace().ok_or(Error::NoNamespace)?;
+    let caches = &ctx.caches;
+    caches.ready().await.map_err(|_| Error::CachesGone)?;
     let client = ctx.client.clone();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let apis = PoolApis {
+        deployments: Api::namespaced(client.clone(), &ns),
+        services: Api::namespaced(client.clone(), &ns),
+        config_maps: Api::namespaced(client.clone(), &ns),
+        pdbs: Api::namespaced(client.clone(), &ns),
+        hpas: Api::namespaced(client.clone(), &ns),
+    };
+    let PoolApis { deployments, services, config_maps, pdbs, hpas } = &apis;
 
     let mut observations = Vec::new();
     for pool in &md.spec.pools {
-        let name = resources::pool_object_name(md, pool);
-        let fit = fit(md, pool, &ctx.settings);
-        // The Deployment as applied, when this pass applied it; read below otherwise.
-        let mut deployment_seen = None;
         let span = tracing::info_span!("pool", pool = %pool.name);
-        let _enter = span.enter();
-        if !fit.fits() {
-            // Leave running pods alone; status and an event say why.
-            tracing::warn!(required = fit.required, available = ?fit.available, "models do not fit the pool");
-            event(
-                ctx,
-                md,
-                EventType::Warning,
-                "InsufficientMemory",
-                format!("pool {} cannot hold {}", pool.name, pool.serve.join(", ")),
-            )
-            .await;
-        } else {
-            let manifest = pool_manifest(md, pool)?;
-            let mut wrote = Vec::new();
-            if apply(&config_maps, &config_map(md, pool, &manifest)).await?.0 {
-                wrote.push("ConfigMap".to_string());
-            }
-            let (changed, live) =
-                apply(&deployments, &deployment(md, pool, &manifest, &ctx.settings)).await?;
-            if changed {
-                wrote.push("Deployment".to_string());
-            }
-            deployment_seen = Some(live);
-            if apply(&services, &service(md, pool)).await?.0 {
-                wrote.push("Service".to_string());
-            }
-            wrote.extend(apply_or_remove(&pdbs, &name, pdb(md, pool)).await?);
-            wrote.extend(apply_or_remove(&hpas, &name, hpa(md, pool)).await?);
-            if !wrote.is_empty() {
-                tracing::info!(objects = ?wrote, "applied");
-                event(
-                    ctx,
-                    md,
-                    EventType::Normal,
-                    "Applied",
-                    format!("pool {}: {}", pool.name, wrote.join(", ")),
-                )
-                .await;
-            }
-        }
-        let selector = resources::selector_labels(md, pool)
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods = pods_api.list(&ListParams::default().labels(&selector)).await?.items;
-        let deployment = match deployment_seen {
-            Some(d) => Some(d),
-            None => deployments.get_opt(&name).await?,
-        };
-        observations.push(PoolObservation { deployment, pods, fit });
+        observations.push(reconcile_pool(md, pool, ctx, &apis, &ns).instrument(span).await?);
     }
 
     let pools: Vec<String> = md.spec.pools.iter().map(|p| p.name.clone()).collect();
-    let mut removed = prune(&deployments, md, &pools).await?;
-    removed.extend(prune(&services, md, &pools).await?);
-    removed.extend(prune(&config_maps, md, &pools).await?);
-    removed.extend(prune(&pdbs, md, &pools).await?);
-    removed.extend(prune(&hpas, md, &pools).await?);
+    let mut removed = prune(deployments, &caches.deployments, md, &ns, &pools).await?;
+    removed.extend(prune(services, &caches.services, md, &ns, &pools).await?);
+    removed.extend(prune(config_maps, &caches.config_maps, md, &ns, &pools).await?);
+    removed.extend(prune(pdbs, &caches.pdbs, md, &ns, &pools).await?);
+    removed.extend(prune(hpas, &caches.hpas, md, &ns, &pools).await?);
     if !removed.is_empty() {
         event(ctx, md, EventType::Normal, "PoolRemoved", format!("deleted {}", removed.join(", "))).await;
     }

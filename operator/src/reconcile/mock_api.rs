@@ -17,6 +17,7 @@ use crate::resources::{
 };
 use crate::status;
 
+/// Every request as `METHOD path`, in order.
 type Writes = Arc<Mutex<Vec<String>>>;
 
 /// Serves GETs from `world` (404 when absent, empty lists for collections) and records the
@@ -32,6 +33,7 @@ fn mock_client(world: BTreeMap<String, Value>) -> (Client, Writes) {
             let path = request.uri().path().to_string();
             let method = request.method().clone();
             let (status, body) = if method == http::Method::GET {
+                log.lock().expect("requests").push(format!("GET {path}"));
                 match world.get(&path) {
                     Some(obj) => (StatusCode::OK, obj.clone()),
                     // A collection (list) request: nothing labelled ours beyond what is named.
@@ -116,10 +118,33 @@ fn steady_world(md: &mut ModelDeployment) -> BTreeMap<String, Value> {
     world
 }
 
+/// The watch caches as they would be after listing `world`.
+fn caches(world: &BTreeMap<String, Value>) -> Caches {
+    fn of<K: DeserializeOwned>(world: &BTreeMap<String, Value>, segment: &str) -> Vec<K> {
+        world
+            .iter()
+            .filter(|(path, _)| path.contains(segment))
+            .map(|(_, v)| serde_json::from_value(v.clone()).expect("typed object"))
+            .collect()
+    }
+    use crate::cache::testing::store;
+    Caches {
+        deployments: store(of(world, "/deployments/")),
+        services: store(of(world, "/services/")),
+        config_maps: store(of(world, "/configmaps/")),
+        pdbs: store(of(world, "/poddisruptionbudgets/")),
+        hpas: store(of(world, "/horizontalpodautoscalers/")),
+        pods: store(of(world, "/pods/")),
+    }
+}
+
+/// Reconciles once; returns the writes, after asserting that nothing was read from the server.
 async fn run(md: ModelDeployment, world: BTreeMap<String, Value>) -> Vec<String> {
+    let caches = caches(&world);
     let (client, writes) = mock_client(world);
     let ctx = Arc::new(Context {
         client: client.clone(),
+        caches,
         settings: settings(),
         metrics: Arc::new(OperatorMetrics::new().expect("metrics")),
         recorder: Recorder::new(
@@ -128,7 +153,48 @@ async fn run(md: ModelDeployment, world: BTreeMap<String, Value>) -> Vec<String>
         ),
     });
     reconcile(Arc::new(md), ctx).await.expect("reconcile");
-    writes.lock().expect("writes").clone()
+    let requests = writes.lock().expect("requests").clone();
+    let reads: Vec<&String> = requests.iter().filter(|r| r.starts_with("GET")).collect();
+    assert!(reads.is_empty(), "reads must come from the watch caches, not the API server: {reads:?}");
+    requests
+}
+
+#[tokio::test]
+async fn a_removed_pool_loses_its_objects_and_others_are_kept() {
+    let mut md = sample("embeddings-cpu.yaml");
+    let mut world = steady_world(&mut md);
+    // A second pool's objects exist, owned by this resource, but the spec no longer names it.
+    let uid = md.metadata.uid.clone().unwrap_or_default();
+    for (path, kind) in [
+        ("/apis/apps/v1/namespaces/ml/deployments/embeddings-old", "Deployment"),
+        ("/api/v1/namespaces/ml/services/embeddings-old", "Service"),
+    ] {
+        let api_version = if kind == "Deployment" { "apps/v1" } else { "v1" };
+        world.insert(
+            path.into(),
+            json!({"apiVersion": api_version, "kind": kind, "metadata": {
+                "name": "embeddings-old", "namespace": "ml",
+                "labels": {LABEL_MD: "embeddings", LABEL_POOL: "old"},
+                "ownerReferences": [{"apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment",
+                    "name": "embeddings", "uid": uid, "controller": true}]}}),
+        );
+    }
+    // And an object labelled alike but owned by someone else is left alone.
+    world.insert(
+        "/api/v1/namespaces/ml/configmaps/embeddings-old-manifest".into(),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+            "name": "embeddings-old-manifest", "namespace": "ml",
+            "labels": {LABEL_MD: "embeddings", LABEL_POOL: "old"}}}),
+    );
+    let writes = run(md, world).await;
+    let deletes: Vec<&String> = writes.iter().filter(|w| w.starts_with("DELETE")).collect();
+    assert_eq!(
+        deletes,
+        vec![
+            "DELETE /apis/apps/v1/namespaces/ml/deployments/embeddings-old",
+            "DELETE /api/v1/namespaces/ml/services/embeddings-old",
+        ]
+    );
 }
 
 #[tokio::test]
