@@ -226,6 +226,11 @@ pub struct AutoscalingSpec {
     /// Average requests waiting per pod that the HPA aims for.
     #[schemars(range(min = 1, max = 100000))]
     pub target_queue_depth: u32,
+    /// Seconds of lower recommendations the HPA waits for before removing pods (its
+    /// `behavior.scaleDown.stabilizationWindowSeconds`); unset, the cluster's default (300 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 3600))]
+    pub scale_down_stabilization_seconds: Option<u32>,
 }
 
 fn one() -> u32 {

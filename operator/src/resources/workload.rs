@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricIdentifier,
-    MetricSpec, MetricTarget, PodsMetricSource,
+    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
+    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
@@ -357,7 +357,13 @@ pub fn hpa(md: &ModelDeployment, pool: &PoolSpec) -> Option<HorizontalPodAutosca
                 }),
                 ..MetricSpec::default()
             }]),
-            behavior: None,
+            behavior: a.scale_down_stabilization_seconds.map(|seconds| HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(seconds as i32),
+                    ..HPAScalingRules::default()
+                }),
+                scale_up: None,
+            }),
         }),
         ..HorizontalPodAutoscaler::default()
     })
