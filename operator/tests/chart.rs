@@ -169,8 +169,29 @@ fn monitoring_renders_monitors_and_the_adapter_rule_for_queue_depth() {
     .unwrap();
     assert_eq!(one(&objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"], "metrics");
     let pm = one(&objects, "PodMonitor");
-    assert_eq!(pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "kiln-model-server");
     assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    // The PodMonitor must select the pods the operator's Deployments make, or the HPAs never
+    // see a metric (it once asked for a label only the Deployments carried).
+    let text = std::fs::read_to_string(repo().join("config/samples/embeddings-cpu.yaml")).unwrap();
+    let mut md: kiln_operator::crd::ModelDeployment = serde_norway::from_str(&text).unwrap();
+    md.metadata.namespace = Some("ml".into());
+    let pool = &md.spec.pools[0];
+    let manifest = kiln_operator::resources::pool_manifest(&md, pool).unwrap();
+    let d = kiln_operator::resources::deployment(&md, pool, &manifest, &Default::default());
+    let template = d.spec.unwrap().template;
+    let pod_labels = template.metadata.unwrap().labels.unwrap();
+    let selector = &pm["spec"]["selector"];
+    for (k, v) in selector["matchLabels"].as_object().unwrap() {
+        assert_eq!(pod_labels.get(k).map(String::as_str), v.as_str(), "pods lack {k}={v}: {pod_labels:?}");
+    }
+    for e in selector["matchExpressions"].as_array().into_iter().flatten() {
+        assert_eq!(e["operator"], "Exists", "{e}");
+        assert!(pod_labels.contains_key(e["key"].as_str().unwrap()), "pods lack {e}: {pod_labels:?}");
+    }
+    let port = pm["spec"]["podMetricsEndpoints"][0]["port"].as_str().unwrap();
+    let named: Vec<String> =
+        template.spec.unwrap().containers[0].ports.iter().flatten().filter_map(|p| p.name.clone()).collect();
+    assert!(named.iter().any(|n| n == port), "no container port named {port}: {named:?}");
     let rules = one(&objects, "ConfigMap")["data"]["config.yaml"].as_str().unwrap();
     assert!(rules.contains("seriesQuery: 'kiln_queue_depth{namespace!=\"\",pod!=\"\"}'"), "{rules}");
     assert!(rules.contains("as: \"kiln_queue_depth\""), "{rules}");
