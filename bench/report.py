@@ -86,6 +86,23 @@ def main():
             val = '-' if v is None else f'{v:.2f}' if isinstance(v, float) else str(v)
             print(f'| {name:52} | {val:>10} | {target:>8} |')
 
+    sc = load(os.path.join(out, 'autoscaling.json'))
+    if sc:
+        st = sc.get('settings', {})
+        print('\nAutoscaling on kiln_queue_depth (real pods, Prometheus, prometheus-adapter, HPA): '
+              + ', '.join(f'{k} {v}' for k, v in st.items()))
+        print(f'| {"measure":52} | {"value":>10} |')
+        print(f'|{"-" * 54}|{"-" * 12}|')
+        for name, key in (('load start to first new pod Ready, s', 'load_start_to_first_new_pod_ready_s'),
+                          ('load start to maxReplicas Ready, s', 'load_start_to_max_replicas_ready_s'),
+                          ('load end to back at minReplicas, s', 'load_end_to_min_replicas_s'),
+                          ('requests answered', 'requests_ok'),
+                          ('requests refused with 429 + Retry-After', 'requests_429'),
+                          ('requests failed (timeouts, errors)', 'requests_failed')):
+            v = sc.get(key)
+            val = '-' if v is None else f'{v:.1f}' if isinstance(v, float) else str(v)
+            print(f'| {name:52} | {val:>10} |')
+
 
 if __name__ == '__main__':
     main()

@@ -34,4 +34,10 @@ if [ "${SKIP_CLUSTER:-0}" != 1 ]; then
   echo "== the operator at scale on the local control plane"
   bash "$ROOT/bench/cluster.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-operator" "$OUT"
 fi
+if [ "${SKIP_AUTOSCALING:-0}" != 1 ]; then
+  # The e2e autoscaling test under real Prometheus and prometheus-adapter; it writes its
+  # timings (queue over target -> new pod Ready, load end -> back at minReplicas) to $OUT.
+  echo "== autoscaling on queue depth (e2e test, dev cluster with monitoring)"
+  (cd "$ROOT" && KILN_E2E_FIGURES="$OUT" bash e2e/run.sh autoscaling)
+fi
 python3 "$ROOT/bench/report.py" "$OUT"

@@ -17,7 +17,9 @@ export KILN_HELM
 cluster=e2e/cluster/dev-cluster.sh
 started=0
 if ! bash "$cluster" status >/dev/null 2>&1; then
-  bash "$cluster" up
+  # Monitoring (Prometheus, prometheus-adapter) for the autoscaling test; that test also adds
+  # it to a cluster started without it.
+  MONITORING=1 bash "$cluster" up
   started=1
 fi
 stop() { if [ "$started" = 1 ] && [ "${KILN_E2E_KEEP:-0}" != 1 ]; then bash "$cluster" down; fi; }

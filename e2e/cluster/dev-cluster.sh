@@ -8,6 +8,8 @@
 #   dev-cluster.sh exec -- CMD...  run CMD inside the cluster's network + mount namespace
 #   dev-cluster.sh spawn ns|host NAME -- CMD...  a background helper that `down` also stops
 #   dev-cluster.sh stages          regenerate e2e/cluster/stages/ from the cached kwok stages
+#   dev-cluster.sh monitoring      add Prometheus and prometheus-adapter to a running cluster
+#                                  (idempotent; `MONITORING=1 dev-cluster.sh up` does it at start)
 #
 # What runs (all inside one network namespace; docs/dev-cluster.md has the details):
 #   netns holder (unshare --net --mount), etcd 127.0.0.1:23790, kube-apiserver 127.0.0.1:16443,
@@ -27,6 +29,8 @@
 #   KILN_MODEL_SERVER_BIN            what pods on cpu-0 run for `kiln-model-server` (default
 #                                    ${CARGO_TARGET_DIR:-$KILN_CACHE/cargo-target}/debug/kiln-model-server)
 #   KILN_DEV_CLUSTER_KEEP_ON_FAILURE=1  leave processes running when `up` fails (for debugging)
+#   MONITORING=1                     also start Prometheus (127.0.0.1:19090 inside) and
+#                                    prometheus-adapter (custom.metrics.k8s.io) at `up`
 #   K8S_VERSION, KWOK_VERSION        as in build-control-plane.sh (defaults read from it)
 #
 # Needs root (unshare/nsenter/mount), iproute2, openssl, curl, kubectl, python3. No socat.
@@ -82,6 +86,11 @@ MODELS_HOST=models.ml.svc.cluster.local
 MODELS_IP=10.245.255.1
 HPA_SYNC="${KILN_HPA_SYNC_PERIOD:-5s}"
 HPA_DOWNSCALE="${KILN_HPA_DOWNSCALE_STABILIZATION:-30s}"
+MONITORING_SCRIPT="${SCRIPT_DIR}/build-monitoring.sh"
+PROMETHEUS_ADDR=127.0.0.1:19090
+ADAPTER_IP=10.245.0.2           # the aggregator dials the APIService's endpoint: not loopback
+ADAPTER_PORT=6443
+MONITORING_NS=kiln-monitoring
 
 # Started in this order; stopped in reverse.
 COMPONENTS=(netns etcd kube-apiserver kube-controller-manager kube-scheduler kwok bridge-ns bridge-host kubelet)
@@ -742,6 +751,7 @@ assert socket.gethostbyname(sys.argv[1]) == sys.argv[2], "private /etc/hosts not
   wait_for "API from the host via the bridge" 15 bridge-host \
     kubectl --kubeconfig "${KUBECONFIG_ADMIN}" --cache-dir "${STATE}/kubectl-cache" get --raw /readyz
   all_alive || die "a component exited during start-up (see '$0 status')"
+  if [[ "${MONITORING:-0}" == 1 ]]; then start_monitoring; fi
   trap - EXIT
 
   local c
@@ -758,6 +768,160 @@ assert socket.gethostbyname(sys.argv[1]) == sys.argv[2], "private /etc/hosts not
 
 # spawn ns|host NAME -- CMD...: a long-lived helper (the demo's operator, a model mirror) that
 # `down` stops with the cluster; logs to $LOGS/NAME.log.
+# --- monitoring: Prometheus + prometheus-adapter ---------------------------------------------
+# Prometheus discovers model-server pods through the API server (pod-discovery.py writes its
+# file_sd targets: Debian's build has no kubernetes_sd) and scrapes their real /metrics on
+# their pod IPs; the adapter serves custom.metrics.k8s.io from
+# it, with the rules the Helm chart ships (rendered from the chart, never copied), registered
+# through an APIService whose endpoint is the adapter's namespace-local address.
+prometheus_config() {
+  cat <<EOF
+# Written by dev-cluster.sh. Targets come from pod-discovery.py (the chart's PodMonitor
+# selection, read from the API server), since Debian's Prometheus has no kubernetes_sd.
+global:
+  scrape_interval: 2s
+  scrape_timeout: 1s
+  evaluation_interval: 2s
+scrape_configs:
+- job_name: kiln-model-servers
+  metrics_path: /metrics
+  file_sd_configs:
+  - files: ["${STATE}/monitoring/targets.json"]
+    refresh_interval: 5s
+EOF
+}
+
+monitoring_objects() {
+  cat <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: ${MONITORING_NS}
+---
+# Selector-less: the adapter is a process in the cluster's namespace, not a pod.
+apiVersion: v1
+kind: Service
+metadata:
+  name: prometheus-adapter
+  namespace: ${MONITORING_NS}
+spec:
+  ports:
+  - name: https
+    port: 443
+    targetPort: ${ADAPTER_PORT}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: prometheus-adapter
+  namespace: ${MONITORING_NS}
+  labels:
+    kubernetes.io/service-name: prometheus-adapter
+addressType: IPv4
+ports:
+- name: https
+  port: ${ADAPTER_PORT}
+  protocol: TCP
+endpoints:
+- addresses: ["${ADAPTER_IP}"]
+  conditions:
+    ready: true
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata:
+  name: v1beta1.custom.metrics.k8s.io
+spec:
+  group: custom.metrics.k8s.io
+  version: v1beta1
+  service:
+    name: prometheus-adapter
+    namespace: ${MONITORING_NS}
+    port: 443
+  # The adapter serves a self-signed certificate from its --cert-dir.
+  insecureSkipTLSVerify: true
+  groupPriorityMinimum: 100
+  versionPriority: 100
+EOF
+}
+
+start_monitoring() {
+  local t="${EPOCHREALTIME}" paths prom adapter helm
+  paths="$(bash "${MONITORING_SCRIPT}" 9>&-)" || die "could not build or fetch Prometheus and prometheus-adapter"
+  prom="$(sed -n 1p <<<"${paths}")"
+  adapter="$(sed -n 2p <<<"${paths}")"
+  helm="${KILN_HELM:-}"
+  [[ -n "${helm}" ]] || helm="$(bash "${REPO_ROOT}/scripts/helm.sh" 9>&-)" \
+    || die "helm is needed to render the chart's adapter rules"
+  mkdir -p "${STATE}/monitoring/adapter-certs"
+
+  prometheus_config >"${STATE}/monitoring/prometheus.yml"
+  # The adapter rules exactly as the chart ships them (prometheusAdapter.rules.enabled).
+  "${helm}" template kiln "${REPO_ROOT}/charts/kiln" --namespace "${MONITORING_NS}" \
+    --set prometheusAdapter.rules.enabled=true --show-only templates/monitoring.yaml \
+    >"${STATE}/monitoring/chart-monitoring.yaml" || die "helm template of charts/kiln failed"
+  python3 - "${STATE}/monitoring/chart-monitoring.yaml" "${STATE}/monitoring/adapter-rules.yaml" <<'PY' ||
+import sys
+# The chart's ConfigMap holds the adapter config as a literal block under data."config.yaml":
+# take that block and drop its indentation (no YAML library needed).
+lines = open(sys.argv[1]).read().splitlines()
+start = next(i for i, l in enumerate(lines) if l.strip() == "config.yaml: |")
+indent = len(lines[start + 1]) - len(lines[start + 1].lstrip())
+block = []
+for l in lines[start + 1:]:
+    if l.strip() and len(l) - len(l.lstrip()) < indent:
+        break
+    block.append(l[indent:])
+text = "\n".join(block).strip() + "\n"
+assert "kiln_queue_depth" in text, "no kiln_queue_depth rule in the chart's adapter config"
+open(sys.argv[2], "w").write(text)
+PY
+    die "could not find the adapter rules in the chart's rendered ConfigMap"
+
+  if ! component_alive pod-discovery; then
+    start_in_ns pod-discovery python3 "${SCRIPT_DIR}/pod-discovery.py" \
+      --kubeconfig "${KUBECONFIG_ADMIN}" --out "${STATE}/monitoring/targets.json"
+  fi
+  wait_for "pod discovery (first listing)" 30 pod-discovery test -f "${STATE}/monitoring/targets.json"
+  if ! component_alive prometheus; then
+    start_in_ns prometheus "${prom}" \
+      --config.file="${STATE}/monitoring/prometheus.yml" \
+      --storage.tsdb.path="${STATE}/monitoring/prometheus-data" \
+      --storage.tsdb.retention.time=2h \
+      --web.listen-address="${PROMETHEUS_ADDR}"
+  fi
+  wait_for "Prometheus on ${PROMETHEUS_ADDR}" 60 prometheus \
+    ns_exec curl -sf --max-time 2 "http://${PROMETHEUS_ADDR}/-/ready"
+
+  if ! component_alive prometheus-adapter; then
+    start_in_ns prometheus-adapter "${adapter}" \
+      --prometheus-url="http://${PROMETHEUS_ADDR}" \
+      --config="${STATE}/monitoring/adapter-rules.yaml" \
+      --metrics-relist-interval=5s \
+      --lister-kubeconfig="${KUBECONFIG_ADMIN}" \
+      --authentication-kubeconfig="${KUBECONFIG_ADMIN}" \
+      --authorization-kubeconfig="${KUBECONFIG_ADMIN}" \
+      --bind-address="${ADAPTER_IP}" \
+      --secure-port="${ADAPTER_PORT}" \
+      --cert-dir="${STATE}/monitoring/adapter-certs" \
+      --v=1
+  fi
+  wait_for "prometheus-adapter on ${ADAPTER_IP}:${ADAPTER_PORT}" 60 prometheus-adapter \
+    ns_exec curl -skf --max-time 2 "https://${ADAPTER_IP}:${ADAPTER_PORT}/healthz"
+  monitoring_objects | kubectl_ns apply -f - >/dev/null || die "could not register the adapter's APIService"
+  wait_for "APIService v1beta1.custom.metrics.k8s.io Available" 60 prometheus-adapter \
+    kubectl_ns wait --for=condition=Available apiservice/v1beta1.custom.metrics.k8s.io --timeout=2s
+  log "monitoring up ($(since "${t}") s): Prometheus http://${PROMETHEUS_ADDR} (inside), adapter https://${ADAPTER_IP}:${ADAPTER_PORT}; logs ${LOGS}/prometheus.log ${LOGS}/prometheus-adapter.log"
+}
+
+cmd_monitoring() {
+  take_lock
+  HOLDER="$(holder_pid)" || die "the dev cluster is not running (start it with: $0 up)"
+  start_monitoring
+  echo "Prometheus: http://${PROMETHEUS_ADDR} (inside the namespace: $0 exec -- curl ...)"
+  echo "custom metrics: kubectl get --raw /apis/custom.metrics.k8s.io/v1beta1/namespaces/NS/pods/*/kiln_queue_depth"
+}
+
 cmd_spawn() {
   local where="${1:-}" name="${2:-}"
   [[ "${where}" == ns || "${where}" == host ]] && [[ -n "${name}" ]] && [[ "${3:-}" == -- ]] \
@@ -835,6 +999,7 @@ case "${1:-}" in
   exec) shift; cmd_exec "$@" ;;
   spawn) shift; cmd_spawn "$@" ;;
   stages) shift; cmd_stages "$@" ;;
+  monitoring) shift; cmd_monitoring "$@" ;;
   -h | --help | help | "") usage ;;
   *) echo "unknown subcommand '$1'" >&2; usage ;;
 esac

@@ -17,6 +17,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
+mod autoscaling;
+
 /// A change that makes a valid resource invalid.
 type Mutation = Box<dyn Fn(&mut Value)>;
 
