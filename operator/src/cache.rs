@@ -35,27 +35,31 @@ pub struct Caches {
 /// A boxed stream of changed objects; polling it keeps its cache current.
 pub type Changes<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
 
-/// The watch streams that fill [`Caches`]. The owned kinds are handed to the controller as
-/// triggers (`owns_stream`), so each kind is watched once, for both purposes; pods only feed
-/// their cache (their changes reach us through the Deployment's status).
+/// What the controller is handed: each owned kind's changes (applied or deleted) as triggers,
+/// and the tasks that run the watches. The watches run on their own, not inside the
+/// controller's trigger stream: the controller stops polling its triggers while its
+/// reconciles are all busy, and a cache starved that way would never finish its first listing.
 pub struct Watches {
     pub deployments: Changes<Deployment>,
     pub services: Changes<Service>,
     pub config_maps: Changes<ConfigMap>,
     pub pdbs: Changes<PodDisruptionBudget>,
     pub hpas: Changes<HorizontalPodAutoscaler>,
-    pub pods: Changes<Pod>,
+    /// Futures that keep every cache current; spawn each of them.
+    pub drivers: Vec<futures::future::BoxFuture<'static, ()>>,
 }
 
 impl Caches {
     /// Caches over one namespace, or all of them, and the streams that fill them.
     pub fn watch(client: &Client, namespace: Option<&str>) -> (Caches, Watches) {
-        let (deployments, d) = cached(scoped(client, namespace));
-        let (services, s) = cached(scoped(client, namespace));
-        let (config_maps, c) = cached(scoped(client, namespace));
-        let (pdbs, p) = cached(scoped(client, namespace));
-        let (hpas, h) = cached(scoped(client, namespace));
-        let (pods, po) = cached_with(scoped(client, namespace), |pod: &mut Pod| {
+        let mut drivers = Vec::new();
+        let (deployments, d) = cached(scoped(client, namespace), &mut drivers);
+        let (services, s) = cached(scoped(client, namespace), &mut drivers);
+        let (config_maps, c) = cached(scoped(client, namespace), &mut drivers);
+        let (pdbs, p) = cached(scoped(client, namespace), &mut drivers);
+        let (hpas, h) = cached(scoped(client, namespace), &mut drivers);
+        // Pods only feed their cache (their changes reach us through the Deployment's status).
+        let (pods, _) = cached_with(scoped(client, namespace), &mut drivers, |pod: &mut Pod| {
             // Status reads only a pod's name, labels and status: the spec is most of its size.
             pod.spec = None;
             pod.metadata.annotations = None;
@@ -63,7 +67,7 @@ impl Caches {
         });
         (
             Caches { deployments, services, config_maps, pdbs, hpas, pods },
-            Watches { deployments: d, services: s, config_maps: c, pdbs: p, hpas: h, pods: po },
+            Watches { deployments: d, services: s, config_maps: c, pdbs: p, hpas: h, drivers },
         )
     }
 
@@ -100,16 +104,23 @@ where
     })
 }
 
-fn cached<K>(api: Api<K>) -> (Store<K>, Changes<K>)
+type Drivers = Vec<futures::future::BoxFuture<'static, ()>>;
+
+fn cached<K>(api: Api<K>, drivers: &mut Drivers) -> (Store<K>, Changes<K>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    cached_with(api, |_| {})
+    cached_with(api, drivers, |_| {})
 }
 
-/// A cache whose objects are trimmed by `trim` (and lose `managedFields`) before they are kept.
-fn cached_with<K>(api: Api<K>, trim: impl Fn(&mut K) + Send + 'static) -> (Store<K>, Changes<K>)
+/// A cache whose objects are trimmed by `trim` (and lose `managedFields`) before they are kept,
+/// the stream of its changes, and (pushed to `drivers`) the future that runs its watch.
+fn cached_with<K>(
+    api: Api<K>,
+    drivers: &mut Drivers,
+    trim: impl Fn(&mut K) + Send + 'static,
+) -> (Store<K>, Changes<K>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -117,7 +128,11 @@ where
     let writer: Writer<K> = Writer::default();
     let reader = writer.as_reader();
     let config = watcher::Config::default().labels(LABEL_MD);
-    let stream = reflector::reflector(
+    // Unbounded, so a busy controller never holds the watch back; the controller's scheduler
+    // drains it quickly (it keeps one entry per owner).
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let driver = reflector::reflector(
         writer,
         watcher(api, config).default_backoff().modify(move |o| {
             o.managed_fields_mut().clear();
@@ -125,8 +140,16 @@ where
         }),
     )
     .touched_objects()
-    .boxed();
-    (reader, stream)
+    .for_each(move |changed| {
+        match changed {
+            // Nobody listening (pods, or the controller gone at shutdown) is fine.
+            Ok(o) => drop(tx.unbounded_send(Ok(o))),
+            Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; retrying with backoff"),
+        }
+        futures::future::ready(())
+    });
+    drivers.push(futures::FutureExt::boxed(driver));
+    (reader, rx.boxed())
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>

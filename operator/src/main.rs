@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     // One label-selected watch per kind we own (only our children: small in a busy cluster)
     // fills a cache the reconciler reads and triggers reconciles of the owner.
     let (caches, watches) = Caches::watch(&client, children.as_deref());
-    let Watches { deployments, services, config_maps, pdbs, hpas, pods } = watches;
+    let Watches { deployments, services, config_maps, pdbs, hpas, drivers } = watches;
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -119,9 +119,11 @@ async fn main() -> anyhow::Result<()> {
         futures::future::Either::Right(futures::future::pending::<()>())
     };
 
-    // Pods only feed their cache (their changes reach us through the Deployment's status); a
-    // task keeps that watch running once this replica leads.
-    let pod_watch = tokio::spawn(pods.for_each(|_| futures::future::ready(())));
+    // The watches start once this replica leads; reconciles start once every cache holds its
+    // first listing, so a restarted operator never mistakes "not seen yet" for "absent".
+    let watch_tasks: Vec<_> = drivers.into_iter().map(tokio::spawn).collect();
+    ctx.caches.ready().await.context("a watch cache stopped before its first listing")?;
+    tracing::info!("caches filled");
     tracing::info!(namespace = %if args.namespace.is_empty() { "<all>" } else { &args.namespace }, "starting controller");
     // Bounded concurrency: a burst of thousands of resources otherwise starts thousands of
     // reconciles at once, which only contend for the API server and hold memory. The debounce
@@ -151,7 +153,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     server.abort();
-    pod_watch.abort();
+    for task in watch_tasks {
+        task.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }
