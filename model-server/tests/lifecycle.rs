@@ -15,11 +15,8 @@ use kiln_model_server::serve::ServePlan;
 use kiln_model_server::state::Limits;
 use serde_json::{Value, json};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+fn scratch(name: &str) -> common::Scratch {
+    common::scratch(name)
 }
 
 fn entry(name: &str, version: &str, source: &Path, fallback: Option<ModelRef>, serve: bool) -> ModelEntry {

@@ -18,11 +18,8 @@ use kiln_model_server::pull::{self, PullError, PullOptions, StaleEntry};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kiln-model-server");
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-pull-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+fn scratch(name: &str) -> common::Scratch {
+    common::scratch(name)
 }
 
 /// Digests of the files a server needs, computed from the fixture.
@@ -69,7 +66,8 @@ async fn http_pull_survives_drops_503s_and_truncation_then_is_cached() {
     server.inject("model.safetensors", &[Fault::DropAfter(3 << 20), Fault::Truncate]);
     server.inject("tokenizer.json", &[Fault::Unavailable, Fault::Unavailable]);
     server.inject("config.json", &[Fault::Truncate]);
-    let dest = scratch("http").join("minilm/v2");
+    let scratch_dir = scratch("http");
+    let dest = scratch_dir.join("minilm/v2");
     let source = ModelSource { uri: server.base.clone(), sha256: pins(&MODEL_FILES) };
 
     let pulled = pull::pull_source(&source, &dest, &fast()).await.expect("pull through faults");
@@ -92,7 +90,8 @@ async fn a_wrong_digest_fails_naming_the_file_and_leaves_nothing_behind() {
     let server = FaultyHttp::start(common::minilm_dir()).await;
     let mut sha = pins(&["config.json", "tokenizer.json"]);
     sha.insert("tokenizer.json".into(), "ab".repeat(32));
-    let dest = scratch("digest").join("minilm/v2");
+    let scratch_dir = scratch("digest");
+    let dest = scratch_dir.join("minilm/v2");
     let err =
         pull::pull_source(&ModelSource { uri: server.base.clone(), sha256: sha.clone() }, &dest, &fast())
             .await
@@ -114,7 +113,8 @@ async fn a_wrong_digest_fails_naming_the_file_and_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_errors_are_clear_and_permanent_ones_are_not_retried() {
     let server = FaultyHttp::start(common::minilm_dir()).await;
-    let dest = scratch("http-errors").join("m/v1");
+    let scratch_dir = scratch("http-errors");
+    let dest = scratch_dir.join("m/v1");
 
     let err =
         pull::pull_source(&ModelSource { uri: server.base.clone(), sha256: BTreeMap::new() }, &dest, &fast())
@@ -146,7 +146,8 @@ async fn http_errors_are_clear_and_permanent_ones_are_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pulls_racing_on_one_cache_download_once_and_both_succeed() {
     let server = FaultyHttp::start(common::minilm_dir()).await;
-    let dest = scratch("race").join("minilm/v2");
+    let scratch_dir = scratch("race");
+    let dest = scratch_dir.join("minilm/v2");
     let pin_args: Vec<String> =
         pins(&MODEL_FILES).into_iter().map(|(f, h)| format!("--sha256={f}={h}")).collect();
     let spawn = || {

@@ -93,22 +93,21 @@ impl EncoderSettings {
 mod tests {
     use super::*;
 
-    fn dir_with(files: &[(&str, &str)]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-settings-{}-{}", std::process::id(), files.len()));
-        let _ = std::fs::remove_dir_all(&dir);
+    /// A model directory holding `files`, removed when dropped.
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new().prefix("kiln-settings-").tempdir().expect("tempdir");
         for (name, text) in files {
-            let p = dir.join(name);
+            let p = dir.path().join(name);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(p, text).expect("write");
         }
-        std::fs::create_dir_all(&dir).expect("mkdir");
         dir
     }
 
     #[test]
     fn defaults_without_sentence_transformers_files() {
         let dir = dir_with(&[]);
-        let s = EncoderSettings::read(&dir, 512).expect("settings");
+        let s = EncoderSettings::read(dir.path(), 512).expect("settings");
         assert_eq!(s, EncoderSettings { pooling: Pooling::Mean, normalize: false, max_seq_length: 512 });
     }
 
@@ -124,7 +123,7 @@ mod tests {
             ("1_Pooling/config.json", r#"{"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":false}"#),
             ("sentence_bert_config.json", r#"{"max_seq_length":1024}"#),
         ]);
-        let s = EncoderSettings::read(&dir, 512).expect("settings");
+        let s = EncoderSettings::read(dir.path(), 512).expect("settings");
         // The limit never exceeds the position embeddings.
         assert_eq!(s, EncoderSettings { pooling: Pooling::Cls, normalize: true, max_seq_length: 512 });
     }

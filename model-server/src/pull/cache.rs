@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn a_complete_entry_passes_and_a_tampered_one_is_named() {
         let tmp = tempdir();
-        let dir = tmp.join("m/v1");
+        let dir = tmp.path().join("m/v1");
         let marker = entry(&dir, &[("config.json", b"{}"), ("model.safetensors", b"weights")]);
         let pinned: BTreeMap<_, _> =
             [("config.json".to_string(), marker.files["config.json"].sha256.clone())].into();
@@ -190,7 +190,7 @@ mod tests {
     #[test]
     fn commit_replaces_a_stale_destination() {
         let tmp = tempdir();
-        let paths = EntryPaths::for_dest(&tmp.join("m/v1")).unwrap();
+        let paths = EntryPaths::for_dest(&tmp.path().join("m/v1")).unwrap();
         std::fs::create_dir_all(&paths.dest).unwrap();
         std::fs::write(paths.dest.join("junk"), b"half").unwrap();
         entry(&paths.partial, &[("config.json", b"{}")]);
@@ -201,13 +201,7 @@ mod tests {
         assert!(!paths.partial.exists());
     }
 
-    fn tempdir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-cache-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new().prefix("kiln-cache-test-").tempdir().unwrap()
     }
 }

@@ -6,6 +6,21 @@ pub mod faulty_http;
 
 use std::path::PathBuf;
 
+/// A scratch directory under the system temp dir, removed with everything in it when dropped
+/// (a pull test leaves a 90 MB model copy behind otherwise).
+pub struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+pub fn scratch(name: &str) -> Scratch {
+    Scratch(tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir().expect("scratch dir"))
+}
+
 pub fn minilm_dir() -> PathBuf {
     let root = std::env::var_os("KILN_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kiln/fixtures")
