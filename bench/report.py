@@ -79,6 +79,7 @@ def main():
                 ('kubectl apply of all resources, s', cl.get('apply_s'), ''),
                 ('all reconciled (observedGeneration), s', cl.get('all_reconciled_s'), ''),
                 ('all Ready (pods scheduled and Ready), s', cl.get('all_ready_s'), '60'),
+                ('same objects without the operator: all Ready, s', cl.get('control_plane_alone_ready_s'), ''),
                 ('operator RSS at steady state, MiB', cl.get('operator_rss_mib'), '100'),
                 ('operator peak RSS, MiB', cl.get('operator_peak_rss_mib'), '100'),
                 ('unchanged reconciles after a restart', cl.get('unchanged_reconciles'), ''),
