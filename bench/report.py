@@ -92,9 +92,13 @@ def main():
         st = sc.get('settings', {})
         print('\nAutoscaling on kiln_queue_depth (real pods, Prometheus, prometheus-adapter, HPA): '
               + ', '.join(f'{k} {v}' for k, v in st.items()))
-        print(f'| {"measure":52} | {"value":>10} |')
-        print(f'|{"-" * 54}|{"-" * 12}|')
-        for name, key in (('load start to first new pod Ready, s', 'load_start_to_first_new_pod_ready_s'),
+        print(f'| {"measure":66} | {"value":>10} |')
+        print(f'|{"-" * 68}|{"-" * 12}|')
+        for name, key in (('load start to kiln_queue_depth over target (custom metrics API), s',
+                           'load_start_to_metric_over_target_s'),
+                          ('metric over target to first new pod Ready, s',
+                           'metric_over_target_to_first_new_pod_ready_s'),
+                          ('load start to first new pod Ready, s', 'load_start_to_first_new_pod_ready_s'),
                           ('load start to maxReplicas Ready, s', 'load_start_to_max_replicas_ready_s'),
                           ('load end to back at minReplicas, s', 'load_end_to_min_replicas_s'),
                           ('requests answered', 'requests_ok'),
@@ -102,7 +106,7 @@ def main():
                           ('requests failed (timeouts, errors)', 'requests_failed')):
             v = sc.get(key)
             val = '-' if v is None else f'{v:.1f}' if isinstance(v, float) else str(v)
-            print(f'| {name:52} | {val:>10} |')
+            print(f'| {name:66} | {val:>10} |')
 
 
 if __name__ == '__main__':

@@ -226,6 +226,7 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
     // Watch the chain work: the metric through the custom metrics API, the Deployment growing,
     // the resource's status following. Stop once three pods are ready and each has answered.
     let mut first_new_ready = None;
+    let mut metric_over_target = None;
     let mut all_ready = None;
     let mut max_metric = 0.0f64;
     let mut max_status_ready = 0;
@@ -234,6 +235,9 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Some(m) = custom_metric_max(n) {
             max_metric = max_metric.max(m);
+            if m > 2.0 && metric_over_target.is_none() {
+                metric_over_target = Some(started.elapsed());
+            }
         }
         let (_, ready) = replicas(&deployments, &pool).await;
         max_status_ready = max_status_ready.max(status_ready(&client, n).await);
@@ -294,6 +298,9 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
         "settings": {"clients": CLIENTS, "maxBatchSize": 4, "maxQueueDepth": 12, "targetQueueDepth": 2,
                      "minReplicas": 1, "maxReplicas": 3, "scaleDownStabilizationSeconds": 20,
                      "prometheusScrapeSeconds": 2, "adapterRelistSeconds": 5, "hpaSyncSeconds": 5},
+        "load_start_to_metric_over_target_s": metric_over_target.unwrap_or_default().as_secs_f64(),
+        "metric_over_target_to_first_new_pod_ready_s":
+            scale_out.saturating_sub(metric_over_target.unwrap_or_default()).as_secs_f64(),
         "load_start_to_first_new_pod_ready_s": scale_out.as_secs_f64(),
         "load_start_to_max_replicas_ready_s": all_ready.unwrap_or_default().as_secs_f64(),
         "load_end_to_min_replicas_s": scale_in.as_secs_f64(),
