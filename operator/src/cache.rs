@@ -32,7 +32,8 @@ pub struct Caches {
     pub pods: Store<Pod>,
 }
 
-/// A boxed stream of changed objects; polling it keeps its cache current.
+/// A boxed stream of one kind's changed objects (applied or deleted), for the controller's
+/// owns triggers. The cache itself is kept current by its driver, whether or not this is polled.
 pub type Changes<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
 
 /// What the controller is handed: each owned kind's changes (applied or deleted) as triggers,
@@ -50,7 +51,7 @@ pub struct Watches {
 }
 
 impl Caches {
-    /// Caches over one namespace, or all of them, and the streams that fill them.
+    /// Caches over one namespace, or all of them, their change streams and their drivers.
     pub fn watch(client: &Client, namespace: Option<&str>) -> (Caches, Watches) {
         let mut drivers = Vec::new();
         let (deployments, d) = cached(scoped(client, namespace), &mut drivers);
