@@ -36,21 +36,27 @@ kc apply --server-side -f "$ROOT/crds/modeldeployment.yaml" >/dev/null
 kc wait --for=condition=Established crd/modeldeployments.kiln.dev --timeout=60s >/dev/null
 kc create namespace "$NS" --dry-run=client -o yaml | kc apply -f - >/dev/null
 
-# Simulated capacity for 1,000 pods: 10 kwok nodes of 128 pods in a pool of their own.
-python3 - "$OUT/nodes.yaml" <<'PY'
+# Simulated nodes of 128 pods: add_nodes POOL FIRST LAST makes bench-FIRST..bench-LAST-1 in POOL.
+add_nodes() {
+  python3 - "$1" "$2" "$3" "$OUT/nodes-$1.json" <<'PY'
 import json, sys
+pool, first, last, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 nodes = []
-for i in range(10):
+for i in range(first, last):
     res = {"cpu": "64", "memory": "512Gi", "pods": "128"}
     nodes.append({"apiVersion": "v1", "kind": "Node",
                   "metadata": {"name": f"bench-{i}", "annotations": {"kwok.x-k8s.io/node": "fake"},
-                               "labels": {"type": "kwok", "kiln.dev/pool": "bench",
+                               "labels": {"type": "kwok", "kiln.dev/pool": pool,
                                           "kubernetes.io/hostname": f"bench-{i}"}},
                   "status": {"capacity": res, "allocatable": res}})
-json.dump({"apiVersion": "v1", "kind": "List", "items": nodes}, open(sys.argv[1], "w"))
+json.dump({"apiVersion": "v1", "kind": "List", "items": nodes}, open(out, "w"))
 PY
-kc apply -f "$OUT/nodes.yaml" >/dev/null
-kc wait --for=condition=Ready node -l kiln.dev/pool=bench --timeout=90s >/dev/null
+  kc apply -f "$OUT/nodes-$1.json" >/dev/null
+  kc wait --for=condition=Ready node -l "kiln.dev/pool=$1" --timeout=90s >/dev/null
+}
+
+# Capacity for 1,000 pods: 10 nodes in a pool of their own.
+add_nodes bench 0 10
 
 # N small resources, one CPU pool each on the bench nodes.
 python3 - "$N" "$NS" "$OUT/mds.json" <<'PY'
@@ -86,11 +92,12 @@ stop_operator() { kill -TERM "$(operator_pid "$1")"; sleep 2; }
 # Counts every md in the namespace: reconciled (observedGeneration == generation) and Ready.
 # A raw GET served from the API server's watch cache (resourceVersion=0) and parsed in Python:
 # `kubectl get -o json` of 1,000 resources every second took half a core from what it measures.
-progress() {
+api_list() { # PATH: a collection, served from the API server's watch cache
   bash "$cluster" exec -- curl -sf --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" \
-    --key "$state/pki/admin.key" \
-    "https://127.0.0.1:16443/apis/kiln.dev/v1alpha1/namespaces/$NS/modeldeployments?resourceVersion=0" |
-    python3 -c '
+    --key "$state/pki/admin.key" "https://127.0.0.1:16443$1?resourceVersion=0"
+}
+progress() {
+  api_list "/apis/kiln.dev/v1alpha1/namespaces/$NS/modeldeployments" | python3 -c '
 import json, sys
 items = json.load(sys.stdin)["items"]
 obs = sum(1 for i in items if i.get("status", {}).get("observedGeneration") == i["metadata"]["generation"])
@@ -182,20 +189,7 @@ echo "== control-plane floor: the same $N pools' objects created directly, no op
 # and of their owner, and created in another namespace onto 10 more simulated nodes.
 FLOOR_NS=kiln-floor
 kc create namespace "$FLOOR_NS" --dry-run=client -o yaml | kc apply -f - >/dev/null
-python3 - "$OUT/nodes-floor.yaml" <<'PY'
-import json, sys
-nodes = []
-for i in range(10, 20):
-    res = {"cpu": "64", "memory": "512Gi", "pods": "128"}
-    nodes.append({"apiVersion": "v1", "kind": "Node",
-                  "metadata": {"name": f"bench-{i}", "annotations": {"kwok.x-k8s.io/node": "fake"},
-                               "labels": {"type": "kwok", "kiln.dev/pool": "bench-floor",
-                                          "kubernetes.io/hostname": f"bench-{i}"}},
-                  "status": {"capacity": res, "allocatable": res}})
-json.dump({"apiVersion": "v1", "kind": "List", "items": nodes}, open(sys.argv[1], "w"))
-PY
-kc apply -f "$OUT/nodes-floor.yaml" >/dev/null
-kc wait --for=condition=Ready node -l kiln.dev/pool=bench-floor --timeout=90s >/dev/null
+add_nodes bench-floor 10 20
 kc get deployments,services,configmaps -n "$NS" -l kiln.dev/modeldeployment -o json >"$OUT/operator-objects.json"
 python3 - "$OUT/operator-objects.json" "$FLOOR_NS" "$OUT/floor.json" <<'PY'
 import json, sys
@@ -219,10 +213,7 @@ for part in range(40):
 print(len(items))
 PY
 deploy_progress() {
-  bash "$cluster" exec -- curl -sf --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" \
-    --key "$state/pki/admin.key" \
-    "https://127.0.0.1:16443/apis/apps/v1/namespaces/$FLOOR_NS/deployments?resourceVersion=0" |
-    python3 -c '
+  api_list "/apis/apps/v1/namespaces/$FLOOR_NS/deployments" | python3 -c '
 import json, sys
 items = json.load(sys.stdin)["items"]
 print(len(items), sum(1 for d in items if d.get("status", {}).get("readyReplicas", 0) >= d["spec"].get("replicas", 1)))'
