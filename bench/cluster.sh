@@ -73,8 +73,9 @@ items = [{"apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment",
                                             "limits": {"memory": "1Gi"}}}]}}
          for i in range(n)]
 # 40 files applied in parallel: one kubectl is throttled client-side (about 5 requests/s).
-for part in range(40):
-    json.dump({"apiVersion": "v1", "kind": "List", "items": items[part::40]}, open(f"{out}.{part}", "w"))
+parts = min(40, len(items))  # an empty file would make kubectl create fail
+for part in range(parts):
+    json.dump({"apiVersion": "v1", "kind": "List", "items": items[part::parts]}, open(f"{out}.{part}", "w"))
 PY
 
 start_operator() { # name
@@ -208,8 +209,9 @@ for o in json.load(open(src))["items"]:
         o["spec"]["template"]["spec"]["nodeSelector"] = {"kiln.dev/pool": "bench-floor"}
     items.append(o)
 # 40 files in parallel, as the resources were.
-for part in range(40):
-    json.dump({"apiVersion": "v1", "kind": "List", "items": items[part::40]}, open(f"{out}.{part}", "w"))
+parts = min(40, len(items))  # an empty file would make kubectl create fail
+for part in range(parts):
+    json.dump({"apiVersion": "v1", "kind": "List", "items": items[part::parts]}, open(f"{out}.{part}", "w"))
 print(len(items))
 PY
 deploy_progress() {
