@@ -38,13 +38,12 @@ pub enum Error {
     Manifest(#[from] resources::ManifestError),
     #[error("resource has no namespace")]
     NoNamespace,
-    #[error("the watch caches stopped before their first listing")]
-    CachesGone,
 }
 
 pub struct Context {
     pub client: Client,
     /// What the cluster holds of our children, from watches: reads never go to the API server.
+    /// The binary starts the controller only once `Caches::ready` (every first listing) is done.
     pub caches: Caches,
     pub settings: OperatorSettings,
     pub metrics: Arc<OperatorMetrics>,
@@ -65,9 +64,9 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
     }
 }
 
-/// Server-side apply `obj` unless the cached live object already matches it. Returns whether it
-/// wrote, and the object as the server now holds it (the cache's copy when nothing was written).
-async fn apply<K>(api: &Api<K>, cached: &Store<K>, ns: &str, obj: &K) -> Result<(bool, K), kube::Error>
+/// Server-side apply `obj` unless the cached live object already matches it. Returns the object
+/// as the server holds it after the write, or None when nothing was written.
+async fn apply<K>(api: &Api<K>, cached: &Store<K>, ns: &str, obj: &K) -> Result<Option<K>, kube::Error>
 where
     K: Resource<Scope = NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -77,14 +76,14 @@ where
         let desired = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
         let live_json = serde_json::to_value(&*live).map_err(kube::Error::SerdeError)?;
         if is_subset(&strip_meta(desired), &live_json) {
-            return Ok((false, (*live).clone()));
+            return Ok(None);
         }
     }
     let mut body = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
     body["apiVersion"] = json!(K::api_version(&K::DynamicType::default()));
     body["kind"] = json!(K::kind(&K::DynamicType::default()));
     let written = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
-    Ok((true, written))
+    Ok(Some(written))
 }
 
 /// A child the spec may or may not want (PDB, HPA): apply it when wanted, delete it when not.
@@ -102,7 +101,7 @@ where
 {
     let kind = K::kind(&K::DynamicType::default()).to_string();
     match desired {
-        Some(obj) => Ok(apply(api, cached, ns, &obj).await?.0.then_some(kind)),
+        Some(obj) => Ok(apply(api, cached, ns, &obj).await?.map(|_| kind)),
         None if cache::get(cached, ns, name).is_some() => {
             Ok(delete(api, name).await?.then(|| format!("{kind} (deleted)")))
         }
@@ -230,23 +229,26 @@ async fn reconcile_pool(
         let manifest = pool_manifest(md, pool)?;
         let mut wrote = Vec::new();
         // The manifest first: pods of a new template must never start with the old manifest.
-        if apply(&apis.config_maps, &caches.config_maps, ns, &config_map(md, pool, &manifest)).await?.0 {
+        if apply(&apis.config_maps, &caches.config_maps, ns, &config_map(md, pool, &manifest))
+            .await?
+            .is_some()
+        {
             wrote.push("ConfigMap".to_string());
         }
         // The rest do not depend on one another: one round trip instead of four.
         let desired = deployment(md, pool, &manifest, &ctx.settings);
         let desired_service = service(md, pool);
-        let ((changed, live), service_changed, pdb_written, hpa_written) = futures::try_join!(
+        let (deployment_written, service_written, pdb_written, hpa_written) = futures::try_join!(
             apply(&apis.deployments, &caches.deployments, ns, &desired),
             apply(&apis.services, &caches.services, ns, &desired_service),
             apply_or_remove(&apis.pdbs, &caches.pdbs, ns, &name, pdb(md, pool)),
             apply_or_remove(&apis.hpas, &caches.hpas, ns, &name, hpa(md, pool)),
         )?;
-        if changed {
+        if deployment_written.is_some() {
             wrote.push("Deployment".to_string());
-            deployment_seen = Some(live);
+            deployment_seen = deployment_written;
         }
-        if service_changed.0 {
+        if service_written.is_some() {
             wrote.push("Service".to_string());
         }
         wrote.extend(pdb_written);
@@ -268,7 +270,6 @@ async fn reconcile_pool(
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let ns = md.namespace().ok_or(Error::NoNamespace)?;
     let caches = &ctx.caches;
-    caches.ready().await.map_err(|_| Error::CachesGone)?;
     let client = ctx.client.clone();
     let apis = PoolApis {
         deployments: Api::namespaced(client.clone(), &ns),
