@@ -16,7 +16,12 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 .PHONY: test
-test: lint crd-check fixtures unit image-check e2e ## every test: formatting, clippy, unit, integration and end-to-end tests
+test: ## every test: formatting, clippy, unit, integration and end-to-end tests
+	@# The Go builds for e2e run at low priority beside the cargo builds (e2e/cluster/prebuild.sh).
+	bash e2e/cluster/prebuild.sh start
+	$(MAKE) --no-print-directory lint fixtures unit image-check
+	bash e2e/cluster/prebuild.sh wait
+	$(MAKE) --no-print-directory e2e
 	@echo "make test: all passed"
 
 .PHONY: lint
@@ -25,7 +30,7 @@ lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 .PHONY: crd-check
-crd-check: ## crds/ and docs/reference.md must equal crdgen output
+crd-check: ## crds/ and docs/reference.md must equal crdgen output (make test checks this in operator/tests/crd.rs)
 	$(CARGO) run -q --locked -p kiln-operator --bin crdgen | diff -u crds/modeldeployment.yaml - \
 	  || { echo "crds/ is stale: run 'make crds'"; exit 1; }
 	$(CARGO) run -q --locked -p kiln-operator --bin crdgen -- --reference | diff -u docs/reference.md - \

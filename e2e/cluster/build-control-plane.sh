@@ -66,6 +66,12 @@ kwok_complete() {
   [[ -f "${KWOK_STAMP}" && -x "${KWOK_BIN}/kwok" && -d "${KWOK_STAGES}/pod" && -d "${KWOK_STAGES}/node" ]]
 }
 
+# One build at a time (make test's background prebuild and a dev-cluster.sh started beside it):
+# the second waits for the first and then finds the cache warm.
+mkdir -p "${KILN_CACHE}"
+exec 8>"${KILN_CACHE}/.build-control-plane.lock"
+flock 8
+
 if [[ "${FORCE}" != 1 ]] && k8s_complete && kwok_complete; then
   log "cache warm: ${K8S_BIN} and ${KWOK_BIN} (set FORCE=1 to rebuild)"
   exit 0

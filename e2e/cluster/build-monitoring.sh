@@ -23,6 +23,11 @@ NICE_LEVEL="${NICE_LEVEL:-15}"
 log() { printf '[build-monitoring %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[build-monitoring] error: %s\n' "$*" >&2; exit 1; }
 
+# One build at a time (see build-control-plane.sh).
+mkdir -p "${KILN_CACHE}"
+exec 8>"${KILN_CACHE}/.build-monitoring.lock"
+flock 8
+
 # --- Prometheus -----------------------------------------------------------------------------
 # A cached copy of any version satisfies a run that did not ask for one, so a warm machine
 # never needs apt metadata.
