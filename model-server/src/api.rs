@@ -1,4 +1,5 @@
-//! HTTP API: OpenAI embeddings, the seeds' `/embed/text`, health, readiness, status, metrics.
+//! HTTP API: OpenAI embeddings, the seeds' `/embed/text`, OpenAI chat/completions and
+//! completions ([`generation`]), health, readiness, status, metrics.
 //! Every error is JSON `{"error": {"message", "type", "code"}}` with the right status.
 
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use serde_json::{Value, json};
 
 use crate::batching::SubmitError;
 use crate::manifest::ModelRef;
-use crate::state::AppState;
+use crate::state::{AppState, Runtime};
+
+mod generation;
 
 type Shared = Arc<AppState>;
 
@@ -42,6 +45,17 @@ impl ApiError {
     }
 }
 
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Full { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "queue_full", e.to_string())
+            }
+            SubmitError::Closed(_) => ApiError::unavailable("draining", e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
@@ -62,6 +76,8 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/chat/completions", post(generation::chat_completions))
+        .route("/v1/completions", post(generation::completions))
         .route("/embed/text", post(embed_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -74,7 +90,7 @@ async fn not_found() -> ApiError {
         StatusCode::NOT_FOUND,
         "not_found_error",
         "unknown_path",
-        "no such endpoint; see GET /v1/models, POST /v1/embeddings, POST /embed/text",
+        "no such endpoint; see GET /v1/models, POST /v1/embeddings, POST /embed/text, POST /v1/chat/completions, POST /v1/completions",
     )
 }
 
@@ -125,10 +141,16 @@ async fn status(State(state): State<Shared>) -> Json<Value> {
                 m.insert("model".into(), json!(s.id.name));
                 m.insert("version".into(), json!(s.id.version));
                 m.insert("serve".into(), json!(s.serve));
-                m.insert("queueDepth".into(), json!(s.runtime.get().map(|r| r.batcher.depth()).unwrap_or(0)));
-                if let Some(r) = s.runtime.get() {
-                    m.insert("dimension".into(), json!(r.model.dimension()));
-                    m.insert("maxSeqLength".into(), json!(r.model.settings().max_seq_length));
+                m.insert("queueDepth".into(), json!(s.runtime.get().map(Runtime::depth).unwrap_or(0)));
+                match s.runtime.get() {
+                    Some(Runtime::Embedding { model, .. }) => {
+                        m.insert("dimension".into(), json!(model.dimension()));
+                        m.insert("maxSeqLength".into(), json!(model.settings().max_seq_length));
+                    }
+                    Some(Runtime::Generation { model, .. }) => {
+                        m.insert("contextLength".into(), json!(model.context_length()));
+                    }
+                    None => {}
                 }
             }
             v
@@ -217,12 +239,12 @@ struct Embedded {
     truncated: Vec<bool>,
 }
 
-/// Tokenize off the async workers, queue, and wait for the batch.
-async fn embed_texts(state: &Shared, id: &ModelRef, texts: Vec<String>) -> Result<Embedded, ApiError> {
+/// The runtime answering for `id`, or why there is none yet.
+fn ready_runtime<'a>(state: &'a AppState, id: &ModelRef) -> Result<&'a Runtime, ApiError> {
     if state.is_draining() {
         return Err(ApiError::unavailable("draining", "server is shutting down; retry on another replica"));
     }
-    let runtime = state.runtime_for(id).ok_or_else(|| {
+    state.runtime_for(id).ok_or_else(|| {
         let progress = state.slots.get(id).map(|s| s.progress());
         match progress {
             Some(p) if p.error.is_some() => ApiError::unavailable(
@@ -233,8 +255,20 @@ async fn embed_texts(state: &Shared, id: &ModelRef, texts: Vec<String>) -> Resul
                 ApiError::unavailable("model_loading", format!("model {id} is still loading; retry shortly"))
             }
         }
-    })?;
-    let model = runtime.model.clone();
+    })
+}
+
+/// Tokenize off the async workers, queue, and wait for the batch.
+async fn embed_texts(state: &Shared, id: &ModelRef, texts: Vec<String>) -> Result<Embedded, ApiError> {
+    let (model, batcher) = match ready_runtime(state, id)? {
+        Runtime::Embedding { model, batcher } => (model.clone(), batcher),
+        Runtime::Generation { .. } => {
+            return Err(ApiError::bad_request(
+                "wrong_family",
+                format!("model {id} generates text; use POST /v1/chat/completions or /v1/completions"),
+            ));
+        }
+    };
     let tokens = tokio::task::spawn_blocking(move || {
         texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>()
     })
@@ -243,12 +277,7 @@ async fn embed_texts(state: &Shared, id: &ModelRef, texts: Vec<String>) -> Resul
     .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
     let counts = tokens.iter().map(|t| t.ids.len()).collect();
     let truncated = tokens.iter().map(|t| t.truncated).collect();
-    let rx = runtime.batcher.submit(tokens.into_iter().map(|t| t.ids).collect()).map_err(|e| match e {
-        SubmitError::Full { .. } => {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "queue_full", e.to_string())
-        }
-        SubmitError::Closed(_) => ApiError::unavailable("draining", e.to_string()),
-    })?;
+    let rx = batcher.submit(tokens.into_iter().map(|t| t.ids).collect()).map_err(ApiError::from)?;
     let vectors = rx
         .await
         .map_err(|_| {
@@ -334,7 +363,10 @@ async fn embeddings(
             Some(Value::String(f)) if f == "base64" => true,
             Some(_) => return Err(ApiError::bad_request("invalid_encoding_format", "`encoding_format` must be \"float\" or \"base64\"")),
         };
-        let runtime_dim = state.runtime_for(&id).map(|r| r.model.dimension());
+        let runtime_dim = match state.runtime_for(&id) {
+            Some(Runtime::Embedding { model, .. }) => Some(model.dimension()),
+            _ => None,
+        };
         match (req.get("dimensions"), runtime_dim) {
             (None | Some(Value::Null), _) => {}
             (Some(Value::Number(n)), Some(d)) if n.as_u64() == Some(d as u64) => {}

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::batching::Batcher;
+use crate::batching::continuous::Scheduler;
 use crate::engine::EmbeddingModel;
-use crate::manifest::{Batching, ModelRef, Warmup};
+use crate::engine::generation::{ChatMessage, GenerationModel, SamplingParams};
+use crate::manifest::{Batching, Family, ModelRef, Warmup};
 use crate::state::{AppState, ModelState, Runtime};
 
 /// Where each model's files are, by id.
@@ -73,7 +75,11 @@ fn weight_bytes(dir: &Path) -> u64 {
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.ends_with(".safetensors") || name.ends_with(".gguf")
+                })
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.len())
                 .sum()
@@ -118,29 +124,59 @@ fn load_one(
     });
     tracing::info!(dir = %dir.display(), weight_bytes = bytes, "loading");
     let rss_before = rss_bytes();
-    let model = Arc::new(EmbeddingModel::load(dir).map_err(|e| e.to_string())?);
-    let load_seconds = t0.elapsed().as_secs_f64();
-    tracing::info!(load_seconds, dimension = model.dimension(), "loaded");
-
-    let t1 = Instant::now();
-    slot.update(|p| {
-        p.state = ModelState::Warming;
-        p.load_seconds = Some(load_seconds);
-        p.since = Some(t1);
-    });
-    let inputs: Vec<&str> = warmup.inputs.iter().map(String::as_str).collect();
-    for i in 0..warmup.iterations {
-        slot.update(|p| p.step = format!("warmup {}/{}", i + 1, warmup.iterations));
-        if !inputs.is_empty() {
-            model.embed(&inputs).map_err(|e| format!("warmup failed: {e}"))?;
+    let loaded = |what: String| {
+        let load_seconds = t0.elapsed().as_secs_f64();
+        tracing::info!(load_seconds, model = %what, "loaded");
+        slot.update(|p| {
+            p.state = ModelState::Warming;
+            p.load_seconds = Some(load_seconds);
+            p.since = Some(Instant::now());
+        });
+        load_seconds
+    };
+    let warm = |pass: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+        let t1 = Instant::now();
+        for i in 0..warmup.iterations {
+            slot.update(|p| p.step = format!("warmup {}/{}", i + 1, warmup.iterations));
+            pass()?;
+            tracing::info!(pass = i + 1, of = warmup.iterations, "warmup");
         }
-        tracing::info!(pass = i + 1, of = warmup.iterations, "warmup");
-    }
-    let warmup_seconds = t1.elapsed().as_secs_f64();
+        Ok(t1.elapsed().as_secs_f64())
+    };
+    let inputs: Vec<&str> = warmup.inputs.iter().map(String::as_str).collect();
+    let (runtime, load_seconds, warmup_seconds) = match state.family {
+        Family::TextGeneration => {
+            let model = Arc::new(GenerationModel::load(dir).map_err(|e| e.to_string())?);
+            let load_seconds =
+                loaded(format!("{} ({} layers)", model.file().display(), model.llama().config().layers));
+            let warmup_seconds = warm(&mut || {
+                for input in &inputs {
+                    warm_generation(&model, input).map_err(|e| format!("warmup failed: {e}"))?;
+                }
+                Ok(())
+            })?;
+            let scheduler =
+                Scheduler::spawn(id.clone(), model.clone(), batching.clone(), state.metrics.clone())
+                    .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
+            (Runtime::Generation { model, scheduler }, load_seconds, warmup_seconds)
+        }
+        Family::SpeechToText => return Err("the speech-to-text family is not served by this build".into()),
+        Family::TextEmbedding => {
+            let model = Arc::new(EmbeddingModel::load(dir).map_err(|e| e.to_string())?);
+            let load_seconds = loaded(format!("dimension {}", model.dimension()));
+            let warmup_seconds = warm(&mut || {
+                if !inputs.is_empty() {
+                    model.embed(&inputs).map_err(|e| format!("warmup failed: {e}"))?;
+                }
+                Ok(())
+            })?;
+            let batcher = Batcher::spawn(id.clone(), model.clone(), batching.clone(), state.metrics.clone())
+                .map_err(|e| format!("cannot start the batcher thread: {e}"))?;
+            (Runtime::Embedding { model, batcher }, load_seconds, warmup_seconds)
+        }
+    };
     let resident = rss_bytes().saturating_sub(rss_before);
-    let batcher = Batcher::spawn(id.clone(), model.clone(), batching.clone(), state.metrics.clone())
-        .map_err(|e| format!("cannot start the batcher thread: {e}"))?;
-    let _ = slot.runtime.set(Runtime { model, batcher });
+    let _ = slot.runtime.set(runtime);
     slot.update(|p| {
         p.state = ModelState::Ready;
         p.step = "ready".to_string();
@@ -154,5 +190,20 @@ fn load_one(
     state.metrics.warmup_seconds.with_label_values(&l).set(warmup_seconds);
     state.metrics.resident_bytes.with_label_values(&l).set(resident as i64);
     tracing::info!(warmup_seconds, resident_bytes = resident, "warm");
+    Ok(())
+}
+
+/// Tokens each warmup input generates: enough to run prefill and the decode path.
+const WARMUP_TOKENS: usize = 8;
+
+/// One warmup input as a user message (raw text when the model has no chat template), greedy.
+fn warm_generation(model: &GenerationModel, input: &str) -> Result<(), crate::engine::EngineError> {
+    let prompt = if model.has_chat_template() {
+        model.render_chat(&[ChatMessage { role: "user".into(), content: input.to_string() }])?
+    } else {
+        input.to_string()
+    };
+    let ids = model.encode(&prompt)?;
+    model.generate(&ids, &SamplingParams::greedy(), WARMUP_TOKENS)?;
     Ok(())
 }

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub load_seconds: GaugeVec,
     pub warmup_seconds: GaugeVec,
     pub resident_bytes: IntGaugeVec,
+    /// Text generation: from arrival (queueing included) to the first generated token.
+    pub time_to_first_token: HistogramVec,
+    pub generated_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -57,6 +60,18 @@ impl Metrics {
             Opts::new("kiln_model_resident_bytes", "Resident memory the model added when it loaded"),
             MODEL,
         )?;
+        let time_to_first_token = HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_time_to_first_token_seconds",
+                "Text generation: seconds from a request's arrival to its first token, queueing included",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            MODEL,
+        )?;
+        let generated_tokens = IntCounterVec::new(
+            Opts::new("kiln_generated_tokens_total", "Text generation: tokens generated"),
+            MODEL,
+        )?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(model_queue_depth.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -66,6 +81,8 @@ impl Metrics {
         registry.register(Box::new(load_seconds.clone()))?;
         registry.register(Box::new(warmup_seconds.clone()))?;
         registry.register(Box::new(resident_bytes.clone()))?;
+        registry.register(Box::new(time_to_first_token.clone()))?;
+        registry.register(Box::new(generated_tokens.clone()))?;
         Ok(Metrics {
             registry,
             queue_depth,
@@ -77,6 +94,8 @@ impl Metrics {
             load_seconds,
             warmup_seconds,
             resident_bytes,
+            time_to_first_token,
+            generated_tokens,
         })
     }
 

@@ -29,7 +29,7 @@ pub enum PlanError {
     Manifest(#[from] crate::manifest::ManifestError),
     #[error("reading manifest {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("family {0} is not served by this build yet; only text-embedding is")]
+    #[error("family {0} is not served by this build yet; text-embedding and text-generation are")]
     Family(Family),
 }
 
@@ -86,7 +86,7 @@ impl ServePlan {
 
     fn check_family(&self) -> Result<(), PlanError> {
         match self.family {
-            Family::TextEmbedding => Ok(()),
+            Family::TextEmbedding | Family::TextGeneration => Ok(()),
             other => Err(PlanError::Family(other)),
         }
     }
@@ -122,7 +122,7 @@ pub async fn run(
     // In-flight requests are done; let queued work finish and the workers stop.
     for slot in state.slots.values() {
         if let Some(rt) = slot.runtime.get() {
-            rt.batcher.close();
+            rt.close();
         }
     }
     if !loader.is_finished() {

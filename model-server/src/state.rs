@@ -9,7 +9,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::batching::Batcher;
+use crate::batching::continuous::Scheduler;
 use crate::engine::EmbeddingModel;
+use crate::engine::generation::GenerationModel;
 use crate::manifest::{Family, ModelRef};
 use crate::metrics::Metrics;
 
@@ -65,9 +67,28 @@ impl Default for Progress {
     }
 }
 
-pub struct Runtime {
-    pub model: Arc<EmbeddingModel>,
-    pub batcher: Batcher,
+/// A loaded, warm model and the worker that serves it.
+pub enum Runtime {
+    Embedding { model: Arc<EmbeddingModel>, batcher: Batcher },
+    Generation { model: Arc<GenerationModel>, scheduler: Scheduler },
+}
+
+impl Runtime {
+    /// Requests waiting in this model's queue.
+    pub fn depth(&self) -> usize {
+        match self {
+            Runtime::Embedding { batcher, .. } => batcher.depth(),
+            Runtime::Generation { scheduler, .. } => scheduler.depth(),
+        }
+    }
+
+    /// Refuse new requests; queued and running ones finish.
+    pub fn close(&self) {
+        match self {
+            Runtime::Embedding { batcher, .. } => batcher.close(),
+            Runtime::Generation { scheduler, .. } => scheduler.close(),
+        }
+    }
 }
 
 pub struct Slot {
@@ -186,6 +207,6 @@ impl AppState {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.slots.values().filter_map(|s| s.runtime.get()).map(|r| r.batcher.depth()).sum()
+        self.slots.values().filter_map(|s| s.runtime.get()).map(Runtime::depth).sum()
     }
 }

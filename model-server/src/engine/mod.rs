@@ -1,9 +1,14 @@
 //! Inference engines. One [`EmbeddingModel`] per loaded model version: tokenizer, encoder and the
-//! sentence-transformers post-processing (pooling, normalisation, sequence limit).
+//! sentence-transformers post-processing (pooling, normalisation, sequence limit); for the
+//! text-generation family, one [`generation::GenerationModel`] (GGUF Llama, tokenizer, chat
+//! template).
 //!
 //! Encoders run on the batcher's dedicated OS threads, never on the async runtime.
 
 pub mod candle_bert;
+pub mod generation;
+pub mod gguf_tokenizer;
+pub mod llama;
 pub mod packed_bert;
 pub mod settings;
 
@@ -20,6 +25,8 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("inference: {0}")]
     Inference(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
 }
 
 impl From<candle_core::Error> for EngineError {

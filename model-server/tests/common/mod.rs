@@ -22,16 +22,92 @@ pub fn scratch(name: &str) -> Scratch {
 }
 
 pub fn minilm_dir() -> PathBuf {
-    let root = std::env::var_os("KILN_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kiln/fixtures")
-    });
-    let dir = root.join("minilm");
+    let dir = fixtures_root().join("minilm");
     assert!(
         dir.join("model.safetensors").is_file(),
         "MiniLM fixture missing at {}: run `make fixtures`",
         dir.display()
     );
     dir
+}
+
+fn fixtures_root() -> PathBuf {
+    std::env::var_os("KILN_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kiln/fixtures")
+    })
+}
+
+/// SmolLM2-135M-Instruct, Q4_1 GGUF (`make fixtures`).
+pub fn smollm2_dir() -> PathBuf {
+    let dir = fixtures_root().join("smollm2");
+    assert!(
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file(),
+        "SmolLM2 fixture missing at {}: run `make fixtures`",
+        dir.display()
+    );
+    dir
+}
+
+/// One case of the numpy reference (scripts/gguf_reference.py, run by `make fixtures`).
+pub struct ReferenceCase {
+    pub name: String,
+    pub case: serde_json::Value,
+    pub prompt_text: String,
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    /// Per step, the reference's best logit minus its second best.
+    pub margins: Vec<f64>,
+    /// Per step, the reference's five best (token, logit).
+    pub top5: Vec<Vec<(u32, f64)>>,
+}
+
+pub fn generation_reference() -> Vec<ReferenceCase> {
+    let path = fixtures_root().join("smollm2-reference.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("reference json");
+    let cases_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/generation-cases.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&cases_path).expect("cases")).expect("cases json");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    };
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().expect("name").to_string();
+            let case = cases.iter().find(|k| k["name"] == c["name"]).cloned().unwrap_or_else(|| {
+                panic!("reference case {name} is not in {}: run `make fixtures`", cases_path.display())
+            });
+            ReferenceCase {
+                case,
+                prompt_text: c["prompt_text"].as_str().expect("prompt_text").to_string(),
+                prompt_ids: ids(&c["prompt_ids"]),
+                generated_ids: ids(&c["generated_ids"]),
+                margins: c["margins"]
+                    .as_array()
+                    .expect("margins")
+                    .iter()
+                    .map(|m| m.as_f64().expect("m"))
+                    .collect(),
+                top5: c["top5"]
+                    .as_array()
+                    .expect("top5")
+                    .iter()
+                    .map(|step| {
+                        step.as_array()
+                            .expect("step")
+                            .iter()
+                            .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logit")))
+                            .collect()
+                    })
+                    .collect(),
+                name,
+            }
+        })
+        .collect()
 }
 
 pub struct Golden {
@@ -96,6 +172,17 @@ impl TestServer {
         )
         .expect("plan");
         Self::start(plan, Limits { max_body_bytes: 64 << 10, max_inputs: 16 }).await
+    }
+
+    pub async fn smollm2(batching: Batching) -> Self {
+        let plan = ServePlan::from_args(
+            Family::TextGeneration,
+            &[format!("smollm2:135m={}", smollm2_dir().display())],
+            Warmup { iterations: 1, inputs: vec!["Say hello.".into()], ..Warmup::default() },
+            batching,
+        )
+        .expect("plan");
+        Self::start(plan, Limits { max_body_bytes: 256 << 10, max_inputs: 16 }).await
     }
 
     pub fn url(&self, path: &str) -> String {

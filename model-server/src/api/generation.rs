@@ -1,0 +1,460 @@
+//! OpenAI `POST /v1/chat/completions` and `POST /v1/completions`, with `stream: true` as
+//! server-sent events in OpenAI's chunk format ending with `data: [DONE]`.
+//!
+//! A request is validated and tokenized here, then handed to the model's continuous-batching
+//! scheduler, whose events (text, then done or failed) become the JSON body or the SSE stream.
+//! Dropping the stream (the client went away) closes the event channel, and the scheduler frees
+//! the sequence's slot before its next step.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::stream::{self, Stream, StreamExt};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use super::{ApiError, Shared, counted, parse_body, ready_runtime, resolve};
+use crate::batching::continuous::{Event, Request};
+use crate::engine::generation::{ChatMessage, FinishReason, SamplingParams};
+use crate::manifest::ModelRef;
+use crate::state::Runtime;
+
+/// OpenAI's default `max_tokens` for `/v1/completions`; chat defaults to the rest of the context.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+/// OpenAI allows up to four stop strings.
+const MAX_STOPS: usize = 4;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// A validated request, before tokenization.
+struct Parsed {
+    prompt: PromptInput,
+    max_tokens: Option<usize>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+enum PromptInput {
+    Messages(Vec<ChatMessage>),
+    Text(String),
+}
+
+pub async fn chat_completions(
+    State(state): State<Shared>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle(state, body, Kind::Chat).await
+}
+
+pub async fn completions(
+    State(state): State<Shared>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle(state, body, Kind::Completion).await
+}
+
+async fn handle(
+    state: Shared,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    kind: Kind,
+) -> Response {
+    let req = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let id = match resolve(&state, req.get("model")) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let (shared, model) = (state.clone(), id.clone());
+    counted(&state, &id, || async move { generate(shared, model, &req, kind).await }).await
+}
+
+async fn generate(
+    state: Shared,
+    id: ModelRef,
+    req: &Map<String, Value>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let parsed = parse(req, kind)?;
+    let (model, scheduler) = match ready_runtime(&state, &id)? {
+        Runtime::Generation { model, scheduler } => (model.clone(), scheduler.clone()),
+        Runtime::Embedding { .. } => {
+            return Err(ApiError::bad_request(
+                "wrong_family",
+                format!("model {id} is an embedding model; use POST /v1/embeddings"),
+            ));
+        }
+    };
+    let prompt_input = parsed.prompt;
+    let tokenizing = model.clone();
+    let prompt = tokio::task::spawn_blocking(move || {
+        let text = match prompt_input {
+            PromptInput::Messages(messages) => tokenizing.render_chat(&messages)?,
+            PromptInput::Text(text) => text,
+        };
+        tokenizing.encode(&text)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal",
+            e.to_string(),
+        )
+    })?
+    .map_err(|e| ApiError::bad_request("invalid_prompt", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("empty_prompt", "the prompt is empty after tokenization"));
+    }
+    let context = model.context_length();
+    let room = context.saturating_sub(prompt.len());
+    let max_tokens = match parsed.max_tokens {
+        Some(n) if prompt.len() + n > context => {
+            return Err(ApiError::bad_request(
+                "context_length_exceeded",
+                format!(
+                    "this model's context window is {context} tokens; the prompt is {} tokens and max_tokens asks for {n} more ({} in all); shorten the prompt or lower max_tokens",
+                    prompt.len(),
+                    prompt.len() + n
+                ),
+            ));
+        }
+        Some(n) => n,
+        None if room == 0 => {
+            return Err(ApiError::bad_request(
+                "context_length_exceeded",
+                format!(
+                    "this model's context window is {context} tokens and the prompt is {} tokens; nothing is left to generate",
+                    prompt.len()
+                ),
+            ));
+        }
+        None if kind == Kind::Completion => COMPLETIONS_DEFAULT_MAX_TOKENS.min(room),
+        None => room,
+    };
+    let (events, rx) = mpsc::unbounded_channel();
+    scheduler.submit(Request { prompt, max_tokens, sampling: parsed.sampling, stop: parsed.stop, events })?;
+    let meta = Meta::new(kind, &id);
+    if parsed.stream {
+        Ok(stream_response(meta, rx, parsed.include_usage).into_response())
+    } else {
+        collect_response(meta, rx).await
+    }
+}
+
+/// What every response and chunk of one request shares.
+#[derive(Clone)]
+struct Meta {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Meta {
+    fn new(kind: Kind, model: &ModelRef) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+        Meta { kind, id: format!("{prefix}-{created:x}{n:06x}"), created, model: model.to_string() }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    /// One streamed piece: text so far unsent and, on the last piece, why it ended.
+    fn chunk(&self, text: Option<&str>, finish: Option<FinishReason>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = match text {
+                    Some(t) => json!({"content": t}),
+                    None if finish.is_none() => json!({"role": "assistant", "content": ""}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        };
+        self.envelope(true, json!([choice]))
+    }
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+fn failed(message: String) -> ApiError {
+    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "server_error", "inference_failed", message)
+}
+
+async fn collect_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Failed(message)) => return Err(failed(message)),
+            Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
+                let choice = match meta.kind {
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null,
+                        "finish_reason": finish,
+                    }),
+                    Kind::Completion => {
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                    }
+                };
+                let mut body = meta.envelope(false, json!([choice]));
+                body["usage"] = usage(prompt_tokens, completion_tokens);
+                return Ok(Json(body).into_response());
+            }
+            None => return Err(failed("the generation worker stopped".into())),
+        }
+    }
+}
+
+fn data(value: &Value) -> SseEvent {
+    SseEvent::default().data(value.to_string())
+}
+
+fn stream_response(
+    meta: Meta,
+    rx: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    // Chat streams open with the assistant role, as OpenAI's do.
+    let opening = (meta.kind == Kind::Chat).then(|| data(&meta.chunk(None, None)));
+    let body = stream::unfold(Some((rx, meta)), move |st| async move {
+        let (mut rx, meta) = st?;
+        let events: Vec<SseEvent> = match rx.recv().await {
+            Some(Event::Text(t)) if t.is_empty() => Vec::new(),
+            Some(Event::Text(t)) => vec![data(&meta.chunk(Some(&t), None))],
+            Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
+                let mut out = vec![data(&meta.chunk(None, Some(finish)))];
+                if include_usage {
+                    let mut last = meta.envelope(true, json!([]));
+                    last["usage"] = usage(prompt_tokens, completion_tokens);
+                    out.push(data(&last));
+                }
+                out.push(SseEvent::default().data("[DONE]"));
+                return Some((out, None));
+            }
+            Some(Event::Failed(message)) => {
+                let error = json!({"error": {"message": message, "type": "server_error", "code": "inference_failed"}});
+                return Some((vec![data(&error), SseEvent::default().data("[DONE]")], None));
+            }
+            None => return None,
+        };
+        Some((events, Some((rx, meta))))
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok)));
+    Sse::new(stream::iter(opening.into_iter().map(Ok)).chain(body))
+}
+
+fn parse(req: &Map<String, Value>, kind: Kind) -> Result<Parsed, ApiError> {
+    let prompt = match kind {
+        Kind::Chat => PromptInput::Messages(parse_messages(req.get("messages"))?),
+        Kind::Completion => PromptInput::Text(match req.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_string()
+            }
+            Some(Value::Array(_)) => {
+                return Err(bad(
+                    "invalid_prompt",
+                    "`prompt` must be one string (batches of prompts are not supported)",
+                ));
+            }
+            Some(_) => return Err(bad("invalid_prompt", "`prompt` must be a string")),
+            None => return Err(bad("missing_prompt", "`prompt` is required")),
+        }),
+    };
+    let number = |key: &str| -> Result<Option<f64>, ApiError> {
+        match req.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(_) => Err(bad("invalid_parameter", format!("`{key}` must be a number"))),
+        }
+    };
+    let integer = |key: &str| -> Result<Option<u64>, ApiError> {
+        match req.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad("invalid_parameter", format!("`{key}` must be a non-negative integer"))),
+            Some(_) => Err(bad("invalid_parameter", format!("`{key}` must be a non-negative integer"))),
+        }
+    };
+    let max_tokens = match (integer("max_tokens")?, integer("max_completion_tokens")?) {
+        (Some(0), _) | (_, Some(0)) => {
+            return Err(bad("invalid_parameter", "`max_tokens` must be at least 1"));
+        }
+        (a, b) => a.or(b).map(|n| n.min(usize::MAX as u64) as usize),
+    };
+    let temperature = number("temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad(
+            "invalid_parameter",
+            format!("`temperature` must be between 0 and 2, got {temperature}"),
+        ));
+    }
+    let top_p = number("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad(
+            "invalid_parameter",
+            format!("`top_p` must be greater than 0 and at most 1, got {top_p}"),
+        ));
+    }
+    let top_k = integer("top_k")?.unwrap_or(0).min(u32::MAX as u64) as usize;
+    let seed = integer("seed")?.unwrap_or_else(random_seed);
+    match integer("n")? {
+        None | Some(1) => {}
+        Some(n) => {
+            return Err(bad(
+                "unsupported_parameter",
+                format!("`n` must be 1 (got {n}); send separate requests"),
+            ));
+        }
+    }
+    let stop = match req.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("invalid_stop", "`stop` must be a string or an array of strings"))?,
+        Some(_) => return Err(bad("invalid_stop", "`stop` must be a string or an array of strings")),
+    };
+    if stop.len() > MAX_STOPS {
+        return Err(bad("invalid_stop", format!("at most {MAX_STOPS} stop strings, got {}", stop.len())));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(bad("invalid_stop", "stop strings must not be empty"));
+    }
+    let stream = match req.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("invalid_parameter", "`stream` must be true or false")),
+    };
+    let include_usage = match req.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(bad("invalid_parameter", "`stream_options.include_usage` must be true or false"));
+            }
+        },
+        Some(_) => return Err(bad("invalid_parameter", "`stream_options` must be an object")),
+    };
+    // Features this server does not have are refused, never silently ignored.
+    for key in ["tools", "functions", "logit_bias", "response_format"] {
+        if req.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(bad("unsupported_parameter", format!("`{key}` is not supported by this server")));
+        }
+    }
+    if req.get("logprobs").is_some_and(|v| !(v.is_null() || *v == Value::Bool(false))) {
+        return Err(bad("unsupported_parameter", "`logprobs` is not supported by this server"));
+    }
+    Ok(Parsed {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams { temperature, top_p, top_k, seed },
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+fn parse_messages(messages: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = match messages {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => return Err(bad("invalid_messages", "`messages` must not be empty")),
+        Some(_) => return Err(bad("invalid_messages", "`messages` must be an array of {role, content}")),
+        None => return Err(bad("missing_messages", "`messages` is required")),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.get("role") {
+                Some(Value::String(r)) if ["system", "developer", "user", "assistant"].contains(&r.as_str()) => {
+                    r.clone()
+                }
+                Some(Value::String(r)) => {
+                    return Err(bad(
+                        "invalid_messages",
+                        format!("messages[{i}].role {r:?} is not one of system, developer, user, assistant"),
+                    ));
+                }
+                _ => return Err(bad("invalid_messages", format!("messages[{i}].role must be a string"))),
+            };
+            let content = match m.get("content") {
+                Some(Value::String(c)) => c.clone(),
+                // Content parts: text only.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => Ok(t),
+                        _ => Err(bad(
+                            "invalid_messages",
+                            format!("messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat(),
+                _ => return Err(bad("invalid_messages", format!("messages[{i}].content must be a string"))),
+            };
+            Ok(ChatMessage { role: if role == "developer" { "system".into() } else { role }, content })
+        })
+        .collect()
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(code, message)
+}
+
+/// A seed for requests that do not name one.
+fn random_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+}

@@ -1,0 +1,371 @@
+//! The text-generation model: GGUF Llama weights ([`Llama`]), the tokenizer (tokenizer.json when
+//! present, else rebuilt from the GGUF metadata), the chat template from the GGUF metadata
+//! rendered with minijinja, the end-of-generation tokens, sampling settings, and the text stream
+//! that turns generated ids into safe-to-send text.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::EngineError;
+use super::gguf_tokenizer;
+use super::llama::{Llama, Step, metadata_u32};
+
+/// Names llama.cpp also treats as end of generation, whatever `eos_token_id` says.
+const END_TOKENS: &[&str] =
+    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// How the next token is chosen. Temperature 0 is greedy; `top_k` 0 means no top-k cut.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+    }
+
+    pub fn processor(&self) -> LogitsProcessor {
+        let t = self.temperature;
+        let sampling = if t <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match (self.top_k, self.top_p < 1.0) {
+                (0, false) => Sampling::All { temperature: t },
+                (0, true) => Sampling::TopP { p: self.top_p, temperature: t },
+                (k, false) => Sampling::TopK { k, temperature: t },
+                (k, true) => Sampling::TopKThenTopP { k, p: self.top_p, temperature: t },
+            }
+        };
+        LogitsProcessor::from_sampling(self.seed, sampling)
+    }
+}
+
+pub struct GenerationModel {
+    llama: Llama,
+    tokenizer: Tokenizer,
+    chat: Option<minijinja::Environment<'static>>,
+    bos: Option<(u32, String)>,
+    eos: Option<String>,
+    add_bos: bool,
+    end_ids: BTreeSet<u32>,
+    file: PathBuf,
+}
+
+/// The one `*.gguf` file in `dir`.
+pub fn find_gguf(dir: &Path) -> Result<PathBuf, EngineError> {
+    let files_err = |message: String| EngineError::Files { path: dir.display().to_string(), message };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| files_err(e.to_string()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(files_err("no .gguf file here; a text-generation model is one GGUF file".into())),
+        n => Err(files_err(format!("{n} .gguf files here; keep exactly one per model version"))),
+    }
+}
+
+impl GenerationModel {
+    /// Load the GGUF file in `dir` (and its tokenizer.json, when present).
+    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        let file = find_gguf(dir)?;
+        let files_err = |message: String| EngineError::Files { path: file.display().to_string(), message };
+        let mut reader =
+            std::io::BufReader::new(std::fs::File::open(&file).map_err(|e| files_err(e.to_string()))?);
+        let ct =
+            gguf_file::Content::read(&mut reader).map_err(|e| files_err(format!("not a GGUF file: {e}")))?;
+        let llama = Llama::load(&ct, &mut reader, &Device::Cpu)?;
+
+        let vocab = gguf_tokenizer::tokens(&ct)?;
+        let json = dir.join("tokenizer.json");
+        let (tokenizer, control) = if json.exists() {
+            let t = Tokenizer::from_file(&json).map_err(|e| EngineError::Files {
+                path: json.display().to_string(),
+                message: e.to_string(),
+            })?;
+            (t, Vec::new())
+        } else {
+            let built = gguf_tokenizer::from_gguf(&ct)?;
+            (built.tokenizer, built.control)
+        };
+        let token = |key: &str| -> Option<(u32, String)> {
+            let id = metadata_u32(&ct, key).ok()?;
+            Some((id, vocab.get(id as usize)?.clone()))
+        };
+        let bos = token("tokenizer.ggml.bos_token_id");
+        let eos = token("tokenizer.ggml.eos_token_id");
+        let add_bos =
+            matches!(ct.metadata.get("tokenizer.ggml.add_bos_token"), Some(gguf_file::Value::Bool(true)));
+        let mut end_ids: BTreeSet<u32> = eos.iter().map(|(id, _)| *id).collect();
+        if let Some((id, _)) = token("tokenizer.ggml.eot_token_id") {
+            end_ids.insert(id);
+        }
+        for (id, text) in vocab.iter().enumerate() {
+            if END_TOKENS.contains(&text.as_str()) && (control.is_empty() || control.contains(&(id as u32))) {
+                end_ids.insert(id as u32);
+            }
+        }
+        let chat = match ct.metadata.get("tokenizer.chat_template") {
+            Some(gguf_file::Value::String(source)) => Some(chat_environment(source.clone())?),
+            _ => None,
+        };
+        Ok(GenerationModel { llama, tokenizer, chat, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids, file })
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.llama.config().context_length
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
+    pub fn is_end(&self, id: u32) -> bool {
+        self.end_ids.contains(&id)
+    }
+
+    /// The chat template's rendering of `messages`, ending where the assistant's reply starts.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let env = self.chat.as_ref().ok_or_else(|| {
+            EngineError::Unsupported("this model has no chat template; use /v1/completions".into())
+        })?;
+        let template = env.get_template("chat").map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos.as_ref().map(|(_, s)| s.as_str()).unwrap_or(""),
+                eos_token => self.eos.as_deref().unwrap_or(""),
+            })
+            .map_err(|e| EngineError::Tokenizer(format!("chat template: {e}")))
+    }
+
+    /// Token ids of a prompt; special tokens written in the text (as chat templates do) are
+    /// parsed as such.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let Some((bos, _)) = &self.bos
+            && self.add_bos
+            && ids.first() != Some(bos)
+        {
+            ids.insert(0, *bos);
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// One sequence, start to end, without the scheduler: warmup and tests. Returns the
+    /// generated ids, the end token included when generation stopped on one.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::Inference("empty prompt".into()));
+        }
+        let mut cache = self.llama.new_cache();
+        let mut processor = sampling.processor();
+        let mut out = Vec::new();
+        let mut next = prompt.to_vec();
+        while out.len() < max_tokens && cache.len() + next.len() <= self.context_length() {
+            let logits = self
+                .llama
+                .forward(&mut [Step { tokens: &next, cache: &mut cache, logits: true }])?
+                .ok_or_else(|| EngineError::Inference("no logits".into()))?;
+            let token = processor.sample(&logits.get(0)?)?;
+            out.push(token);
+            if self.is_end(token) {
+                break;
+            }
+            next = vec![token];
+        }
+        Ok(out)
+    }
+}
+
+fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, EngineError> {
+    let mut env = minijinja::Environment::new();
+    // Templates are written for Python's Jinja: str.strip(), dict.items() and friends.
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    env.add_template_owned("chat", source)
+        .map_err(|e| EngineError::Unsupported(format!("the GGUF chat template does not compile: {e}")))?;
+    Ok(env)
+}
+
+/// Why a generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+}
+
+/// Generated ids in, text out: holds back bytes that do not yet form a whole character and any
+/// tail that could be the start of a stop string, and cuts the text at the first stop string.
+pub struct TextStream {
+    ids: Vec<u32>,
+    sent: usize,
+    stops: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delta {
+    /// Text that is final (possibly empty).
+    Text(String),
+    /// A stop string was reached: the text before it, then the generation ends.
+    Stopped(String),
+}
+
+impl TextStream {
+    pub fn new(stops: Vec<String>) -> Self {
+        TextStream { ids: Vec::new(), sent: 0, stops: stops.into_iter().filter(|s| !s.is_empty()).collect() }
+    }
+
+    pub fn push(&mut self, model: &GenerationModel, id: u32) -> Result<Delta, EngineError> {
+        self.ids.push(id);
+        let text = model.decode(&self.ids)?;
+        Ok(self.advance(&text))
+    }
+
+    /// The delta for the whole decoded text so far.
+    fn advance(&mut self, text: &str) -> Delta {
+        if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            let delta = text.get(self.sent..at).unwrap_or_default().to_string();
+            self.sent = at.max(self.sent);
+            return Delta::Stopped(delta);
+        }
+        // A byte-level token can end inside a character; wait for the rest.
+        if text.ends_with('\u{FFFD}') {
+            return Delta::Text(String::new());
+        }
+        let end = text.len() - self.held_back(text);
+        let delta = text.get(self.sent..end).unwrap_or_default().to_string();
+        self.sent = end.max(self.sent);
+        Delta::Text(delta)
+    }
+
+    /// Everything not yet sent, at the end of the generation.
+    pub fn flush(&mut self, model: &GenerationModel) -> Result<String, EngineError> {
+        let text = model.decode(&self.ids)?;
+        let delta = text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = text.len();
+        Ok(delta)
+    }
+
+    /// Bytes at the end of `text` that start some stop string (a proper prefix of it).
+    fn held_back(&self, text: &str) -> usize {
+        let mut hold = 0;
+        for stop in &self.stops {
+            for (i, _) in stop.char_indices().skip(1) {
+                if text.ends_with(&stop[..i]) {
+                    hold = hold.max(i);
+                }
+            }
+        }
+        hold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], texts: &[&str]) -> Vec<Delta> {
+        let mut stream = TextStream::new(stops.iter().map(|s| s.to_string()).collect());
+        texts.iter().map(|t| stream.advance(t)).collect()
+    }
+
+    #[test]
+    fn text_is_sent_as_it_grows() {
+        assert_eq!(
+            run(&[], &["Hel", "Hello", "Hello world"]),
+            [Delta::Text("Hel".into()), Delta::Text("lo".into()), Delta::Text(" world".into())]
+        );
+    }
+
+    #[test]
+    fn a_possible_stop_prefix_is_held_back_then_released() {
+        let d = run(&["\n\nUser"], &["Hi", "Hi\n", "Hi\n\nUs", "Hi\n\nUsual"]);
+        assert_eq!(
+            d,
+            [
+                Delta::Text("Hi".into()),
+                Delta::Text(String::new()),
+                Delta::Text(String::new()),
+                Delta::Text("\n\nUsual".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_stop_string_cuts_the_text() {
+        let d = run(&["END", "."], &["one", "one two. three END"]);
+        assert_eq!(d, [Delta::Text("one".into()), Delta::Stopped(" two".into())]);
+    }
+
+    #[test]
+    fn an_incomplete_character_waits() {
+        let d = run(&[], &["caf", "caf\u{FFFD}", "café"]);
+        assert_eq!(d, [Delta::Text("caf".into()), Delta::Text(String::new()), Delta::Text("é".into())]);
+    }
+
+    #[test]
+    fn sampling_settings_pick_the_strategy() {
+        // Greedy ignores the seed: the same logits give the same token.
+        let logits = candle_core::Tensor::new(&[0.1f32, 2.0, 0.3], &Device::Cpu).expect("tensor");
+        let greedy = SamplingParams::greedy();
+        assert_eq!(greedy.processor().sample(&logits).expect("sample"), 1);
+        let hot = SamplingParams { temperature: 5.0, top_p: 1.0, top_k: 0, seed: 7 };
+        let a: Vec<u32> = {
+            let mut p = hot.processor();
+            (0..32).map(|_| p.sample(&logits).expect("sample")).collect()
+        };
+        let b: Vec<u32> = {
+            let mut p = hot.processor();
+            (0..32).map(|_| p.sample(&logits).expect("sample")).collect()
+        };
+        assert_eq!(a, b, "same seed, same draws");
+        assert!(a.iter().any(|&t| t != 1), "a high temperature samples beyond the argmax");
+        let top1 = SamplingParams { temperature: 5.0, top_p: 1.0, top_k: 1, seed: 7 };
+        let mut p = top1.processor();
+        assert!((0..16).all(|_| p.sample(&logits).expect("sample") == 1), "top_k 1 is greedy");
+    }
+}
