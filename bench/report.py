@@ -108,6 +108,24 @@ def main():
             val = '-' if v is None else f'{v:.1f}' if isinstance(v, float) else str(v)
             print(f'| {name:66} | {val:>10} |')
 
+    gk, gl = load(os.path.join(out, 'generation-kiln.json')), load(os.path.join(out, 'generation-llama-cpp.json'))
+    if gk or gl:
+        gk, gl = gk or {}, gl or {}
+        print('\nText generation, SmolLM2-135M-Instruct Q4_1, greedy, same threads, prompt '
+              + repr((gk or gl).get('prompt')) + f", max_tokens {(gk or gl).get('max_tokens')}")
+        print(f'| {"measure":38} | {"kiln":>9} | {"llama.cpp":>9} | {"kiln/llama.cpp":>14} | {"target":>8} |')
+        print(f'|{"-" * 40}|{"-" * 11}|{"-" * 11}|{"-" * 16}|{"-" * 10}|')
+        rows = [('time to first token, ms', gk.get('ttft_ms'), gl.get('ttft_ms'), True, ''),
+                ('single-stream decode, tokens/s', gk.get('single_stream_tokens_per_s'),
+                 gl.get('single_stream_tokens_per_s'), False, '>= 0.8x')]
+        for c in ('1', '4', '8'):
+            rows.append((f'aggregate at {c} streams, tokens/s', (gk.get('aggregate_tokens_per_s') or {}).get(c),
+                         (gl.get('aggregate_tokens_per_s') or {}).get(c), False, '>= 1x' if c == '8' else ''))
+        for name, a, b, lower_better, target in rows:
+            fa = '-' if a is None else f'{a:.1f}'
+            fb = '-' if b is None else f'{b:.1f}'
+            print(f'| {name:38} | {fa:>9} | {fb:>9} | {ratio(a, b, invert=lower_better):>14} | {target:>8} |')
+
 
 if __name__ == '__main__':
     main()

@@ -2,7 +2,8 @@
 # make bench: Kiln and the Python stack people run today, side by side, in the same run.
 # Writes JSON under $OUT and prints the table that docs/benchmarks.md records.
 #   env: DURATION (wrk seconds per point, default 20), OUT (default target/bench), SKIP_BASELINE=1,
-#        SKIP_CLUSTER=1 (no operator-at-scale part), BENCH_MDS (default 1000)
+#        SKIP_CLUSTER=1 (no operator-at-scale part), BENCH_MDS (default 1000),
+#        SKIP_GENERATION=1 (no text-generation part; it builds llama.cpp's llama-server once)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -25,6 +26,11 @@ echo "== kiln engine"
 echo "== kiln http"
 python3 "$ROOT/bench/kiln_http.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$MODEL" "$SHARED/corpus" \
   "$OUT/kiln-http.json" --duration "${DURATION:-20}" --baseline-dir "$SHARED/python-baseline"
+
+if [ "${SKIP_GENERATION:-0}" != 1 ]; then
+  # Kiln's text-generation server and llama.cpp's llama-server, same GGUF and threads.
+  bash "$ROOT/bench/generation.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$OUT"
+fi
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
   echo "== python baseline (sentence-transformers on torch, FastAPI/uvicorn)"

@@ -364,6 +364,89 @@ async fn a_cpu_pool_serves_real_embeddings_only_after_warmup_and_converges() {
     drop(operator);
 }
 
+/// A text-generation resource: SmolLM2 (GGUF) from a file:// source on the harness's node.
+fn textgen_md(ns: &str, name: &str) -> Value {
+    let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
+    let dir = root.join("smollm2");
+    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    assert!(dir.join(file).is_file(), "run `make fixtures` first");
+    json!({
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "family": "text-generation",
+            "models": [{
+                "name": "smollm2", "version": "135m-q4",
+                "source": {"uri": format!("file://{}/", dir.display()), "sha256": {file: sha256_file(&dir.join(file))}},
+                "memory": "300Mi"
+            }],
+            "pools": [{
+                "name": "cpu",
+                "nodeSelector": {"kiln.dev/pool": "cpu", "kiln.dev/harness": "real"},
+                "gpus": 0,
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+                "serve": ["smollm2:135m-q4"],
+                "replicas": 1
+            }],
+            "warmup": {"iterations": 1, "inputs": ["Say hello."], "timeoutSeconds": 120},
+            "batching": {"maxBatchSize": 4, "maxQueueDepth": 64}
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_generation_pool_becomes_ready_after_warmup_and_chats() {
+    let client = admin().await;
+    install_crd().await;
+    mark_real_node(&client).await;
+    let ns = TestNamespace::create(&client, "e2e-textgen").await;
+    let n = ns.name.as_str();
+    let _operator = Operator::start(n).await;
+    apply_json(&client, n, &textgen_md(n, "chat")).await.expect("apply md");
+
+    // Ready in the cluster only once the real server has loaded and warmed the GGUF model.
+    wait_md_ready(&client, n, "chat", Duration::from_secs(300)).await;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), n);
+    let list =
+        slices.list(&ListParams::default().labels("kubernetes.io/service-name=chat-cpu")).await.unwrap();
+    let endpoint = list
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .find(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .and_then(|e| e.addresses.first().cloned())
+        .unwrap_or_else(|| panic!("no ready endpoint: {:?}", list.items));
+    let http = reqwest::Client::new();
+    let ready: Value =
+        http.get(format!("http://{endpoint}:8080/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["models"]["smollm2:135m-q4"]["state"], "Ready", "{ready}");
+    assert!(ready["models"]["smollm2:135m-q4"]["warmupSeconds"].as_f64().is_some(), "{ready}");
+
+    // An OpenAI chat request through the Service's endpoint.
+    let resp: Value = http
+        .post(format!("http://{endpoint}:8080/v1/chat/completions"))
+        .json(&json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+            "temperature": 0,
+            "max_tokens": 16
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let answer = resp["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(answer.contains("Paris"), "{resp}");
+    let table = kubectl(&["get", "md", "-n", n]).unwrap();
+    assert!(
+        table.contains("text-generation") && table.contains("1/1") && table.contains("smollm2:135m-q4"),
+        "{table}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_pools_place_pods_roll_only_the_changed_pool_and_report_misfits() {
     let client = admin().await;

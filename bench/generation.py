@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Text-generation figures for one OpenAI-compatible server (Kiln or llama.cpp's llama-server),
+measured the same way for both: POST /v1/completions, greedy, the same prompt.
+
+  generation.py URL NAME > figures.json
+
+- time to first token: a streamed request, from sending to the first chunk with text;
+- single-stream decode tokens/s: (completion tokens - 1) / (total time - time to first token);
+- aggregate tokens/s at 1, 4 and 8 concurrent streams: each client sends requests back to back
+  for the measurement window; completion tokens over wall time.
+Completion tokens come from each response's `usage`, so both servers are counted alike.
+"""
+import http.client
+import json
+import sys
+import threading
+import time
+import urllib.parse
+
+PROMPT = "1, 2, 3, 4, 5,"
+MAX_TOKENS = 128
+CONCURRENCY = [1, 4, 8]
+WINDOW_S = 20.0
+
+
+def request(url, body, stream=False):
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    payload = dict(body, stream=stream)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(payload), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise SystemExit(f"{url}: HTTP {resp.status}: {resp.read()[:300]!r}")
+    if not stream:
+        out = json.loads(resp.read())
+        conn.close()
+        return out, time.perf_counter() - t0, None
+    first = None
+    for line in resp:
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        choices = chunk.get("choices") or [{}]
+        if first is None and choices[0].get("text"):
+            first = time.perf_counter() - t0
+    conn.close()
+    return None, time.perf_counter() - t0, first
+
+
+def main():
+    url, name = sys.argv[1], sys.argv[2]
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "cache_prompt": False}
+    request(url, body)  # warm
+    ttfts, rates = [], []
+    for _ in range(3):
+        _, _, ttft = request(url, body, stream=True)
+        out, total, _ = request(url, body)
+        tokens = out["usage"]["completion_tokens"]
+        ttfts.append(ttft)
+        rates.append((tokens - 1) / max(total - ttft, 1e-9))
+    figures = {
+        "server": name,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "ttft_ms": round(sorted(ttfts)[1] * 1000, 1),
+        "single_stream_tokens_per_s": round(sorted(rates)[1], 1),
+        "aggregate_tokens_per_s": {},
+    }
+    for clients in CONCURRENCY:
+        counts = [0] * clients
+        stop = time.perf_counter() + WINDOW_S
+        errors = []
+
+        def client(i):
+            try:
+                while time.perf_counter() < stop:
+                    out, _, _ = request(url, body)
+                    counts[i] += out["usage"]["completion_tokens"]
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise SystemExit(f"{name}: {errors[0]}")
+        figures["aggregate_tokens_per_s"][str(clients)] = round(sum(counts) / (time.perf_counter() - t0), 1)
+        print(f"{name}: {clients} streams: {figures['aggregate_tokens_per_s'][str(clients)]} tokens/s", file=sys.stderr)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server (the baseline of the text-generation benchmark) from the
+# llama.cpp tree vendored in the llama-cpp-python sdist on the package registry, cached by
+# version under ~/.cache/kiln. Prints the binary's path on its last line.
+#   LLAMA_CPP_PYTHON_VERSION   sdist version (default below)
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+DIR="$CACHE/llama.cpp-python-$VERSION"
+BIN="$DIR/build/bin/llama-server"
+
+if [[ -x "$BIN" && -f "$DIR/.complete" ]]; then
+  echo "$BIN"
+  exit 0
+fi
+for tool in cmake c++ python3; do
+  command -v "$tool" >/dev/null || { echo "llama-cpp.sh: '$tool' is required to build llama-server" >&2; exit 1; }
+done
+echo "llama-cpp.sh: building llama-server from llama-cpp-python==$VERSION (a few minutes on 2 cores)" >&2
+rm -rf "$DIR"
+mkdir -p "$DIR"
+python3 -m pip download --quiet --no-deps --no-binary :all: --disable-pip-version-check -d "$DIR" \
+  "llama-cpp-python==$VERSION" >&2
+tar xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
+src="$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp"
+# Native CPU flags (AVX2/FMA where the machine has them), as a user building llama.cpp would.
+cmake -S "$src" -B "$DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >&2
+cmake --build "$DIR/build" --target llama-server -j "$(nproc)" >&2
+touch "$DIR/.complete"
+echo "$BIN"
