@@ -118,6 +118,19 @@ fn tensor<R: std::io::Read + std::io::Seek>(
     ct.tensor(reader, name, device).map_err(|e| EngineError::Unsupported(format!("GGUF tensor {name}: {e}")))
 }
 
+/// Block formats candle multiplies only with scalar code (no AVX2 kernel): Q4_1, Q5_0, Q5_1.
+/// Their weights are re-blocked as Q8_0 once at load, which has one: about 5x faster decoding
+/// for 60% more weight memory, and Q8_0 holds a 4- or 5-bit block's values almost exactly.
+fn fast_layout(t: QTensor, device: &Device) -> Result<QTensor, EngineError> {
+    use candle_core::quantized::GgmlDType;
+    let slow = matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
+    let inner = t.shape().dims().last().copied().unwrap_or(0);
+    if !slow || inner % GgmlDType::Q8_0.block_size() != 0 {
+        return Ok(t);
+    }
+    Ok(QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?)
+}
+
 struct Layer {
     attn_norm: RmsNorm,
     wq: QMatMul,
@@ -191,7 +204,7 @@ impl Llama {
             let ffn_norm =
                 RmsNorm::from_qtensor(tensor(ct, reader, device, &name("ffn_norm"))?, cfg.rms_eps)?;
             let mut q = |what: &str| -> Result<QMatMul, EngineError> {
-                Ok(QMatMul::from_qtensor(tensor(ct, reader, device, &name(what))?)?)
+                Ok(QMatMul::from_qtensor(fast_layout(tensor(ct, reader, device, &name(what))?, device)?)?)
             };
             layers.push(Layer {
                 attn_norm,
@@ -207,7 +220,7 @@ impl Llama {
         }
         // Tied embeddings (SmolLM2 and most small models) reuse the token table as the head.
         let output = if ct.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(tensor(ct, reader, device, "output.weight")?)?
+            QMatMul::from_qtensor(fast_layout(tensor(ct, reader, device, "output.weight")?, device)?)?
         } else {
             QMatMul::from_qtensor(embed_q)?
         };
