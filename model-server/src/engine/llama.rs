@@ -5,18 +5,24 @@
 //! all tokens of the step at once, so a decode step over eight streams reads the weights once;
 //! only attention, which depends on each sequence's history, runs per sequence.
 //!
-//! The matmuls are candle's quantized ones (`QMatMul`, the GGUF block formats as stored); the
+//! The matmuls run on the GGUF blocks as stored ([`super::quant`]: several activation rows per
+//! pass over each weight block; Q, K and V, and gate and up, stacked into one matmul each).
+//! Everything between them (norms, rotary embeddings, attention over each sequence's cache) is
+//! plain loops over float rows: at one token per sequence a step is hundreds of tiny operations,
+//! and a tensor library's per-operation cost would outweigh their arithmetic. The
 //! layout follows llama.cpp's GGUF conventions: `blk.N.attn_q/k/v/output`, `ffn_gate/up/down`,
 //! interleaved ("normal") rotary embeddings, output weights tied to the token embeddings when
 //! `output.weight` is absent.
 
-use candle_core::quantized::{QMatMul, QTensor, gguf_file};
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Embedding;
-use candle_nn::kv_cache::KvCache;
-use candle_transformers::quantized_nn::RmsNorm;
+use std::sync::Arc;
+
+use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::EngineError;
+use super::packed_bert::kernels::{self, Isa};
+use super::quant::{Linear, Projections, QWeight};
 
 /// Shape of a Llama-family model, from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,47 +124,68 @@ fn tensor<R: std::io::Read + std::io::Seek>(
     ct.tensor(reader, name, device).map_err(|e| EngineError::Unsupported(format!("GGUF tensor {name}: {e}")))
 }
 
-/// Block formats candle multiplies only with scalar code (no AVX2 kernel): Q4_1, Q5_0, Q5_1.
-/// Their weights are re-blocked as Q8_0 once at load, which has one: about 5x faster decoding
-/// for 60% more weight memory, and Q8_0 holds a 4- or 5-bit block's values almost exactly.
-fn fast_layout(t: QTensor, device: &Device) -> Result<QTensor, EngineError> {
-    use candle_core::quantized::GgmlDType;
-    let slow = matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
-    let inner = t.shape().dims().last().copied().unwrap_or(0);
-    if !slow || inner % GgmlDType::Q8_0.block_size() != 0 {
-        return Ok(t);
-    }
-    Ok(QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?)
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// Q, K and V.
+    qkv: Projections,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    /// Gate and up.
+    gate_up: Projections,
+    down: Linear,
 }
 
-struct Layer {
-    attn_norm: RmsNorm,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+/// The token table: rows dequantized on lookup when its format is native here (no float copy
+/// of a table that is often the largest tensor), else a dense copy.
+enum Embeddings {
+    Quantized(Arc<QWeight>),
+    Dense(Vec<f32>),
+}
+
+impl Embeddings {
+    fn lookup(&self, ids: &[u32], hidden: usize) -> Result<Vec<f32>, EngineError> {
+        let mut x = vec![0f32; ids.len() * hidden];
+        for (id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
+            let i = *id as usize;
+            let found = match self {
+                Embeddings::Quantized(w) => w.dequantize_row(i, row),
+                Embeddings::Dense(table) => {
+                    table.get(i * hidden..(i + 1) * hidden).map(|r| row.copy_from_slice(r))
+                }
+            };
+            found
+                .ok_or_else(|| EngineError::Inference(format!("token id {id} is outside the vocabulary")))?;
+        }
+        Ok(x)
+    }
 }
 
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Embedding,
+    embed: Embeddings,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    output: QMatMul,
-    /// Rotary tables, [context_length, head_dim / 2].
-    cos: Tensor,
-    sin: Tensor,
+    norm: Vec<f32>,
+    output: Linear,
+    /// Rotary tables, [context_length][head_dim / 2].
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     device: Device,
+    isa: Isa,
+    pool: rayon::ThreadPool,
+}
+
+/// One layer's keys and values for the positions seen so far, one row of
+/// `kv_heads * head_dim` per position.
+#[derive(Default)]
+struct LayerCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// The attention history of one sequence: keys and values per layer, and how many positions
 /// they hold. Dropping it frees the memory.
 pub struct SequenceCache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
     len: usize,
 }
 
@@ -183,8 +210,9 @@ pub struct Step<'a> {
     pub logits: bool,
 }
 
-/// Keys and values grow in blocks of this many positions.
-const CACHE_BLOCK: usize = 128;
+/// Attention work (query rows x keys x head size) below which a step's attention runs on the
+/// calling thread: handing a few microseconds of work to the pool costs more than it saves.
+const PARALLEL_ATTENTION: usize = 1 << 18;
 
 impl Llama {
     pub fn load<R: std::io::Read + std::io::Seek>(
@@ -193,39 +221,76 @@ impl Llama {
         device: &Device,
     ) -> Result<Self, EngineError> {
         let cfg = LlamaConfig::from_gguf(ct)?;
-        let embed_q = tensor(ct, reader, device, "token_embd.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(device)?, cfg.hidden);
-        let norm = RmsNorm::from_qtensor(tensor(ct, reader, device, "output_norm.weight")?, cfg.rms_eps)?;
+        let mut t = |name: &str| tensor(ct, reader, device, name);
+        let floats = |q: QTensor| -> Result<Vec<f32>, EngineError> {
+            Ok(q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let norm_of = |q: QTensor, name: &str| -> Result<Vec<f32>, EngineError> {
+            let v = floats(q)?;
+            if v.len() != cfg.hidden {
+                return Err(EngineError::Unsupported(format!(
+                    "GGUF tensor {name} has {} values for a hidden size of {}",
+                    v.len(),
+                    cfg.hidden
+                )));
+            }
+            Ok(v)
+        };
+        let embed_q = t("token_embd.weight")?;
+        let norm = norm_of(t("output_norm.weight")?, "output_norm.weight")?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let name = |what: &str| format!("blk.{i}.{what}.weight");
-            let attn_norm =
-                RmsNorm::from_qtensor(tensor(ct, reader, device, &name("attn_norm"))?, cfg.rms_eps)?;
-            let ffn_norm =
-                RmsNorm::from_qtensor(tensor(ct, reader, device, &name("ffn_norm"))?, cfg.rms_eps)?;
-            let mut q = |what: &str| -> Result<QMatMul, EngineError> {
-                Ok(QMatMul::from_qtensor(fast_layout(tensor(ct, reader, device, &name(what))?, device)?)?)
-            };
             layers.push(Layer {
-                attn_norm,
-                wq: q("attn_q")?,
-                wk: q("attn_k")?,
-                wv: q("attn_v")?,
-                wo: q("attn_output")?,
-                ffn_norm,
-                gate: q("ffn_gate")?,
-                up: q("ffn_up")?,
-                down: q("ffn_down")?,
+                attn_norm: norm_of(t(&name("attn_norm"))?, &name("attn_norm"))?,
+                qkv: Projections::new(
+                    vec![t(&name("attn_q"))?, t(&name("attn_k"))?, t(&name("attn_v"))?],
+                    device,
+                )?,
+                wo: Linear::new(t(&name("attn_output"))?, device)?,
+                ffn_norm: norm_of(t(&name("ffn_norm"))?, &name("ffn_norm"))?,
+                gate_up: Projections::new(vec![t(&name("ffn_gate"))?, t(&name("ffn_up"))?], device)?,
+                down: Linear::new(t(&name("ffn_down"))?, device)?,
             });
         }
         // Tied embeddings (SmolLM2 and most small models) reuse the token table as the head.
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(fast_layout(tensor(ct, reader, device, "output.weight")?, device)?)?
-        } else {
-            QMatMul::from_qtensor(embed_q)?
-        };
-        let (cos, sin) = rotary_tables(&cfg, device)?;
-        Ok(Llama { cfg, embed, layers, norm, output, cos, sin, device: device.clone() })
+        let head =
+            if ct.tensor_infos.contains_key("output.weight") { Some(t("output.weight")?) } else { None };
+        let (embed, output) =
+            match QWeight::from_qtensor(&embed_q, device)?.filter(|w| w.cols() == cfg.hidden) {
+                Some(w) => {
+                    let w = Arc::new(w);
+                    let output = match head {
+                        Some(h) => Linear::new(h, device)?,
+                        None => Linear::Native(w.clone()),
+                    };
+                    (Embeddings::Quantized(w), output)
+                }
+                None => {
+                    let table = embed_q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
+                    let output = Linear::new(head.unwrap_or(embed_q), device)?;
+                    (Embeddings::Dense(table), output)
+                }
+            };
+        let (cos, sin) = rotary_tables(&cfg);
+        // As many threads as the process's pool (RAYON_NUM_THREADS, set from --threads).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("kiln-llama-{i}"))
+            .build()
+            .map_err(|e| EngineError::Inference(format!("inference threads: {e}")))?;
+        Ok(Llama {
+            cfg,
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            device: device.clone(),
+            isa: Isa::best(),
+            pool,
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -233,12 +298,20 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache { layers: (0..self.cfg.layers).map(|_| KvCache::new(2, CACHE_BLOCK)).collect(), len: 0 }
+        SequenceCache { layers: (0..self.cfg.layers).map(|_| LayerCache::default()).collect(), len: 0 }
     }
 
     /// Run one step over several sequences. Returns next-token logits, `[k, vocab]`, one row per
     /// step with `logits: true`, in order; None when no step asked for logits.
+    ///
+    /// The step runs on a worker of the model's own thread pool, so the work between matmuls
+    /// and the matmuls' shares use the same threads: a caller thread waiting beside the pool
+    /// would leave an idle worker spinning on the core that the step's serial part needs.
     pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, EngineError> {
+        self.pool.install(|| self.forward_here(steps))
+    }
+
+    fn forward_here(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, EngineError> {
         let cfg = &self.cfg;
         let all: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if all.is_empty() {
@@ -252,100 +325,214 @@ impl Llama {
                     cfg.context_length
                 )));
             }
+            if s.cache.layers.len() != cfg.layers {
+                return Err(EngineError::Inference("sequence cache is not from this model".into()));
+            }
         }
-        let ids = Tensor::new(all.as_slice(), &self.device)?;
-        let mut x = self.embed.forward(&ids)?; // [T, hidden]
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let rep = cfg.heads / cfg.kv_heads;
+        let t = all.len();
+        let positions: Vec<usize> =
+            steps.iter().flat_map(|s| s.cache.len..s.cache.len + s.tokens.len()).collect();
+        let mut x = self.embed.lookup(&all, cfg.hidden)?; // [t][hidden]
+        let mut h = vec![0f32; x.len()];
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
-            let mut outs = Vec::with_capacity(steps.len());
+            rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32, &mut h);
+            let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(layer.qkv.forward(&h, t)?)
+                .map_err(|_| EngineError::Inference("Q, K and V projections".into()))?;
+            self.rope(&mut q, &positions);
+            self.rope(&mut k, &positions);
+            let kv = cfg.kv_heads * cfg.head_dim;
             let mut offset = 0;
             for step in steps.iter_mut() {
                 let n = step.tokens.len();
-                if n == 0 {
-                    continue;
-                }
-                let pos = step.cache.len;
-                let heads = |t: &Tensor, count: usize| -> candle_core::Result<Tensor> {
-                    t.narrow(0, offset, n)?
-                        .reshape((1, n, count, cfg.head_dim))?
-                        .transpose(1, 2)?
-                        .contiguous()
-                };
-                let cos = self.cos.narrow(0, pos, n)?;
-                let sin = self.sin.narrow(0, pos, n)?;
-                let qs = candle_nn::rotary_emb::rope_i(&heads(&q, cfg.heads)?, &cos, &sin)?;
-                let ks = candle_nn::rotary_emb::rope_i(&heads(&k, cfg.kv_heads)?, &cos, &sin)?;
-                let vs = heads(&v, cfg.kv_heads)?;
-                let Some(cache) = step.cache.layers.get_mut(li) else {
-                    return Err(EngineError::Inference(
-                        "sequence cache has fewer layers than the model".into(),
-                    ));
-                };
-                let (k_all, v_all) = cache.append(&ks, &vs)?; // [1, kv_heads, pos + n, head_dim]
-                let total = pos + n;
-                // Grouped-query attention without copying keys: query heads that share a
-                // key/value head are stacked as rows of one matmul.
-                let qg = qs.reshape((cfg.kv_heads, rep * n, cfg.head_dim))?;
-                let kg = k_all.squeeze(0)?.contiguous()?;
-                let vg = v_all.squeeze(0)?.contiguous()?;
-                let mut att = (qg.matmul(&kg.t()?)? * scale)?; // [kv_heads, rep * n, total]
-                if n > 1 {
-                    att = att.broadcast_add(&causal_mask(rep, n, pos, &self.device)?)?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att.matmul(&vg)?; // [kv_heads, rep * n, head_dim]
-                let y = y.reshape((cfg.heads, n, cfg.head_dim))?.transpose(0, 1)?.reshape((n, cfg.hidden))?;
-                debug_assert_eq!(total, cache.current_seq_len());
-                outs.push(y);
+                let cache = &mut step.cache.layers[li];
+                cache.k.extend_from_slice(&k[offset * kv..(offset + n) * kv]);
+                cache.v.extend_from_slice(&v[offset * kv..(offset + n) * kv]);
                 offset += n;
             }
-            let y = Tensor::cat(&outs, 0)?;
-            let x1 = (&x + layer.wo.forward(&y)?)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x1 + layer.down.forward(&act)?)?;
+            let y = self.attention(steps, li, &q);
+            add(&mut x, &layer.wo.forward(&y, t)?);
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32, &mut h);
+            let [mut gate, up] = <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&h, t)?)
+                .map_err(|_| EngineError::Inference("gate and up projections".into()))?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            add(&mut x, &layer.down.forward(&gate, t)?);
         }
-        let mut rows = Vec::new();
-        let mut offset = 0u32;
+        let mut last = Vec::new();
+        let mut offset = 0;
         for step in steps.iter_mut() {
             let n = step.tokens.len();
             step.cache.len += n;
-            offset += n as u32;
+            offset += n;
             if step.logits && n > 0 {
-                rows.push(offset - 1);
+                last.extend_from_slice(&x[(offset - 1) * cfg.hidden..offset * cfg.hidden]);
             }
         }
-        if rows.is_empty() {
+        if last.is_empty() {
             return Ok(None);
         }
-        let last = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
-        let logits = self.output.forward(&self.norm.forward(&last)?)?;
-        Ok(Some(logits.to_dtype(DType::F32)?))
+        let rows = last.len() / cfg.hidden;
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.norm, cfg.rms_eps as f32, &mut normed);
+        let logits = self.output.forward(&normed, rows)?;
+        let vocab = logits.len() / rows;
+        Ok(Some(Tensor::from_vec(logits, (rows, vocab), &self.device)?))
     }
-}
 
-/// Additive mask for a chunk of `n` new tokens at positions `pos..pos + n`, laid out as the
-/// grouped rows above (`rep` copies of the chunk): row `r * n + i` may attend to `0..=pos + i`.
-fn causal_mask(rep: usize, n: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let total = pos + n;
-    let mut m = vec![0f32; rep * n * total];
-    for r in 0..rep {
-        for i in 0..n {
-            let row = (r * n + i) * total;
-            for v in &mut m[row + pos + i + 1..row + total] {
-                *v = f32::NEG_INFINITY;
+    /// Interleaved rotary embedding of every head of every row, in place.
+    fn rope(&self, x: &mut [f32], positions: &[usize]) {
+        let half = self.cfg.head_dim / 2;
+        let row_len = x.len() / positions.len().max(1);
+        for (row, &pos) in x.chunks_exact_mut(row_len).zip(positions) {
+            let cos = &self.cos[pos * half..(pos + 1) * half];
+            let sin = &self.sin[pos * half..(pos + 1) * half];
+            for head in row.chunks_exact_mut(self.cfg.head_dim) {
+                for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
             }
         }
     }
-    Tensor::from_vec(m, (rep * n, total), device)
+
+    /// Causal attention of each step's query rows over its sequence's cached keys and values
+    /// (this step's already appended): `[t][heads * head_dim]`.
+    fn attention(&self, steps: &[Step<'_>], layer: usize, q: &[f32]) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let (hd, qd) = (cfg.head_dim, cfg.heads * cfg.head_dim);
+        // (step, head, first query row): one job each, writing its own head's columns.
+        let mut jobs = Vec::with_capacity(steps.len() * cfg.heads);
+        let mut work = 0;
+        let mut row = 0;
+        for (si, s) in steps.iter().enumerate() {
+            let n = s.tokens.len();
+            for head in 0..cfg.heads {
+                jobs.push((si, head, row));
+            }
+            work += n * (s.cache.len + n) * qd;
+            row += n;
+        }
+        let job = |&(si, head, row): &(usize, usize, usize)| -> Vec<f32> {
+            let s = &steps[si];
+            let cache = &s.cache.layers[layer];
+            let n = s.tokens.len();
+            attend_head(cfg, cache, s.cache.len, head, &q[row * qd..(row + n) * qd], self.isa)
+        };
+        let outs: Vec<Vec<f32>> = if work < PARALLEL_ATTENTION {
+            jobs.iter().map(job).collect()
+        } else {
+            jobs.par_iter().map(job).collect()
+        };
+        let mut y = vec![0f32; row * qd];
+        for (&(_, head, first), out) in jobs.iter().zip(&outs) {
+            for (i, o) in out.chunks_exact(hd).enumerate() {
+                let at = (first + i) * qd + head * hd;
+                y[at..at + hd].copy_from_slice(o);
+            }
+        }
+        y
+    }
 }
 
-fn rotary_tables(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+/// One query head over one sequence: `n` query rows (of all heads, `heads * head_dim` each) at
+/// positions `pos..pos + n`, each seeing keys `0..=its position`. Returns `[n][head_dim]`.
+fn attend_head(
+    cfg: &LlamaConfig,
+    cache: &LayerCache,
+    pos: usize,
+    head: usize,
+    q: &[f32],
+    isa: Isa,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU has AVX2 and FMA.
+        return unsafe { attend_head_avx2(cfg, cache, pos, head, q) };
+    }
+    attend_head_with(cfg, cache, pos, head, q, isa)
+}
+
+/// The same loops compiled for AVX2, where the compiler vectorizes them 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_avx2(
+    cfg: &LlamaConfig,
+    cache: &LayerCache,
+    pos: usize,
+    head: usize,
+    q: &[f32],
+) -> Vec<f32> {
+    attend_head_with(cfg, cache, pos, head, q, Isa::Avx2Fma)
+}
+
+#[inline(always)]
+fn attend_head_with(
+    cfg: &LlamaConfig,
+    cache: &LayerCache,
+    pos: usize,
+    head: usize,
+    q: &[f32],
+    isa: Isa,
+) -> Vec<f32> {
+    let hd = cfg.head_dim;
+    let kv = cfg.kv_heads * hd;
+    let group = head / (cfg.heads / cfg.kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n = q.len() / (cfg.heads * hd);
+    let mut out = vec![0f32; n * hd];
+    let mut scores = Vec::with_capacity(pos + n);
+    for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+        let qi = &q[i * cfg.heads * hd + head * hd..][..hd];
+        let seen = pos + i + 1;
+        scores.clear();
+        // A plain loop: a closure here would not be compiled for AVX2 with its caller.
+        for k in cache.k.chunks_exact(kv).take(seen) {
+            scores.push(dot(qi, &k[group * hd..][..hd]) * scale);
+        }
+        kernels::softmax(&mut scores, seen, isa);
+        for (p, v) in scores.iter().zip(cache.v.chunks_exact(kv)) {
+            for (o, v) in o.iter_mut().zip(&v[group * hd..][..hd]) {
+                *o += p * v;
+            }
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight running sums: lets the compiler keep them in vector lanes.
+    let mut acc = [0f32; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += ca[j] * cb[j];
+        }
+    }
+    let tail: f32 =
+        a.chunks_exact(8).remainder().iter().zip(b.chunks_exact(8).remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `out = x / rms(x) * w`, row by row.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+fn rotary_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
     let inv: Vec<f32> =
         (0..half).map(|i| 1.0 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
@@ -358,21 +545,5 @@ fn rotary_tables(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<(Ten
             sin.push(a.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (cfg.context_length, half), device)?,
-        Tensor::from_vec(sin, (cfg.context_length, half), device)?,
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn causal_mask_lets_each_row_see_its_prefix_only() {
-        let m = causal_mask(2, 2, 3, &Device::Cpu).and_then(|t| t.to_vec2::<f32>()).unwrap_or_default();
-        // Two repeats of a two-token chunk at positions 3 and 4 over 5 keys.
-        let seen: Vec<usize> = m.iter().map(|r| r.iter().filter(|v| v.is_finite()).count()).collect();
-        assert_eq!(seen, [4, 5, 4, 5]);
-    }
+    (cos, sin)
 }

@@ -10,6 +10,7 @@ pub mod generation;
 pub mod gguf_tokenizer;
 pub mod llama;
 pub mod packed_bert;
+pub mod quant;
 pub mod settings;
 
 use std::path::Path;

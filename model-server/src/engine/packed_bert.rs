@@ -13,7 +13,7 @@
 //! - row kernels use AVX2+FMA when the CPU has it (`kernels`);
 //! - buffers are kept between calls, so steady state allocates nothing large.
 
-mod kernels;
+pub(crate) mod kernels;
 mod matmul;
 
 use std::cell::RefCell;

@@ -1,0 +1,680 @@
+//! Quantized matmuls over GGUF blocks as stored, for the decoder's projections.
+//!
+//! candle's quantized matmul takes one activation row at a time, so a decode step over eight
+//! sequences costs nearly eight single steps, and it has only scalar code for Q4_1. Here the
+//! activations of a whole step are quantized to 8 bits once (32 values per block, like
+//! llama.cpp's Q8_1), and each weight block is unpacked once and multiplied with up to
+//! [`TILE`] activation rows while it sits in registers. Output rows are split over the rayon
+//! pool. Formats: Q4_0, Q4_1 and Q8_0 natively, Q5_0 and Q5_1 re-blocked as Q8_0 at load;
+//! anything else (the K-quants, f16) goes through candle's `QMatMul`.
+//!
+//! Each output value is computed by the same sequence of operations whatever the other rows of
+//! the step are, so a sequence gets bit-identical logits alone or batched.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
+
+use super::EngineError;
+use super::packed_bert::kernels::Isa;
+
+/// Values per quantization block, in every format here.
+pub const BLOCK: usize = 32;
+/// Most activation rows multiplied per pass over a weight row (8 accumulators in registers).
+const TILE: usize = 8;
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// A GGUF block format this module multiplies natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// f16 scale, 32 4-bit values offset by 8.
+    Q4_0,
+    /// f16 scale and minimum, 32 4-bit values.
+    Q4_1,
+    /// f16 scale, 32 signed bytes.
+    Q8_0,
+}
+
+impl Format {
+    fn of(dtype: GgmlDType) -> Option<Format> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Format::Q4_0),
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q8_0 => 34,
+        }
+    }
+}
+
+/// Rows of activations quantized to 8 bits, 32 values per block: block `b` of row `r` holds
+/// `d[i] * qs[i][j]` with `i = r * nb + b`, and `s[i] = d[i] * Σ_j qs[i][j]` carries the row's
+/// share of a Q4 format's offset or minimum. Scales are kept apart from the values so the
+/// kernels read them as contiguous runs.
+pub struct Acts {
+    rows: usize,
+    nb: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<[i8; BLOCK]>,
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs, each row `cols / 32` blocks of `format`
+/// exactly as GGUF stores them.
+pub struct QWeight {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+    isa: Isa,
+}
+
+impl QWeight {
+    /// The weight in a native format, or None when it must stay with candle.
+    pub fn from_qtensor(t: &QTensor, device: &Device) -> Result<Option<QWeight>, EngineError> {
+        let (rows, cols) = match t.shape().dims() {
+            [rows, cols] => (*rows, *cols),
+            _ => return Ok(None),
+        };
+        if cols % BLOCK != 0 {
+            return Ok(None);
+        }
+        // Q5 blocks hold values a byte holds exactly enough; their bit-spread layout has no
+        // cheap SIMD unpacking, so they are re-blocked once.
+        let requantized;
+        let t = if matches!(t.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+            requantized = QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?;
+            &requantized
+        } else {
+            t
+        };
+        let Some(format) = Format::of(t.dtype()) else { return Ok(None) };
+        let data = t.data()?.into_owned();
+        if data.len() != rows * cols / BLOCK * format.block_bytes() {
+            return Err(EngineError::Unsupported(format!(
+                "{format:?} tensor of {rows}x{cols} holds {} bytes",
+                data.len()
+            )));
+        }
+        Ok(Some(QWeight { format, rows, cols, data, isa: kernel_isa() }))
+    }
+
+    /// Rows of several weights with the same format and input size, stacked into one matrix:
+    /// one pass over the activations for Q, K and V, or for the gate and up projections.
+    pub fn stack(parts: &[QWeight]) -> Option<QWeight> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.format != first.format || p.cols != first.cols) {
+            return None;
+        }
+        Some(QWeight {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            isa: first.isa,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    /// Row `i` as floats (an embedding lookup). None when `i` is out of range.
+    pub fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Option<()> {
+        let bytes = self.data.get(i * self.row_bytes()..(i + 1) * self.row_bytes())?;
+        for (block, out) in bytes.chunks_exact(self.format.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
+            let d = f16(block, 0);
+            match self.format {
+                Format::Q4_0 | Format::Q4_1 => {
+                    let (m, qs) = match self.format {
+                        Format::Q4_1 => (f16(block, 2), &block[4..]),
+                        _ => (-8.0 * d, &block[2..]),
+                    };
+                    for (j, q) in qs.iter().enumerate() {
+                        out[j] = d * f32::from(q & 0x0F) + m;
+                        out[j + BLOCK / 2] = d * f32::from(q >> 4) + m;
+                    }
+                }
+                Format::Q8_0 => {
+                    for (o, q) in out.iter_mut().zip(&block[2..]) {
+                        *o = d * f32::from(*q as i8);
+                    }
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// `x · Wᵀ` for `x` of `t` rows of `cols` floats: `t` rows of `rows` floats.
+    pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), t * self.cols);
+        let nb = self.cols / BLOCK;
+        let acts = quantize_rows(x, self.cols, self.isa);
+        let (n, row_bytes) = (self.rows, self.row_bytes());
+        // Output is computed [rows][t]: each task owns a contiguous run of weight rows.
+        let mut out = vec![0f32; n * t];
+        let tasks = rayon::current_num_threads().max(1) * 4;
+        let per_task = n.div_ceil(tasks).next_multiple_of(8).max(8);
+        let work = |(c, out): (usize, &mut [f32])| {
+            let first = c * per_task;
+            let rows = out.len() / t;
+            let mut r0 = 0;
+            while r0 < t {
+                let tile = match t - r0 {
+                    left if left >= TILE => TILE,
+                    left if left >= 4 => 4,
+                    _ => 1,
+                };
+                for i in 0..rows {
+                    let w = &self.data[(first + i) * row_bytes..(first + i + 1) * row_bytes];
+                    dot_rows(self.format, self.isa, w, &acts, r0, &mut out[i * t + r0..i * t + r0 + tile]);
+                }
+                r0 += tile;
+            }
+        };
+        if n * t * nb < 4096 {
+            out.chunks_mut(per_task * t).enumerate().for_each(work);
+        } else {
+            out.par_chunks_mut(per_task * t).enumerate().for_each(work);
+        }
+        if t == 1 {
+            return out;
+        }
+        let mut y = vec![0f32; t * n];
+        for (i, row) in out.chunks_exact(t).enumerate() {
+            for (r, v) in row.iter().enumerate() {
+                y[r * n + i] = *v;
+            }
+        }
+        y
+    }
+}
+
+/// A projection: native blocks when the format has a kernel here, candle's otherwise.
+pub enum Linear {
+    Native(Arc<QWeight>),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    pub fn new(t: QTensor, device: &Device) -> Result<Linear, EngineError> {
+        Ok(match QWeight::from_qtensor(&t, device)? {
+            Some(w) => Linear::Native(Arc::new(w)),
+            None => Linear::Candle(QMatMul::from_qtensor(t)?),
+        })
+    }
+
+    /// `t` rows of inputs to `t` rows of outputs.
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>, EngineError> {
+        match self {
+            Linear::Native(w) => native_forward(w, x, t),
+            Linear::Candle(m) => {
+                let x = Tensor::from_slice(x, (t, x.len() / t.max(1)), &Device::Cpu)?;
+                Ok(m.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+}
+
+/// Several projections of the same input (Q, K and V; gate and up): one stacked matmul when
+/// their weights share a native format, else one each.
+pub enum Projections {
+    Stacked { weight: QWeight, outputs: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    pub fn new(parts: Vec<QTensor>, device: &Device) -> Result<Projections, EngineError> {
+        let mut native = Vec::with_capacity(parts.len());
+        for p in &parts {
+            match QWeight::from_qtensor(p, device)? {
+                Some(w) => native.push(w),
+                None => break,
+            }
+        }
+        if native.len() == parts.len()
+            && let Some(weight) = QWeight::stack(&native)
+        {
+            let outputs = native.iter().map(|w| w.rows).collect();
+            return Ok(Projections::Stacked { weight, outputs });
+        }
+        Ok(Projections::Separate(
+            parts.into_iter().map(|t| Linear::new(t, device)).collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// `t` rows of outputs per projection, in order.
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        match self {
+            Projections::Separate(ls) => ls.iter().map(|l| l.forward(x, t)).collect(),
+            Projections::Stacked { weight, outputs } => {
+                let y = native_forward(weight, x, t)?;
+                let mut parts: Vec<Vec<f32>> = outputs.iter().map(|n| Vec::with_capacity(t * n)).collect();
+                for row in y.chunks_exact(weight.rows) {
+                    let mut start = 0;
+                    for (part, n) in parts.iter_mut().zip(outputs) {
+                        part.extend_from_slice(&row[start..start + n]);
+                        start += n;
+                    }
+                }
+                Ok(parts)
+            }
+        }
+    }
+}
+
+fn native_forward(w: &QWeight, x: &[f32], t: usize) -> Result<Vec<f32>, EngineError> {
+    if x.len() != t * w.cols {
+        return Err(EngineError::Inference(format!(
+            "matmul of {} values in {t} rows against a weight of {} inputs",
+            x.len(),
+            w.cols
+        )));
+    }
+    Ok(w.matmul(x, t))
+}
+
+/// AVX2 with FMA and F16C (for the block scales), or plain Rust.
+fn kernel_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx2Fma && std::arch::is_x86_feature_detected!("f16c") {
+        return Isa::Avx2Fma;
+    }
+    Isa::Scalar
+}
+
+fn f16(block: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([block[at], block[at + 1]])).to_f32()
+}
+
+/// Rows of `cols` floats as 8-bit blocks.
+fn quantize_rows(x: &[f32], cols: usize, isa: Isa) -> Acts {
+    debug_assert_eq!(cols % BLOCK, 0);
+    let blocks = x.len() / BLOCK;
+    let mut acts = Acts {
+        rows: x.len() / cols,
+        nb: cols / BLOCK,
+        d: vec![0.0; blocks],
+        s: vec![0.0; blocks],
+        qs: vec![[0; BLOCK]; blocks],
+    };
+    for (i, vals) in x.chunks_exact(BLOCK).enumerate() {
+        let (d, s) = match isa {
+            // SAFETY: `kernel_isa` picks Avx2Fma only when the CPU has AVX2, FMA and F16C.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { avx2::quantize_block(vals, &mut acts.qs[i]) },
+            _ => scalar::quantize_block(vals, &mut acts.qs[i]),
+        };
+        acts.d[i] = d;
+        acts.s[i] = s;
+    }
+    acts
+}
+
+/// `out[k] = w · row r0 + k` of `acts` for one weight row `w`, for `out.len()` rows (1, 4 or
+/// [`TILE`]; any other count goes one row at a time, with the same result).
+fn dot_rows(format: Format, isa: Isa, w: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `quantize_rows`; the kernels check the slices' bounds.
+        Isa::Avx2Fma => unsafe {
+            match (format, out.len()) {
+                (Format::Q4_0, TILE) => avx2::dot_rows::<Q4_0, TILE>(w, acts, r0, out),
+                (Format::Q4_1, TILE) => avx2::dot_rows::<Q4_1, TILE>(w, acts, r0, out),
+                (Format::Q8_0, TILE) => avx2::dot_rows::<Q8_0, TILE>(w, acts, r0, out),
+                (Format::Q4_0, 4) => avx2::dot_rows::<Q4_0, 4>(w, acts, r0, out),
+                (Format::Q4_1, 4) => avx2::dot_rows::<Q4_1, 4>(w, acts, r0, out),
+                (Format::Q8_0, 4) => avx2::dot_rows::<Q8_0, 4>(w, acts, r0, out),
+                (f, _) => {
+                    for (k, o) in out.iter_mut().enumerate() {
+                        let o = std::slice::from_mut(o);
+                        match f {
+                            Format::Q4_0 => avx2::dot_rows::<Q4_0, 1>(w, acts, r0 + k, o),
+                            Format::Q4_1 => avx2::dot_rows::<Q4_1, 1>(w, acts, r0 + k, o),
+                            Format::Q8_0 => avx2::dot_rows::<Q8_0, 1>(w, acts, r0 + k, o),
+                        }
+                    }
+                }
+            }
+        },
+        _ => {
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = scalar::dot(format, w, acts, r0 + k);
+            }
+        }
+    }
+}
+
+mod scalar {
+    use super::{Acts, BLOCK, Format, f16};
+
+    /// Returns the block's scale and `s`.
+    pub fn quantize_block(vals: &[f32], qs: &mut [i8; BLOCK]) -> (f32, f32) {
+        let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qs.iter_mut().zip(vals) {
+            *q = (v * id).round() as i8;
+            sum += i32::from(*q);
+        }
+        (d, d * sum as f32)
+    }
+
+    pub fn dot(format: Format, w: &[u8], acts: &Acts, row: usize) -> f32 {
+        let at = row * acts.nb;
+        let mut total = 0f32;
+        for (b, block) in w.chunks_exact(format.block_bytes()).take(acts.nb).enumerate() {
+            let (ad, a_s, aq) = (acts.d[at + b], acts.s[at + b], &acts.qs[at + b]);
+            let d = f16(block, 0);
+            let mut sum = 0i32;
+            match format {
+                Format::Q4_0 | Format::Q4_1 => {
+                    let qs = if format == Format::Q4_1 { &block[4..] } else { &block[2..] };
+                    for (j, q) in qs.iter().enumerate() {
+                        sum += i32::from(q & 0x0F) * i32::from(aq[j])
+                            + i32::from(q >> 4) * i32::from(aq[j + BLOCK / 2]);
+                    }
+                    total += d * ad * sum as f32;
+                    total += if format == Format::Q4_1 { f16(block, 2) * a_s } else { -8.0 * d * a_s };
+                }
+                Format::Q8_0 => {
+                    for (q, x) in block[2..].iter().zip(aq) {
+                        sum += i32::from(*q as i8) * i32::from(*x);
+                    }
+                    total += d * ad * sum as f32;
+                }
+            }
+        }
+        total
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Acts, BLOCK, Q4_0, Q4_1, Q8_0};
+
+    /// Blocks per segment: the weight row's minimums are gathered for this many blocks, then
+    /// applied to each activation row's `s` with vector arithmetic.
+    const SEGMENT: usize = 32;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16(p: *const u8) -> f32 {
+        // SAFETY: callers pass a pointer to two readable bytes.
+        let bits = unsafe { p.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// Returns the block's scale and `s`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn quantize_block(vals: &[f32], qs: &mut [i8; BLOCK]) -> (f32, f32) {
+        assert_eq!(vals.len(), BLOCK);
+        // SAFETY: `vals` holds 32 floats (asserted); loads are unaligned.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(vals.as_ptr().add(8 * i)) });
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, x| _mm256_max_ps(m, _mm256_and_ps(*x, abs_mask)));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let d = _mm_cvtss_f32(m) / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(v[k], id),
+            ))
+        });
+        let sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
+        // Packing works within 128-bit lanes; the permute puts the values back in order.
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `qs` is 32 bytes.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), p) };
+        (d, d * sum as f32)
+    }
+
+    /// The 32 weights of the block at `p` as bytes (unsigned 0..15 for the Q4 formats, signed
+    /// for Q8_0), its scale, and what one activation block's `s` is multiplied by.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
+        let d = f16(p);
+        // SAFETY (all loads): the caller passes a pointer to a whole block of format F.
+        match F {
+            Q8_0 => (unsafe { _mm256_loadu_si256(p.add(2).cast()) }, d, 0.0),
+            _ => {
+                let (min, qs) = if F == Q4_1 {
+                    (f16(unsafe { p.add(2) }), unsafe { p.add(4) })
+                } else {
+                    (-8.0 * d, unsafe { p.add(2) })
+                };
+                let packed = unsafe { _mm_loadu_si128(qs.cast()) };
+                // Low nibbles are values 0..16, high nibbles 16..32.
+                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+                (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, min)
+            }
+        }
+    }
+
+    /// Σ w_i a_i over one block, as 8 partial sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_dot<const F: u8>(w: __m256i, a: __m256i) -> __m256 {
+        let pairs = if F == Q8_0 {
+            // maddubs multiplies unsigned by signed: move the weights' signs onto the activations.
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+        } else {
+            _mm256_maddubs_epi16(w, a)
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// `out[k] = w · row r0 + k` for R activation rows at once. Each row's result comes from
+    /// the same operations in the same order whatever R is.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows<const F: u8, const R: usize>(w: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+        let bytes = match F {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        };
+        let nb = acts.nb;
+        assert!(w.len() >= nb * bytes && r0 + R <= acts.rows && out.len() >= R);
+        assert!(
+            acts.d.len() >= acts.rows * nb
+                && acts.s.len() >= acts.rows * nb
+                && acts.qs.len() >= acts.rows * nb
+        );
+        let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * nb);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offset = [0f32; R];
+        let mut mins = [0f32; SEGMENT];
+        let mut b0 = 0;
+        while b0 < nb {
+            let seg = SEGMENT.min(nb - b0);
+            for (j, min) in mins.iter_mut().enumerate().take(seg) {
+                let b = b0 + j;
+                // SAFETY: block b of the row and of each activation row is in bounds (asserted).
+                unsafe {
+                    let (wq, d, m) = unpack::<F>(w.as_ptr().add(b * bytes));
+                    *min = m;
+                    let vd = _mm256_set1_ps(d);
+                    for r in 0..R {
+                        let i = at[r] + b;
+                        let aq = _mm256_loadu_si256(acts.qs.as_ptr().add(i).cast());
+                        let scale = _mm256_mul_ps(vd, _mm256_broadcast_ss(&*acts.d.as_ptr().add(i)));
+                        acc[r] = _mm256_fmadd_ps(block_dot::<F>(wq, aq), scale, acc[r]);
+                    }
+                }
+            }
+            if F != Q8_0 {
+                for r in 0..R {
+                    let s = &acts.s[at[r] + b0..at[r] + b0 + seg];
+                    let mut v = _mm256_setzero_ps();
+                    let whole = seg - seg % 8;
+                    for k in (0..whole).step_by(8) {
+                        // SAFETY: k + 8 <= seg, within both slices.
+                        unsafe {
+                            v = _mm256_fmadd_ps(
+                                _mm256_loadu_ps(mins.as_ptr().add(k)),
+                                _mm256_loadu_ps(s.as_ptr().add(k)),
+                                v,
+                            );
+                        }
+                    }
+                    let tail: f32 = mins[whole..seg].iter().zip(&s[whole..]).map(|(m, s)| m * s).sum();
+                    offset[r] += hsum(v) + tail;
+                }
+            }
+            b0 += seg;
+        }
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + offset[r];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A weight of `rows` x `cols` with values spread over the format's range.
+    fn weight(dtype: GgmlDType, rows: usize, cols: usize) -> (QTensor, Vec<f32>) {
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.45) * (1.0 + (i % 5) as f32))
+            .collect();
+        let t = Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let q = QTensor::quantize(&t, dtype).unwrap_or_else(|e| panic!("{e}"));
+        let dense = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()?.to_vec1()).unwrap_or_default();
+        (q, dense)
+    }
+
+    fn input(t: usize, cols: usize) -> Vec<f32> {
+        (0..t * cols).map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 3.0).collect()
+    }
+
+    fn dense_matmul(x: &[f32], w: &[f32], t: usize, rows: usize, cols: usize) -> Vec<f32> {
+        let mut y = vec![0f32; t * rows];
+        for r in 0..t {
+            for n in 0..rows {
+                y[r * rows + n] = (0..cols).map(|k| x[r * cols + k] * w[n * cols + k]).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_format_and_isa_matches_the_dequantized_product() {
+        let (rows, cols, t) = (40, 96, 7);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+            let (q, dense) = weight(dtype, rows, cols);
+            let x = input(t, cols);
+            let want = dense_matmul(&x, &dense, t, rows, cols);
+            for isa in [Isa::Scalar, kernel_isa()] {
+                let mut w = QWeight::from_qtensor(&q, &Device::Cpu)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| panic!("{dtype:?}"));
+                w.isa = isa;
+                let got = w.matmul(&x, t);
+                // The activations are rounded to 8 bits: errors of about 1% of a row's scale.
+                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    worst < 0.01 * scale,
+                    "{dtype:?} {isa:?}: worst error {worst} against values up to {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
+        let (q, _) = weight(GgmlDType::Q4_1, 64, 64);
+        let w = QWeight::from_qtensor(&q, &Device::Cpu).ok().flatten().unwrap_or_else(|| panic!("Q4_1"));
+        let x = input(9, 64);
+        let batched = w.matmul(&x, 9);
+        for r in 0..9 {
+            assert_eq!(w.matmul(&x[r * 64..(r + 1) * 64], 1), batched[r * 64..(r + 1) * 64], "row {r}");
+        }
+    }
+
+    #[test]
+    fn dequantized_rows_match_candle() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (q, dense) = weight(dtype, 5, 64);
+            let w =
+                QWeight::from_qtensor(&q, &Device::Cpu).ok().flatten().unwrap_or_else(|| panic!("{dtype:?}"));
+            let mut row = vec![0f32; 64];
+            assert_eq!(w.dequantize_row(3, &mut row), Some(()));
+            assert_eq!(row, dense[3 * 64..4 * 64], "{dtype:?}");
+            assert_eq!(w.dequantize_row(5, &mut row), None);
+        }
+    }
+
+    #[test]
+    fn stacked_weights_give_the_parts_side_by_side() {
+        let parts: Vec<QWeight> = [24, 8, 8]
+            .iter()
+            .map(|&rows| {
+                let (q, _) = weight(GgmlDType::Q4_1, rows, 64);
+                QWeight::from_qtensor(&q, &Device::Cpu).ok().flatten().unwrap_or_else(|| panic!("Q4_1"))
+            })
+            .collect();
+        let x = input(3, 64);
+        let stacked = QWeight::stack(&parts).unwrap_or_else(|| panic!("same format"));
+        let y = stacked.matmul(&x, 3);
+        let mut start = 0;
+        for p in &parts {
+            let part = p.matmul(&x, 3);
+            for r in 0..3 {
+                assert_eq!(y[r * 40 + start..r * 40 + start + p.rows], part[r * p.rows..(r + 1) * p.rows]);
+            }
+            start += p.rows;
+        }
+    }
+}
