@@ -95,6 +95,23 @@ fi
 # The tests read the reference through this fixed name.
 ln -sfn "$(basename "$ref")" "$DEST/smollm2-reference.json"
 
+# The same weights as a Hugging Face checkpoint (float16 safetensors, config.json, tokenizer.json,
+# tokenizer_config.json; Q and K rows in Hugging Face's rotary order), for the tests of the
+# safetensors path against the same reference: scripts/gguf_to_hf.py, about 10 s.
+hf_key=$(cat "$ROOT/scripts/gguf_to_hf.py" "$ROOT/scripts/gguf_reference.py" <(echo "$SMOLLM2_SHA256") \
+  | sha256sum | cut -c1-12)
+hf="$DEST/smollm2-hf-$hf_key"
+if [ -f "$hf/config.json" ]; then
+  echo "fixtures: SmolLM2 Hugging Face checkpoint ready at $hf"
+else
+  echo "fixtures: writing SmolLM2 as a Hugging Face checkpoint"
+  rm -rf "$hf.partial"
+  "$ref_venv/bin/python" "$ROOT/scripts/gguf_to_hf.py" "$smollm2/$SMOLLM2_FILE" "$hf.partial"
+  mv "$hf.partial" "$hf"
+  find "$DEST" -maxdepth 1 -name 'smollm2-hf-*' ! -name "$(basename "$hf")" -exec rm -rf {} +
+fi
+ln -sfn "$(basename "$hf")" "$DEST/smollm2-hf"
+
 # moto's S3-compatible server (with IAM signature checks) for the pull tests; Python, so it
 # installs from PyPI in a minute instead of compiling an S3 server from source.
 MOTO_VERSION=5.1.18

@@ -37,12 +37,31 @@ fn prompt_of(model: &GenerationModel, case: &Value) -> String {
 fn logits_and_greedy_decoding_match_the_numpy_reference() {
     let model = GenerationModel::load(&common::smollm2_dir()).expect("load SmolLM2");
     assert_eq!(model.context_length(), 8192);
+    check_against_reference(&model, "GGUF");
+}
+
+/// The same weights as a Hugging Face checkpoint (float16 safetensors with Q and K rows in
+/// Hugging Face's rotary order, config.json, tokenizer.json, tokenizer_config.json) give the
+/// same prompts, logits and greedy tokens: names, the rotary permutation, tied embeddings,
+/// the tokenizer file and the chat template all take the checkpoint path.
+#[test]
+fn a_safetensors_checkpoint_of_the_same_weights_matches_the_reference_too() {
+    let model = GenerationModel::load(&common::smollm2_hf_dir()).expect("load the SmolLM2 checkpoint");
+    assert_eq!(model.context_length(), 8192);
+    assert!(model.is_end(2), "eos_token_id from config.json ends generation");
+    check_against_reference(&model, "safetensors");
+}
+
+/// Rendered prompts and prompt ids equal the reference's; teacher-forced logits within
+/// [`LOGIT_TOLERANCE`]; the same best token wherever the reference's choice is clear; free-running
+/// greedy output identical up to the reference's first near tie.
+fn check_against_reference(model: &GenerationModel, what: &str) {
     let mut worst: f64 = 0.0;
     let mut longest = 0;
     for r in common::generation_reference() {
         // The chat template (minijinja) and the tokenizer rebuilt from GGUF metadata agree with
         // Jinja2 and a tokenizer built by the reference, special tokens and digits included.
-        let text = prompt_of(&model, &r.case);
+        let text = prompt_of(model, &r.case);
         assert_eq!(text, r.prompt_text, "{}: rendered prompt", r.name);
         let ids = model.encode(&text).expect("encode");
         assert_eq!(ids, r.prompt_ids, "{}: prompt token ids", r.name);
@@ -91,7 +110,9 @@ fn logits_and_greedy_decoding_match_the_numpy_reference() {
         }
         longest = longest.max(n);
     }
-    eprintln!("largest logit deviation from the reference: {worst:.4}; longest exact greedy run: {longest}");
+    eprintln!(
+        "{what}: largest logit deviation from the reference: {worst:.4}; longest exact greedy run: {longest}"
+    );
     assert!(longest >= 16, "at least one case matches 16 greedy tokens or more (longest: {longest})");
 }
 

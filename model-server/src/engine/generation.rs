@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::EngineError;
-use super::gguf_tokenizer;
 use super::llama::{Llama, Step, metadata_u32};
+use super::{gguf_tokenizer, hf};
 
 /// Names llama.cpp also treats as end of generation, whatever `eos_token_id` says.
 const END_TOKENS: &[&str] =
@@ -67,8 +67,8 @@ pub struct GenerationModel {
     file: PathBuf,
 }
 
-/// The one `*.gguf` file in `dir`.
-pub fn find_gguf(dir: &Path) -> Result<PathBuf, EngineError> {
+/// The one `*.gguf` file in `dir`, if any.
+fn find_gguf(dir: &Path) -> Result<Option<PathBuf>, EngineError> {
     let files_err = |message: String| EngineError::Files { path: dir.display().to_string(), message };
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| files_err(e.to_string()))?
@@ -78,16 +78,31 @@ pub fn find_gguf(dir: &Path) -> Result<PathBuf, EngineError> {
         .collect();
     found.sort();
     match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => Err(files_err("no .gguf file here; a text-generation model is one GGUF file".into())),
+        0 => Ok(None),
+        1 => Ok(Some(found.remove(0))),
         n => Err(files_err(format!("{n} .gguf files here; keep exactly one per model version"))),
     }
 }
 
 impl GenerationModel {
-    /// Load the GGUF file in `dir` (and its tokenizer.json, when present).
+    /// Load the model in `dir`: one GGUF file (with a tokenizer.json beside it, when present),
+    /// else a Hugging Face Llama checkpoint (config.json, *.safetensors, tokenizer.json).
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let file = find_gguf(dir)?;
+        match find_gguf(dir)? {
+            Some(file) => Self::load_gguf(dir, file),
+            None => match hf::find(dir) {
+                Some((config, files)) => Self::load_checkpoint(dir, &config, &files),
+                None => Err(EngineError::Files {
+                    path: dir.display().to_string(),
+                    message: "no .gguf file and no config.json with .safetensors weights here; a \
+                              text-generation model is one GGUF file or a Hugging Face Llama checkpoint"
+                        .into(),
+                }),
+            },
+        }
+    }
+
+    fn load_gguf(dir: &Path, file: PathBuf) -> Result<Self, EngineError> {
         let files_err = |message: String| EngineError::Files { path: file.display().to_string(), message };
         let mut reader =
             std::io::BufReader::new(std::fs::File::open(&file).map_err(|e| files_err(e.to_string()))?);
@@ -224,8 +239,73 @@ fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, E
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
     });
     env.add_template_owned("chat", source)
-        .map_err(|e| EngineError::Unsupported(format!("the GGUF chat template does not compile: {e}")))?;
+        .map_err(|e| EngineError::Unsupported(format!("the chat template does not compile: {e}")))?;
     Ok(env)
+}
+
+impl GenerationModel {
+    /// A Hugging Face checkpoint: the tokenizer from tokenizer.json, the chat template and the
+    /// BOS and EOS tokens from tokenizer_config.json, more end tokens from config.json and
+    /// generation_config.json.
+    fn load_checkpoint(dir: &Path, config: &Path, files: &[PathBuf]) -> Result<Self, EngineError> {
+        let llama = hf::load(config, files, &Device::Cpu)?;
+        let json_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&json_path).map_err(|e| EngineError::Files {
+            path: json_path.display().to_string(),
+            message: format!("a safetensors checkpoint needs its tokenizer.json: {e}"),
+        })?;
+        let read = |name: &str| -> Result<serde_json::Value, EngineError> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => serde_json::from_str(&text).map_err(|e| EngineError::Files {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }),
+                Err(_) => Ok(serde_json::Value::Null),
+            }
+        };
+        let tok_config = read("tokenizer_config.json")?;
+        // Special tokens are written as a string or as {"content": ...}.
+        let token = |key: &str| -> Option<(u32, String)> {
+            let v = tok_config.get(key)?;
+            let text = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            Some((tokenizer.token_to_id(text)?, text.to_string()))
+        };
+        let bos = token("bos_token");
+        let eos = token("eos_token");
+        let add_bos = tok_config.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let mut end_ids: BTreeSet<u32> = eos.iter().map(|(id, _)| *id).collect();
+        for source in [read("config.json")?, read("generation_config.json")?] {
+            match source.get("eos_token_id") {
+                Some(serde_json::Value::Array(ids)) => {
+                    end_ids.extend(ids.iter().filter_map(|i| i.as_u64()).map(|i| i as u32))
+                }
+                Some(v) => end_ids.extend(v.as_u64().map(|i| i as u32)),
+                None => {}
+            }
+        }
+        end_ids.extend(END_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t)));
+        // One template, or a list of named ones of which "default" is the chat template.
+        let template = match tok_config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        let chat = template.map(chat_environment).transpose()?;
+        Ok(GenerationModel {
+            llama,
+            tokenizer,
+            chat,
+            bos,
+            eos: eos.map(|(_, s)| s),
+            add_bos,
+            end_ids,
+            file: config.to_path_buf(),
+        })
+    }
 }
 
 /// Why a generation ended, in OpenAI's words.

@@ -215,13 +215,34 @@ pub struct Step<'a> {
 const PARALLEL_ATTENTION: usize = 1 << 18;
 
 impl Llama {
+    /// A GGUF file's model.
     pub fn load<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         reader: &mut R,
         device: &Device,
     ) -> Result<Self, EngineError> {
         let cfg = LlamaConfig::from_gguf(ct)?;
-        let mut t = |name: &str| tensor(ct, reader, device, name);
+        let mut weights = |name: &str| -> Result<Option<QTensor>, EngineError> {
+            if ct.tensor_infos.contains_key(name) {
+                tensor(ct, reader, device, name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Self::from_weights(cfg, &mut weights, device)
+    }
+
+    /// The model from its weights, asked for by their GGUF names (`blk.0.attn_q.weight`...),
+    /// with Q and K rows in the interleaved rotary order GGUF uses. None: no such tensor.
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        weights: &mut dyn FnMut(&str) -> Result<Option<QTensor>, EngineError>,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let head = weights("output.weight")?;
+        let mut t = |name: &str| {
+            weights(name)?.ok_or_else(|| EngineError::Unsupported(format!("the weights have no {name}")))
+        };
         let floats = |q: QTensor| -> Result<Vec<f32>, EngineError> {
             Ok(q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
         };
@@ -229,7 +250,7 @@ impl Llama {
             let v = floats(q)?;
             if v.len() != cfg.hidden {
                 return Err(EngineError::Unsupported(format!(
-                    "GGUF tensor {name} has {} values for a hidden size of {}",
+                    "tensor {name} has {} values for a hidden size of {}",
                     v.len(),
                     cfg.hidden
                 )));
@@ -254,8 +275,6 @@ impl Llama {
             });
         }
         // Tied embeddings (SmolLM2 and most small models) reuse the token table as the head.
-        let head =
-            if ct.tensor_infos.contains_key("output.weight") { Some(t("output.weight")?) } else { None };
         let (embed, output) =
             match QWeight::from_qtensor(&embed_q, device)?.filter(|w| w.cols() == cfg.hidden) {
                 Some(w) => {

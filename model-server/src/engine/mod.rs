@@ -8,6 +8,7 @@
 pub mod candle_bert;
 pub mod generation;
 pub mod gguf_tokenizer;
+pub mod hf;
 pub mod llama;
 pub mod packed_bert;
 pub mod quant;

@@ -657,6 +657,28 @@ mod tests {
     }
 
     #[test]
+    fn formats_without_a_kernel_here_go_through_candle() {
+        // Q4_K (256-value super-blocks) beside a Q4_1 part: nothing to stack, each multiplies
+        // on its own, candle's for the K-quant.
+        let (k, k_dense) = weight(GgmlDType::Q4K, 8, 256);
+        let (q, _) = weight(GgmlDType::Q4_1, 8, 256);
+        let x = input(2, 256);
+        // The same weight again (QTensor is not Clone; quantizing is deterministic).
+        let alone =
+            Linear::new(weight(GgmlDType::Q4K, 8, 256).0, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(alone, Linear::Candle(_)));
+        let y = alone.forward(&x, 2).unwrap_or_else(|e| panic!("{e}"));
+        let want = dense_matmul(&x, &k_dense, 2, 8, 256);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 0.02 * scale), "{y:?} against {want:?}");
+        let both = Projections::new(vec![k, q], &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&both, Projections::Separate(parts) if parts.len() == 2));
+        let parts = both.forward(&x, 2).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parts[0], y);
+        assert_eq!(parts[1].len(), 16);
+    }
+
+    #[test]
     fn stacked_weights_give_the_parts_side_by_side() {
         let parts: Vec<QWeight> = [24, 8, 8]
             .iter()

@@ -48,6 +48,17 @@ pub fn smollm2_dir() -> PathBuf {
     dir
 }
 
+/// The SmolLM2 weights as a Hugging Face checkpoint (scripts/gguf_to_hf.py, run by `make fixtures`).
+pub fn smollm2_hf_dir() -> PathBuf {
+    let dir = fixtures_root().join("smollm2-hf");
+    assert!(
+        dir.join("config.json").is_file(),
+        "SmolLM2 checkpoint missing at {}: run `make fixtures`",
+        dir.display()
+    );
+    dir
+}
+
 /// One case of the numpy reference (scripts/gguf_reference.py, run by `make fixtures`).
 pub struct ReferenceCase {
     pub name: String,

@@ -1,0 +1,221 @@
+//! Hugging Face Llama checkpoints: `config.json` and `*.safetensors` in the layout
+//! `transformers` saves, served by the same decoder as GGUF files.
+//!
+//! Weights are renamed to their GGUF names, the rows of Q and K are permuted from Hugging
+//! Face's rotary order (rotate_half) to the interleaved one the decoder uses (the permutation
+//! llama.cpp's converter applies), and matrices are quantized to Q8_0 once at load: the
+//! decoder's fast matmuls read 8-bit blocks, and Q8_0 keeps a float16 or bfloat16 weight to
+//! within half a step of 1/127 of its block's largest value.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::EngineError;
+use super::llama::{Llama, LlamaConfig};
+
+/// The checkpoint's files in `dir`: config.json and at least one .safetensors file.
+pub fn find(dir: &Path) -> Option<(PathBuf, Vec<PathBuf>)> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        return None;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    (!files.is_empty()).then_some((config, files))
+}
+
+fn read_json(path: &Path) -> Result<Value, EngineError> {
+    let files_err = |message: String| EngineError::Files { path: path.display().to_string(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| files_err(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| files_err(format!("not JSON: {e}")))
+}
+
+/// The decoder's shape from `config.json`. Refuses what the decoder does not do (rotary
+/// scaling, partial rotary, other architectures) rather than serving wrong text.
+pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
+    let json = read_json(path)?;
+    let unsupported = |message: String| EngineError::Files { path: path.display().to_string(), message };
+    let arch = json.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+    if !matches!(arch.as_str(), "llama" | "mistral") {
+        return Err(unsupported(format!(
+            "model_type {arch:?}; this server runs the Llama family (llama, mistral)"
+        )));
+    }
+    let uint = |key: &str| -> Result<usize, EngineError> {
+        json.get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| unsupported(format!("{key} is missing or not a whole number")))
+    };
+    let float = |key: &str, default: f64| -> Result<f64, EngineError> {
+        match json.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| unsupported(format!("{key} is not a number"))),
+        }
+    };
+    if json.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+        return Err(unsupported(
+            "rope_scaling is set; scaled rotary embeddings are not supported yet".into(),
+        ));
+    }
+    let hidden = uint("hidden_size")?;
+    let heads = uint("num_attention_heads")?;
+    let kv_heads = json.get("num_key_value_heads").and_then(Value::as_u64).map_or(heads, |v| v as usize);
+    if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+        return Err(unsupported(format!(
+            "attention shape: {heads} heads, {kv_heads} key/value heads, hidden size {hidden}"
+        )));
+    }
+    let head_dim = hidden / heads;
+    if let Some(d) = json.get("head_dim").and_then(Value::as_u64)
+        && d as usize != head_dim
+    {
+        return Err(unsupported(format!("head_dim {d} differs from hidden_size / num_attention_heads")));
+    }
+    Ok(LlamaConfig {
+        architecture: arch,
+        layers: uint("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        context_length: uint("max_position_embeddings")?,
+        rms_eps: float("rms_norm_eps", 1e-6)?,
+        rope_base: float("rope_theta", 10_000.0)? as f32,
+        vocab_size: uint("vocab_size")?,
+    })
+}
+
+/// Whether `config.json` says the head reuses the token table.
+fn tied(path: &Path) -> Result<bool, EngineError> {
+    Ok(read_json(path)?.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false))
+}
+
+/// The Hugging Face name of a GGUF tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, what) = rest.split_once('.')?;
+    let part = match what.strip_suffix(".weight")? {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{part}.weight"))
+}
+
+/// Rows of a `[heads * head_dim, cols]` projection from rotate_half order to interleaved:
+/// row `(h, j, i)` (half `j`, index `i`) moves to `(h, i, j)`.
+fn interleave_rows(w: &Tensor, heads: usize) -> Result<Tensor, EngineError> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+/// Load the model of a checkpoint.
+pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Llama, EngineError> {
+    let cfg = config(config_path)?;
+    let tied = tied(config_path)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in files {
+        let loaded = candle_core::safetensors::load(f, device)
+            .map_err(|e| EngineError::Files { path: f.display().to_string(), message: e.to_string() })?;
+        tensors.extend(loaded);
+    }
+    let (heads, kv_heads) = (cfg.heads, cfg.kv_heads);
+    let mut weights = |name: &str| -> Result<Option<QTensor>, EngineError> {
+        let wanted = if name == "output.weight" && tied { None } else { hf_name(name) };
+        let Some(t) = wanted.and_then(|n| tensors.remove(&n)) else { return Ok(None) };
+        let mut t = t.to_dtype(DType::F32)?;
+        if name.ends_with("attn_q.weight") {
+            t = interleave_rows(&t, heads)?;
+        } else if name.ends_with("attn_k.weight") {
+            t = interleave_rows(&t, kv_heads)?;
+        }
+        let matrix = t.rank() == 2 && t.dims().last().is_some_and(|c| c % GgmlDType::Q8_0.block_size() == 0);
+        let dtype = if matrix { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+        Ok(Some(QTensor::quantize(&t, dtype)?))
+    };
+    Llama::from_weights(cfg, &mut weights, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_transformers_layout() {
+        assert_eq!(
+            hf_name("blk.12.attn_k.weight").as_deref(),
+            Some("model.layers.12.self_attn.k_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("blk.0.attn_q.bias"), None);
+    }
+
+    #[test]
+    fn rotary_rows_are_interleaved_per_head() {
+        // Two heads of four rows: halves [0 1][2 3] become pairs (0 2)(1 3).
+        let w = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .and_then(|t| t.reshape((8, 1)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got =
+            interleave_rows(&w, 2).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).unwrap_or_default();
+        assert_eq!(got, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn configs_the_decoder_cannot_serve_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("kiln-hf-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("config.json");
+        let base = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "max_position_embeddings": 128, "vocab_size": 10, "rope_scaling": null
+        });
+        let write = |v: &Value| std::fs::write(&path, v.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        write(&base);
+        let cfg = config(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((cfg.head_dim, cfg.kv_heads, cfg.rope_base), (16, 2, 10_000.0));
+        for (key, value, says) in [
+            ("model_type", serde_json::json!("gpt2"), "model_type"),
+            ("rope_scaling", serde_json::json!({"rope_type": "llama3"}), "rope_scaling"),
+            ("num_key_value_heads", serde_json::json!(3), "attention shape"),
+            ("hidden_size", serde_json::json!("wide"), "hidden_size"),
+        ] {
+            let mut v = base.clone();
+            v[key] = value;
+            write(&v);
+            let err = config(&path).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(says), "{key}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
