@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use kiln_model_server::engine::generation::{ChatMessage, GenerationModel, SamplingParams};
+use kiln_model_server::engine::generation::{
+    ChatMessage, Delta, GenerationModel, SamplingParams, TextStream,
+};
 use kiln_model_server::engine::llama::Step;
 use kiln_model_server::manifest::Batching;
 use serde_json::{Value, json};
@@ -99,6 +101,18 @@ fn check_against_reference(model: &GenerationModel, what: &str) {
             }
             feed = vec![r.generated_ids[i]];
         }
+
+        // Streamed text, decoded a few ids at a time, is the text of all ids decoded at once.
+        let mut stream = TextStream::new(Vec::new());
+        let mut streamed = String::new();
+        for &id in &r.generated_ids {
+            match stream.push(model, id).expect("push") {
+                Delta::Text(t) => streamed.push_str(&t),
+                Delta::Stopped(_) => panic!("no stop strings given"),
+            }
+        }
+        streamed.push_str(&stream.flush(model).expect("flush"));
+        assert_eq!(streamed, model.decode(&r.generated_ids).expect("decode"), "{}: streamed text", r.name);
 
         // Free-running greedy decoding: identical until the reference's first near tie.
         let ours = model.generate(&ids, &SamplingParams::greedy(), r.generated_ids.len()).expect("generate");

@@ -322,6 +322,14 @@ pub enum FinishReason {
 /// tail that could be the start of a stop string, and cuts the text at the first stop string.
 pub struct TextStream {
     ids: Vec<u32>,
+    /// Incremental decoding: `ids[prefix..read]` were decoded last time; decoding
+    /// `ids[prefix..]` and dropping that text leaves the new text, whatever the tokenizer does
+    /// at the start of a decode (leading spaces and the like). Each step decodes a few ids, not
+    /// the whole generation.
+    prefix: usize,
+    read: usize,
+    /// Text of `ids[..read]`.
+    text: String,
     sent: usize,
     stops: Vec<String>,
 }
@@ -336,23 +344,56 @@ pub enum Delta {
 
 impl TextStream {
     pub fn new(stops: Vec<String>) -> Self {
-        TextStream { ids: Vec::new(), sent: 0, stops: stops.into_iter().filter(|s| !s.is_empty()).collect() }
+        TextStream {
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            text: String::new(),
+            sent: 0,
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
     }
 
     pub fn push(&mut self, model: &GenerationModel, id: u32) -> Result<Delta, EngineError> {
         self.ids.push(id);
-        let text = model.decode(&self.ids)?;
-        Ok(self.advance(&text))
+        // A byte-level token can end inside a character: wait for the rest.
+        self.decode_new(model, false)?;
+        let text = std::mem::take(&mut self.text);
+        let delta = self.advance(&text);
+        self.text = text;
+        Ok(delta)
+    }
+
+    /// Appends the text of the ids since `read`, unless it ends inside a character (or
+    /// `whole`: at the end, whatever it is).
+    fn decode_new(&mut self, model: &GenerationModel, whole: bool) -> Result<(), EngineError> {
+        let before = model.decode(&self.ids[self.prefix..self.read])?;
+        let now = model.decode(&self.ids[self.prefix..])?;
+        if let Some(new) = now.get(before.len()..)
+            && now.len() > before.len()
+            && (whole || !now.ends_with('\u{FFFD}'))
+        {
+            self.text.push_str(new);
+            self.prefix = self.read;
+            self.read = self.ids.len();
+        }
+        Ok(())
     }
 
     /// The delta for the whole decoded text so far.
     fn advance(&mut self, text: &str) -> Delta {
-        if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        // A stop string not yet seen ends after `sent`, so it starts at most its length before.
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.sent.saturating_sub(longest).min(text.len());
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let found = self.stops.iter().filter_map(|s| text[from..].find(s.as_str())).min();
+        if let Some(at) = found.map(|i| from + i) {
             let delta = text.get(self.sent..at).unwrap_or_default().to_string();
             self.sent = at.max(self.sent);
             return Delta::Stopped(delta);
         }
-        // A byte-level token can end inside a character; wait for the rest.
         if text.ends_with('\u{FFFD}') {
             return Delta::Text(String::new());
         }
@@ -364,9 +405,9 @@ impl TextStream {
 
     /// Everything not yet sent, at the end of the generation.
     pub fn flush(&mut self, model: &GenerationModel) -> Result<String, EngineError> {
-        let text = model.decode(&self.ids)?;
-        let delta = text.get(self.sent..).unwrap_or_default().to_string();
-        self.sent = text.len();
+        self.decode_new(model, true)?;
+        let delta = self.text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = self.text.len();
         Ok(delta)
     }
 
