@@ -175,13 +175,14 @@ impl QWeight {
         let nb = self.cols / BLOCK;
         let acts = quantize_rows(x, self.cols, self.isa);
         let (n, row_bytes) = (self.rows, self.row_bytes());
-        // Output is computed [rows][t]: each task owns a contiguous run of weight rows.
-        let mut out = vec![0f32; n * t];
+        let mut y = vec![0f32; t * n];
+        // Each task owns a run of weight rows, that is a band of output columns.
+        let out = Columns(y.as_mut_ptr());
         let tasks = rayon::current_num_threads().max(1) * 4;
         let per_task = n.div_ceil(tasks).next_multiple_of(8).max(8);
-        let work = |(c, out): (usize, &mut [f32])| {
+        let work = |c: usize| {
             let first = c * per_task;
-            let rows = out.len() / t;
+            let rows = per_task.min(n.saturating_sub(first));
             let mut r0 = 0;
             while r0 < t {
                 let tile = match t - r0 {
@@ -189,30 +190,42 @@ impl QWeight {
                     left if left >= 4 => 4,
                     _ => 1,
                 };
-                for i in 0..rows {
-                    let w = &self.data[(first + i) * row_bytes..(first + i + 1) * row_bytes];
-                    dot_rows(self.format, self.isa, w, &acts, r0, &mut out[i * t + r0..i * t + r0 + tile]);
+                let mut vals = [0f32; TILE];
+                for i in first..first + rows {
+                    let w = &self.data[i * row_bytes..(i + 1) * row_bytes];
+                    dot_rows(self.format, self.isa, w, &acts, r0, &mut vals[..tile]);
+                    for (k, v) in vals[..tile].iter().enumerate() {
+                        // SAFETY: (r0 + k, i) is inside the t x n output, and column i belongs to
+                        // this task alone.
+                        unsafe { out.at((r0 + k) * n + i).write(*v) };
+                    }
                 }
                 r0 += tile;
             }
         };
+        let parts = n.div_ceil(per_task);
         if n * t * nb < 4096 {
-            out.chunks_mut(per_task * t).enumerate().for_each(work);
+            (0..parts).for_each(work);
         } else {
-            out.par_chunks_mut(per_task * t).enumerate().for_each(work);
-        }
-        if t == 1 {
-            return out;
-        }
-        let mut y = vec![0f32; t * n];
-        for (i, row) in out.chunks_exact(t).enumerate() {
-            for (r, v) in row.iter().enumerate() {
-                y[r * n + i] = *v;
-            }
+            (0..parts).into_par_iter().for_each(work);
         }
         y
     }
 }
+
+/// The output of a matmul while tasks write their own columns of it.
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+
+impl Columns {
+    /// (A method, so closures capture the whole wrapper rather than its raw pointer field.)
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+// SAFETY: tasks write disjoint elements (see `QWeight::matmul`), and the buffer outlives them.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
 
 /// A projection: native blocks when the format has a kernel here, candle's otherwise.
 pub enum Linear {
@@ -322,17 +335,34 @@ fn quantize_rows(x: &[f32], cols: usize, isa: Isa) -> Acts {
         s: vec![0.0; blocks],
         qs: vec![[0; BLOCK]; blocks],
     };
-    for (i, vals) in x.chunks_exact(BLOCK).enumerate() {
-        let (d, s) = match isa {
-            // SAFETY: `kernel_isa` picks Avx2Fma only when the CPU has AVX2, FMA and F16C.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::quantize_block(vals, &mut acts.qs[i]) },
-            _ => scalar::quantize_block(vals, &mut acts.qs[i]),
-        };
-        acts.d[i] = d;
-        acts.s[i] = s;
+    let nb = acts.nb;
+    let row = |(((x, qs), d), s)| quantize_row(x, qs, d, s, isa);
+    if acts.rows < 16 {
+        x.chunks(cols)
+            .zip(acts.qs.chunks_mut(nb))
+            .zip(acts.d.chunks_mut(nb))
+            .zip(acts.s.chunks_mut(nb))
+            .for_each(row);
+    } else {
+        x.par_chunks(cols)
+            .zip(acts.qs.par_chunks_mut(nb))
+            .zip(acts.d.par_chunks_mut(nb))
+            .zip(acts.s.par_chunks_mut(nb))
+            .for_each(row);
     }
     acts
+}
+
+/// One row: its blocks' values, scales and `s`.
+fn quantize_row(x: &[f32], qs: &mut [[i8; BLOCK]], d: &mut [f32], s: &mut [f32], isa: Isa) {
+    for (i, vals) in x.chunks_exact(BLOCK).enumerate() {
+        (d[i], s[i]) = match isa {
+            // SAFETY: `kernel_isa` picks Avx2Fma only when the CPU has AVX2, FMA and F16C.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { avx2::quantize_block(vals, &mut qs[i]) },
+            _ => scalar::quantize_block(vals, &mut qs[i]),
+        };
+    }
 }
 
 /// `out[k] = w · row r0 + k` of `acts` for one weight row `w`, for `out.len()` rows (1, 4 or
@@ -636,9 +666,10 @@ mod tests {
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
         let (q, _) = weight(GgmlDType::Q4_1, 64, 64);
         let w = QWeight::from_qtensor(&q, &Device::Cpu).ok().flatten().unwrap_or_else(|| panic!("Q4_1"));
-        let x = input(9, 64);
-        let batched = w.matmul(&x, 9);
-        for r in 0..9 {
+        // 21 rows: tiles of 8, 8, 4 and 1, and quantized on the pool (16 rows or more).
+        let x = input(21, 64);
+        let batched = w.matmul(&x, 21);
+        for r in 0..21 {
             assert_eq!(w.matmul(&x[r * 64..(r + 1) * 64], 1), batched[r * 64..(r + 1) * 64], "row {r}");
         }
     }
