@@ -3,6 +3,7 @@
 measured the same way for both: POST /v1/completions, greedy, the same prompt.
 
   generation.py URL NAME > figures.json
+  generation.py median NAME ROUND.json... > figures.json   (the median of each figure over rounds)
 
 - time to first token: a streamed request, from sending to the first chunk with text;
 - single-stream decode tokens/s: (completion tokens - 1) / (total time - time to first token);
@@ -12,6 +13,7 @@ Completion tokens come from each response's `usage`, so both servers are counted
 """
 import http.client
 import json
+import os
 import sys
 import threading
 import time
@@ -20,7 +22,7 @@ import urllib.parse
 PROMPT = "1, 2, 3, 4, 5,"
 MAX_TOKENS = 128
 CONCURRENCY = [1, 4, 8]
-WINDOW_S = 20.0
+WINDOW_S = float(os.environ.get("WINDOW_S", "10"))
 
 
 def request(url, body, stream=False):
@@ -52,7 +54,32 @@ def request(url, body, stream=False):
     return None, time.perf_counter() - t0, first
 
 
+def median_of_rounds(name, paths):
+    rounds = [json.load(open(p)) for p in paths]
+
+    def med(values):
+        values = sorted(v for v in values if v is not None)
+        return values[len(values) // 2] if values else None
+
+    first = rounds[0]
+    return {
+        "server": name,
+        "prompt": first["prompt"],
+        "max_tokens": first["max_tokens"],
+        "rounds": len(rounds),
+        "ttft_ms": med(r.get("ttft_ms") for r in rounds),
+        "single_stream_tokens_per_s": med(r.get("single_stream_tokens_per_s") for r in rounds),
+        "aggregate_tokens_per_s": {
+            c: med(r["aggregate_tokens_per_s"].get(c) for r in rounds) for c in first["aggregate_tokens_per_s"]
+        },
+        "per_round": rounds,
+    }
+
+
 def main():
+    if sys.argv[1] == "median":
+        print(json.dumps(median_of_rounds(sys.argv[2], sys.argv[3:])))
+        return
     url, name = sys.argv[1], sys.argv[2]
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "cache_prompt": False}
     request(url, body)  # warm

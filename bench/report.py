@@ -121,6 +121,7 @@ def main():
         for c in ('1', '4', '8'):
             rows.append((f'aggregate at {c} streams, tokens/s', (gk.get('aggregate_tokens_per_s') or {}).get(c),
                          (gl.get('aggregate_tokens_per_s') or {}).get(c), False, '>= 1x' if c == '8' else ''))
+        rows.append(('peak memory (RSS), MiB', gk.get('peak_rss_mib'), gl.get('peak_rss_mib'), True, ''))
         for name, a, b, lower_better, target in rows:
             fa = '-' if a is None else f'{a:.1f}'
             fb = '-' if b is None else f'{b:.1f}'

@@ -191,14 +191,25 @@ impl QWeight {
                     _ => 1,
                 };
                 let mut vals = [0f32; TILE];
-                for i in first..first + rows {
-                    let w = &self.data[i * row_bytes..(i + 1) * row_bytes];
-                    dot_rows(self.format, self.isa, w, &acts, r0, &mut vals[..tile]);
-                    for (k, v) in vals[..tile].iter().enumerate() {
-                        // SAFETY: (r0 + k, i) is inside the t x n output, and column i belongs to
-                        // this task alone.
-                        unsafe { out.at((r0 + k) * n + i).write(*v) };
+                let row = |i: usize| &self.data[i * row_bytes..(i + 1) * row_bytes];
+                let mut i = first;
+                while i < first + rows {
+                    // One activation row: two weight rows at a time (see `avx2::dot_tile`).
+                    let pair = tile == 1 && i + 1 < first + rows;
+                    let (width, cols) = if pair { (2, [row(i), row(i + 1)]) } else { (1, [row(i), row(i)]) };
+                    let vals = &mut vals[..width * tile];
+                    if pair {
+                        dot_pair(self.format, self.isa, cols, &acts, r0, vals);
+                    } else {
+                        dot_rows(self.format, self.isa, cols[0], &acts, r0, vals);
                     }
+                    for (j, v) in vals.iter().enumerate() {
+                        let (col, k) = (i + j / tile, j % tile);
+                        // SAFETY: (r0 + k, col) is inside the t x n output, and column col
+                        // belongs to this task alone.
+                        unsafe { out.at((r0 + k) * n + col).write(*v) };
+                    }
+                    i += width;
                 }
                 r0 += tile;
             }
@@ -362,6 +373,26 @@ fn quantize_row(x: &[f32], qs: &mut [[i8; BLOCK]], d: &mut [f32], s: &mut [f32],
             Isa::Avx2Fma => unsafe { avx2::quantize_block(vals, &mut qs[i]) },
             _ => scalar::quantize_block(vals, &mut qs[i]),
         };
+    }
+}
+
+/// `out[j] = w[j] · row r` of `acts`, for two weight rows (the same result as one at a time).
+fn dot_pair(format: Format, isa: Isa, w: [&[u8]; 2], acts: &Acts, r: usize, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `quantize_rows`; the kernel checks the slices' bounds.
+        Isa::Avx2Fma => unsafe {
+            match format {
+                Format::Q4_0 => avx2::dot_tile::<Q4_0, 2, 1>(w, acts, r, out),
+                Format::Q4_1 => avx2::dot_tile::<Q4_1, 2, 1>(w, acts, r, out),
+                Format::Q8_0 => avx2::dot_tile::<Q8_0, 2, 1>(w, acts, r, out),
+            }
+        },
+        _ => {
+            for (o, w) in out.iter_mut().zip(w) {
+                *o = scalar::dot(format, w, acts, r);
+            }
+        }
     }
 }
 
@@ -543,67 +574,92 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
-    /// `out[k] = w · row r0 + k` for R activation rows at once. Each row's result comes from
-    /// the same operations in the same order whatever R is.
+    /// `out[k] = w · row r0 + k` for R activation rows at once.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows<const F: u8, const R: usize>(w: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
+        // SAFETY: forwarded.
+        unsafe { dot_tile::<F, 1, R>([w], acts, r0, out) }
+    }
+
+    /// `out[j * R + k] = w[j] · row r0 + k`: W weight rows by R activation rows. Each output
+    /// comes from the same operations in the same order whatever W and R are, so a row's
+    /// result does not depend on what it was tiled with. Two weight rows against one
+    /// activation row give a single decoding sequence two independent chains of additions.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // block j indexes the minimums of every weight row
+    pub unsafe fn dot_tile<const F: u8, const W: usize, const R: usize>(
+        w: [&[u8]; W],
+        acts: &Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
         let bytes = match F {
             Q4_0 => 18,
             Q4_1 => 20,
             _ => 34,
         };
         let nb = acts.nb;
-        assert!(w.len() >= nb * bytes && r0 + R <= acts.rows && out.len() >= R);
+        assert!(w.iter().all(|w| w.len() >= nb * bytes) && r0 + R <= acts.rows && out.len() >= W * R);
         assert!(
             acts.d.len() >= acts.rows * nb
                 && acts.s.len() >= acts.rows * nb
                 && acts.qs.len() >= acts.rows * nb
         );
         let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * nb);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut offset = [0f32; R];
-        let mut mins = [0f32; SEGMENT];
+        let mut acc = [[_mm256_setzero_ps(); R]; W];
+        let mut offset = [[0f32; R]; W];
+        let mut mins = [[0f32; SEGMENT]; W];
         let mut b0 = 0;
         while b0 < nb {
             let seg = SEGMENT.min(nb - b0);
-            for (j, min) in mins.iter_mut().enumerate().take(seg) {
+            for j in 0..seg {
                 let b = b0 + j;
-                // SAFETY: block b of the row and of each activation row is in bounds (asserted).
-                unsafe {
-                    let (wq, d, m) = unpack::<F>(w.as_ptr().add(b * bytes));
-                    *min = m;
-                    let vd = _mm256_set1_ps(d);
-                    for r in 0..R {
-                        let i = at[r] + b;
-                        let aq = _mm256_loadu_si256(acts.qs.as_ptr().add(i).cast());
-                        let scale = _mm256_mul_ps(vd, _mm256_broadcast_ss(&*acts.d.as_ptr().add(i)));
-                        acc[r] = _mm256_fmadd_ps(block_dot::<F>(wq, aq), scale, acc[r]);
+                for x in 0..W {
+                    // SAFETY: block b of the rows and of each activation row is in bounds
+                    // (asserted).
+                    unsafe {
+                        // A kilobyte ahead (measured best of 512, 1024 and 2048 bytes: 10% faster
+                        // single-stream decoding); a prefetch never faults, even past the end.
+                        _mm_prefetch::<_MM_HINT_T0>(w[x].as_ptr().wrapping_add(b * bytes + 1024).cast());
+                        let (wq, d, m) = unpack::<F>(w[x].as_ptr().add(b * bytes));
+                        mins[x][j] = m;
+                        let vd = _mm256_set1_ps(d);
+                        for r in 0..R {
+                            let i = at[r] + b;
+                            let aq = _mm256_loadu_si256(acts.qs.as_ptr().add(i).cast());
+                            let scale = _mm256_mul_ps(vd, _mm256_broadcast_ss(&*acts.d.as_ptr().add(i)));
+                            acc[x][r] = _mm256_fmadd_ps(block_dot::<F>(wq, aq), scale, acc[x][r]);
+                        }
                     }
                 }
             }
             if F != Q8_0 {
-                for r in 0..R {
-                    let s = &acts.s[at[r] + b0..at[r] + b0 + seg];
-                    let mut v = _mm256_setzero_ps();
-                    let whole = seg - seg % 8;
-                    for k in (0..whole).step_by(8) {
-                        // SAFETY: k + 8 <= seg, within both slices.
-                        unsafe {
-                            v = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(mins.as_ptr().add(k)),
-                                _mm256_loadu_ps(s.as_ptr().add(k)),
-                                v,
-                            );
+                for x in 0..W {
+                    for r in 0..R {
+                        let s = &acts.s[at[r] + b0..at[r] + b0 + seg];
+                        let mut v = _mm256_setzero_ps();
+                        let whole = seg - seg % 8;
+                        for k in (0..whole).step_by(8) {
+                            // SAFETY: k + 8 <= seg, within both slices.
+                            unsafe {
+                                v = _mm256_fmadd_ps(
+                                    _mm256_loadu_ps(mins[x].as_ptr().add(k)),
+                                    _mm256_loadu_ps(s.as_ptr().add(k)),
+                                    v,
+                                );
+                            }
                         }
+                        let tail: f32 = mins[x][whole..seg].iter().zip(&s[whole..]).map(|(m, s)| m * s).sum();
+                        offset[x][r] += hsum(v) + tail;
                     }
-                    let tail: f32 = mins[whole..seg].iter().zip(&s[whole..]).map(|(m, s)| m * s).sum();
-                    offset[r] += hsum(v) + tail;
                 }
             }
             b0 += seg;
         }
-        for r in 0..R {
-            out[r] = hsum(acc[r]) + offset[r];
+        for x in 0..W {
+            for r in 0..R {
+                out[x * R + r] = hsum(acc[x][r]) + offset[x][r];
+            }
         }
     }
 }
