@@ -62,11 +62,6 @@ pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
             Some(v) => v.as_f64().ok_or_else(|| unsupported(format!("{key} is not a number"))),
         }
     };
-    if json.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-        return Err(unsupported(
-            "rope_scaling is set; scaled rotary embeddings are not supported yet".into(),
-        ));
-    }
     let hidden = uint("hidden_size")?;
     let heads = uint("num_attention_heads")?;
     let kv_heads = json.get("num_key_value_heads").and_then(Value::as_u64).map_or(heads, |v| v as usize);
@@ -81,6 +76,9 @@ pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
     {
         return Err(unsupported(format!("head_dim {d} differs from hidden_size / num_attention_heads")));
     }
+    let rope_base = float("rope_theta", 10_000.0)? as f32;
+    // Checked here so an unsupported scaling fails with the file's name before any weight loads.
+    rope_factors(&json, head_dim, rope_base).map_err(unsupported)?;
     Ok(LlamaConfig {
         architecture: arch,
         layers: uint("num_hidden_layers")?,
@@ -90,9 +88,44 @@ pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
         head_dim,
         context_length: uint("max_position_embeddings")?,
         rms_eps: float("rms_norm_eps", 1e-6)?,
-        rope_base: float("rope_theta", 10_000.0)? as f32,
+        rope_base,
         vocab_size: uint("vocab_size")?,
     })
+}
+
+/// Llama 3.1+ rotary frequency factors from `rope_scaling` (`rope_type: llama3`), one per
+/// frequency: 1 for short wavelengths, `factor` for wavelengths longer than the original
+/// context, smoothly between (the factors llama.cpp's converter writes as `rope_freqs`).
+/// None without scaling; other scaling types are refused.
+fn rope_factors(json: &Value, head_dim: usize, base: f32) -> Result<Option<Vec<f32>>, String> {
+    let Some(scaling) = json.get("rope_scaling").filter(|v| !v.is_null()) else { return Ok(None) };
+    let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("");
+    if kind != "llama3" {
+        return Err(format!("rope_scaling of type {kind:?}; only Llama 3 (\"llama3\") scaling is supported"));
+    }
+    let num = |key: &str, default: f64| scaling.get(key).and_then(Value::as_f64).unwrap_or(default);
+    let (factor, low, high) = (num("factor", 8.0), num("low_freq_factor", 1.0), num("high_freq_factor", 4.0));
+    let old_context = num("original_max_position_embeddings", 8192.0);
+    if !(factor >= 1.0 && low > 0.0 && high > low && old_context > 0.0) {
+        return Err(format!(
+            "rope_scaling values: factor {factor}, low_freq_factor {low}, high_freq_factor {high}, \
+             original_max_position_embeddings {old_context}"
+        ));
+    }
+    let factors = (0..head_dim / 2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f64::consts::PI * f64::from(base).powf((2 * i) as f64 / head_dim as f64);
+            if wavelen < old_context / high {
+                1.0
+            } else if wavelen > old_context / low {
+                factor as f32
+            } else {
+                let smooth = (old_context / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect();
+    Ok(Some(factors))
 }
 
 /// Whether `config.json` says the head reuses the token table.
@@ -146,7 +179,16 @@ pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Ll
         tensors.extend(loaded);
     }
     let (heads, kv_heads) = (cfg.heads, cfg.kv_heads);
+    let factors = rope_factors(&read_json(config_path)?, cfg.head_dim, cfg.rope_base)
+        .map_err(|message| EngineError::Files { path: config_path.display().to_string(), message })?;
     let mut weights = |name: &str| -> Result<Option<QTensor>, EngineError> {
+        // The decoder takes Llama 3 frequency factors as GGUF's rope_freqs tensor.
+        if name == "rope_freqs.weight" {
+            return match &factors {
+                None => Ok(None),
+                Some(f) => Ok(Some(QTensor::quantize(&Tensor::new(f.as_slice(), device)?, GgmlDType::F32)?)),
+            };
+        }
         let wanted = if name == "output.weight" && tied { None } else { hf_name(name) };
         let Some(t) = wanted.and_then(|n| tensors.remove(&n)) else { return Ok(None) };
         let mut t = t.to_dtype(DType::F32)?;
@@ -165,6 +207,22 @@ pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Ll
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama3_factors_leave_fast_rotations_and_slow_down_long_ones() {
+        // Llama 3.2's published scaling: factor 32, low 1, high 4, original context 8192.
+        let json = serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}});
+        let f = rope_factors(&json, 64, 500_000.0).ok().flatten().unwrap_or_default();
+        assert_eq!(f.len(), 32);
+        // Wavelength 2π·base^(2i/64): under 8192/4 positions unchanged, over 8192 divided by 32,
+        // strictly between in the band between.
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[31], 32.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
+        assert!(f.iter().any(|v| *v > 1.0 && *v < 32.0), "{f:?}");
+        assert_eq!(rope_factors(&serde_json::json!({"rope_scaling": null}), 64, 500_000.0), Ok(None));
+    }
 
     #[test]
     fn names_map_to_transformers_layout() {
@@ -206,7 +264,8 @@ mod tests {
         assert_eq!((cfg.head_dim, cfg.kv_heads, cfg.rope_base), (16, 2, 10_000.0));
         for (key, value, says) in [
             ("model_type", serde_json::json!("gpt2"), "model_type"),
-            ("rope_scaling", serde_json::json!({"rope_type": "llama3"}), "rope_scaling"),
+            ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+            ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 0.5}), "rope_scaling"),
             ("num_key_value_heads", serde_json::json!(3), "attention shape"),
             ("hidden_size", serde_json::json!("wide"), "hidden_size"),
         ] {

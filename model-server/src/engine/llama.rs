@@ -65,6 +65,17 @@ impl LlamaConfig {
                 "partial rotary embeddings ({rope_dim} of {head_dim} dimensions)"
             )));
         }
+        // Llama 3.1+ frequency factors come as the rope_freqs tensor (applied at load); other
+        // context extensions change the rotary angles in ways this decoder does not model.
+        let scaling =
+            metadata_string(ct, &format!("{arch}.rope.scaling.type")).unwrap_or_else(|_| "none".into());
+        let linear = metadata_f32(ct, &format!("{arch}.rope.scale_linear")).unwrap_or(1.0);
+        if scaling != "none" || linear != 1.0 {
+            return Err(EngineError::Unsupported(format!(
+                "rotary scaling {scaling:?} (linear factor {linear}); only unscaled rotary embeddings and \
+                 Llama 3 frequency factors are supported"
+            )));
+        }
         let vocab_size = match ct.metadata.get("tokenizer.ggml.tokens") {
             Some(gguf_file::Value::Array(tokens)) => tokens.len(),
             _ => u("vocab_size")?,
@@ -240,6 +251,21 @@ impl Llama {
         device: &Device,
     ) -> Result<Self, EngineError> {
         let head = weights("output.weight")?;
+        // Llama 3.1+: each rotary frequency divided by its factor (llama.cpp's rope_freqs).
+        let rope_factors = match weights("rope_freqs.weight")? {
+            None => None,
+            Some(q) => {
+                let f = q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
+                if f.len() != cfg.head_dim / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                    return Err(EngineError::Unsupported(format!(
+                        "rope_freqs has {} factors for {} rotary frequencies, or one not positive",
+                        f.len(),
+                        cfg.head_dim / 2
+                    )));
+                }
+                Some(f)
+            }
+        };
         let mut t = |name: &str| {
             weights(name)?.ok_or_else(|| EngineError::Unsupported(format!("the weights have no {name}")))
         };
@@ -291,7 +317,7 @@ impl Llama {
                     (Embeddings::Dense(table), output)
                 }
             };
-        let (cos, sin) = rotary_tables(&cfg);
+        let (cos, sin) = rotary_tables(&cfg, rope_factors.as_deref());
         // As many threads as the process's pool (RAYON_NUM_THREADS, set from --threads).
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
@@ -551,10 +577,16 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn rotary_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
+/// cos and sin of every position's angle for every rotary frequency, `[context][head_dim / 2]`;
+/// frequency `i` is `base^(-2i / head_dim) / factors[i]`.
+fn rotary_tables(cfg: &LlamaConfig, factors: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
-    let inv: Vec<f32> =
-        (0..half).map(|i| 1.0 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
+    let inv: Vec<f32> = (0..half)
+        .map(|i| {
+            let f = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+            1.0 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32) / f
+        })
+        .collect();
     let mut cos = Vec::with_capacity(cfg.context_length * half);
     let mut sin = Vec::with_capacity(cfg.context_length * half);
     for p in 0..cfg.context_length {
@@ -565,4 +597,55 @@ fn rotary_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(heads: usize, kv_heads: usize, head_dim: usize) -> LlamaConfig {
+        LlamaConfig {
+            architecture: "llama".into(),
+            layers: 1,
+            hidden: heads * head_dim,
+            heads,
+            kv_heads,
+            head_dim,
+            context_length: 4,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+            vocab_size: 8,
+        }
+    }
+
+    #[test]
+    fn rotary_factors_divide_each_frequency() {
+        let cfg = config(1, 1, 8);
+        let factors = [1.0, 2.0, 4.0, 8.0];
+        let (cos, sin) = rotary_tables(&cfg, Some(&factors));
+        let (plain, _) = rotary_tables(&cfg, None);
+        for (i, f) in factors.iter().enumerate() {
+            let angle = 3.0 * 10_000f32.powf(-((2 * i) as f32) / 8.0) / f;
+            assert!((cos[3 * 4 + i] - angle.cos()).abs() < 1e-6, "cos, frequency {i}");
+            assert!((sin[3 * 4 + i] - angle.sin()).abs() < 1e-6, "sin, frequency {i}");
+        }
+        assert_eq!(cos[3 * 4], plain[3 * 4], "a factor of 1 changes nothing");
+        assert_ne!(cos[3 * 4 + 3], plain[3 * 4 + 3]);
+    }
+
+    #[test]
+    fn attention_is_causal_and_grouped() {
+        // Two query heads share one key/value head; a two-token chunk from position 0.
+        let cfg = config(2, 1, 2);
+        let cache = LayerCache { k: vec![1.0, 0.0, 0.0, 1.0], v: vec![10.0, 20.0, 30.0, 40.0] };
+        let q = [5.0, 0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 5.0]; // [token][head][dim]
+        for head in 0..2 {
+            let out = attend_head(&cfg, &cache, 0, head, &q, Isa::Scalar);
+            // The first token sees only the first key: its value exactly.
+            assert_eq!(out[..2], [10.0, 20.0], "head {head}");
+            // The second sees both, weighted towards the key its query matches.
+            let towards_second = if head == 1 { out[2] > 20.0 } else { out[2] < 20.0 };
+            assert!(towards_second && out[2] > 10.0 && out[2] < 30.0, "head {head}: {:?}", &out[2..]);
+        }
+    }
 }
