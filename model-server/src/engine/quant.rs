@@ -480,6 +480,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Acts, BLOCK, Q4_0, Q4_1, Q8_0};
+    use crate::engine::packed_bert::kernels::avx2::{hmax, hsum};
 
     /// Blocks per segment: the weight row's minimums are gathered for this many blocks, then
     /// applied to each activation row's `s` with vector arithmetic.
@@ -491,15 +492,6 @@ mod avx2 {
         // SAFETY: callers pass a pointer to two readable bytes.
         let bits = unsafe { p.cast::<u16>().read_unaligned() };
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     #[inline]
@@ -519,10 +511,7 @@ mod avx2 {
         let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(vals.as_ptr().add(8 * i)) });
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
         let m = v.iter().fold(_mm256_setzero_ps(), |m, x| _mm256_max_ps(m, _mm256_and_ps(*x, abs_mask)));
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        let d = _mm_cvtss_f32(m) / 127.0;
+        let d = hmax(m) / 127.0;
         let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         let i: [__m256i; 4] = std::array::from_fn(|k| {
             _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
