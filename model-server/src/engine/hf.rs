@@ -39,9 +39,16 @@ fn read_json(path: &Path) -> Result<Value, EngineError> {
     serde_json::from_str(&text).map_err(|e| files_err(format!("not JSON: {e}")))
 }
 
-/// The decoder's shape from `config.json`. Refuses what the decoder does not do (rotary
-/// scaling, partial rotary, other architectures) rather than serving wrong text.
-pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
+/// What `config.json` says: the decoder's shape, Llama 3 rotary factors, tied embeddings.
+struct Checkpoint {
+    cfg: LlamaConfig,
+    rope_factors: Option<Vec<f32>>,
+    tied: bool,
+}
+
+/// Reads `config.json` once. Refuses what the decoder does not do (rotary scaling other than
+/// Llama 3's, other architectures, odd attention shapes) rather than serving wrong text.
+fn config(path: &Path) -> Result<Checkpoint, EngineError> {
     let json = read_json(path)?;
     let unsupported = |message: String| EngineError::Files { path: path.display().to_string(), message };
     let arch = json.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
@@ -65,21 +72,16 @@ pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
     let hidden = uint("hidden_size")?;
     let heads = uint("num_attention_heads")?;
     let kv_heads = json.get("num_key_value_heads").and_then(Value::as_u64).map_or(heads, |v| v as usize);
-    if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-        return Err(unsupported(format!(
-            "attention shape: {heads} heads, {kv_heads} key/value heads, hidden size {hidden}"
-        )));
-    }
-    let head_dim = hidden / heads;
+    let head_dim = LlamaConfig::head_dim_of(hidden, heads, kv_heads).map_err(unsupported)?;
     if let Some(d) = json.get("head_dim").and_then(Value::as_u64)
         && d as usize != head_dim
     {
         return Err(unsupported(format!("head_dim {d} differs from hidden_size / num_attention_heads")));
     }
     let rope_base = float("rope_theta", 10_000.0)? as f32;
-    // Checked here so an unsupported scaling fails with the file's name before any weight loads.
-    rope_factors(&json, head_dim, rope_base).map_err(unsupported)?;
-    Ok(LlamaConfig {
+    let rope_factors = rope_factors(&json, head_dim, rope_base).map_err(unsupported)?;
+    let tied = json.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+    let cfg = LlamaConfig {
         architecture: arch,
         layers: uint("num_hidden_layers")?,
         hidden,
@@ -90,7 +92,8 @@ pub fn config(path: &Path) -> Result<LlamaConfig, EngineError> {
         rms_eps: float("rms_norm_eps", 1e-6)?,
         rope_base,
         vocab_size: uint("vocab_size")?,
-    })
+    };
+    Ok(Checkpoint { cfg, rope_factors, tied })
 }
 
 /// Llama 3.1+ rotary frequency factors from `rope_scaling` (`rope_type: llama3`), one per
@@ -126,11 +129,6 @@ fn rope_factors(json: &Value, head_dim: usize, base: f32) -> Result<Option<Vec<f
         })
         .collect();
     Ok(Some(factors))
-}
-
-/// Whether `config.json` says the head reuses the token table.
-fn tied(path: &Path) -> Result<bool, EngineError> {
-    Ok(read_json(path)?.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false))
 }
 
 /// The Hugging Face name of a GGUF tensor name.
@@ -170,8 +168,7 @@ fn interleave_rows(w: &Tensor, heads: usize) -> Result<Tensor, EngineError> {
 
 /// Load the model of a checkpoint.
 pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Llama, EngineError> {
-    let cfg = config(config_path)?;
-    let tied = tied(config_path)?;
+    let Checkpoint { cfg, rope_factors: factors, tied } = config(config_path)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in files {
         let loaded = candle_core::safetensors::load(f, device)
@@ -179,8 +176,6 @@ pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Ll
         tensors.extend(loaded);
     }
     let (heads, kv_heads) = (cfg.heads, cfg.kv_heads);
-    let factors = rope_factors(&read_json(config_path)?, cfg.head_dim, cfg.rope_base)
-        .map_err(|message| EngineError::Files { path: config_path.display().to_string(), message })?;
     let mut weights = |name: &str| -> Result<Option<QTensor>, EngineError> {
         // The decoder takes Llama 3 frequency factors as GGUF's rope_freqs tensor.
         if name == "rope_freqs.weight" {
@@ -260,7 +255,7 @@ mod tests {
         });
         let write = |v: &Value| std::fs::write(&path, v.to_string()).unwrap_or_else(|e| panic!("{e}"));
         write(&base);
-        let cfg = config(&path).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = config(&path).unwrap_or_else(|e| panic!("{e}")).cfg;
         assert_eq!((cfg.head_dim, cfg.kv_heads, cfg.rope_base), (16, 2, 10_000.0));
         for (key, value, says) in [
             ("model_type", serde_json::json!("gpt2"), "model_type"),

@@ -52,12 +52,7 @@ impl LlamaConfig {
         let heads = u("attention.head_count")?;
         let hidden = u("embedding_length")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(EngineError::Unsupported(format!(
-                "attention shape: {heads} heads, {kv_heads} key/value heads, hidden size {hidden}"
-            )));
-        }
-        let head_dim = hidden / heads;
+        let head_dim = Self::head_dim_of(hidden, heads, kv_heads).map_err(EngineError::Unsupported)?;
         if let Ok(rope_dim) = u("rope.dimension_count")
             && rope_dim != head_dim
         {
@@ -92,6 +87,19 @@ impl LlamaConfig {
             vocab_size,
             architecture: arch,
         })
+    }
+}
+
+impl LlamaConfig {
+    /// The size of one attention head, where the shape is one the decoder runs: query heads
+    /// dividing the hidden size, and key/value heads dividing the query heads.
+    pub(crate) fn head_dim_of(hidden: usize, heads: usize, kv_heads: usize) -> Result<usize, String> {
+        if heads == 0 || kv_heads == 0 || !hidden.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
+            return Err(format!(
+                "attention shape: {heads} heads, {kv_heads} key/value heads, hidden size {hidden}"
+            ));
+        }
+        Ok(hidden / heads)
     }
 }
 
