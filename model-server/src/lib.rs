@@ -4,6 +4,7 @@
 //! the server reads. The `server` feature adds the engine, batching, HTTP API and puller.
 
 pub mod manifest;
+pub mod quantity;
 
 #[cfg(feature = "server")]
 pub mod api;
@@ -11,6 +12,10 @@ pub mod api;
 pub mod batching;
 #[cfg(feature = "server")]
 pub mod engine;
+#[cfg(feature = "server")]
+pub mod failpoint;
+#[cfg(feature = "server")]
+pub mod listener;
 #[cfg(feature = "server")]
 pub mod loader;
 #[cfg(feature = "server")]

@@ -1,4 +1,5 @@
-//! Kubernetes quantities as byte counts (memory fit needs arithmetic, k8s-openapi keeps strings).
+//! Kubernetes quantities as byte counts: the operator's memory fit and the server's memory flags
+//! need arithmetic, and k8s-openapi keeps quantities as strings.
 
 /// Bytes of a quantity such as `120Mi`, `80Gi`, `1.5G`, `512k` or `1e9`; None if malformed.
 pub fn parse_bytes(q: &str) -> Option<u64> {
