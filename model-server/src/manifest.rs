@@ -212,11 +212,27 @@ impl SourceUri {
     }
 }
 
+/// `uri` with any user information (`user:password@`) replaced by `***`, for messages and logs.
+pub fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else { return uri.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
 impl FromStr for SourceUri {
     type Err = ManifestError;
     fn from_str(uri: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| ManifestError::BadSourceUri { uri: uri.to_string(), why: why.to_string() };
+        let bad = |why: &str| ManifestError::BadSourceUri { uri: redact_uri(uri), why: why.to_string() };
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("expected SCHEME://..."))?;
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        if authority.contains('@') {
+            return Err(bad(
+                "credentials do not belong in a source URI (they would be logged and shown); put them in a Secret and name it in source.credentialsSecret",
+            ));
+        }
         match scheme {
             "s3" => {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -278,6 +294,10 @@ pub struct ModelEntry {
     /// False for entries present only as another entry's fallback: pulled, loaded on demand.
     #[serde(default = "yes")]
     pub serve: bool,
+    /// Text generation: bytes the sequences' KV caches may take together. Absent: the server
+    /// derives it from the memory the pod has left after loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_bytes: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -328,6 +348,10 @@ pub enum ManifestError {
     BadDigest { model: String, file: String },
     #[error("model {model}: file name {file:?} must be a relative path without '..'")]
     BadFileName { model: String, file: String },
+    #[error(
+        "model {model}: {file:?} is the name of the cache's completion marker; a model file cannot use it"
+    )]
+    ReservedFileName { model: String, file: String },
     #[error("model {0} appears twice in the manifest")]
     Duplicate(String),
     #[error("model {model} names fallback {fallback}, which is not in the manifest")]
@@ -388,6 +412,12 @@ impl Manifest {
                 if !is_relative_clean(file) {
                     return Err(ManifestError::BadFileName { model: id.to_string(), file: file.clone() });
                 }
+                if file == CACHE_MARKER {
+                    return Err(ManifestError::ReservedFileName {
+                        model: id.to_string(),
+                        file: file.clone(),
+                    });
+                }
                 if !is_sha256_hex(digest) {
                     return Err(ManifestError::BadDigest { model: id.to_string(), file: file.clone() });
                 }
@@ -408,6 +438,25 @@ impl Manifest {
 
     pub fn model(&self, id: &ModelRef) -> Option<&ModelEntry> {
         self.models.iter().find(|m| m.name == id.name && m.version == id.version)
+    }
+
+    /// Where `pull` reads a model from, and whether it links the files in place: a `pvc://`
+    /// claim is mounted read-only under `pvcRoot` and verified where it is. The cache marker
+    /// records this source, and `serve` expects it there.
+    pub fn pull_source(&self, entry: &ModelEntry) -> Result<(ModelSource, bool), ManifestError> {
+        Ok(match entry.source.uri.parse::<SourceUri>()? {
+            SourceUri::Pvc { claim, path } => {
+                let dir = Path::new(&self.pvc_root).join(claim).join(path);
+                (
+                    ModelSource {
+                        uri: format!("file://{}/", dir.display()),
+                        sha256: entry.source.sha256.clone(),
+                    },
+                    true,
+                )
+            }
+            _ => (entry.source.clone(), false),
+        })
     }
 
     /// The directory a verified model version lives in under a cache root.
@@ -431,6 +480,7 @@ mod tests {
             memory_bytes: Some(120 << 20),
             fallback: None,
             serve: true,
+            kv_cache_bytes: None,
         }
     }
 
@@ -491,6 +541,12 @@ mod tests {
                 "without '..'",
             ),
             (Box::new(|m| m.models[0].fallback = Some(ModelRef::new("a", "v0"))), "not in the manifest"),
+            (
+                Box::new(|m| {
+                    m.models[0].source.sha256.insert(CACHE_MARKER.into(), "a".repeat(64));
+                }),
+                "completion marker",
+            ),
         ];
         assert!(ok.validate().is_ok());
         for (mutate, want) in cases {
@@ -522,6 +578,13 @@ mod tests {
             Ok(SourceUri::Pvc { claim: "weights".into(), path: "smollm2/q4".into() })
         );
         assert!("pvc://weights/../x".parse::<SourceUri>().is_err());
+        // Credentials in the URI are refused, and the message does not repeat them.
+        for uri in ["https://user:hunter2@mirror/minilm/", "s3://key:hunter2@bucket/x/"] {
+            let err = uri.parse::<SourceUri>().expect_err(uri).to_string();
+            assert!(err.contains("credentialsSecret") && !err.contains("hunter2"), "{err}");
+        }
+        assert_eq!(redact_uri("https://u:p@host/a@b/c"), "https://***@host/a@b/c");
+        assert_eq!(redact_uri("https://host/a@b"), "https://host/a@b", "an @ in the path is no user info");
         assert!("minilm".parse::<SourceUri>().is_err());
     }
 

@@ -198,6 +198,7 @@ async fn file_sources_copy_or_link_in_place_and_pvc_goes_through_the_manifest() 
             memory_bytes: None,
             fallback: None,
             serve: true,
+            kv_cache_bytes: None,
         }],
         Warmup::default(),
         Batching::default(),
@@ -208,12 +209,171 @@ async fn file_sources_copy_or_link_in_place_and_pvc_goes_through_the_manifest() 
     let entry = cache.join("minilm/v2");
     assert!(std::fs::symlink_metadata(entry.join("model.safetensors")).unwrap().is_symlink());
     assert_same_as_fixture(&entry, &MODEL_FILES);
-    assert!(pull::cache::check(&entry, &manifest.models[0].source.sha256).is_ok());
+    assert!(pull::cache::check(&entry, &manifest.models[0].source.sha256, None).is_ok());
 
     // The manifest now pins a different digest: serve must refuse the entry.
     let mut pinned = manifest.models[0].source.sha256.clone();
     pinned.insert("config.json".into(), "0".repeat(64));
-    assert!(matches!(pull::cache::check(&entry, &pinned), Err(StaleEntry::Digest { .. })));
+    assert!(matches!(pull::cache::check(&entry, &pinned, None), Err(StaleEntry::Digest { .. })));
+}
+
+/// `serve` does not hash again, so it trusts only what `pull` bound: a file linked in place and
+/// then swapped (same name, same size) is refused by name, and an entry pulled from another
+/// source is pulled again rather than reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_trusts_only_what_pull_verified() {
+    let dir = scratch("trust");
+    let source = dir.join("models/minilm");
+    std::fs::create_dir_all(&source).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(common::minilm_dir().join(f), source.join(f)).unwrap();
+    }
+    let entry = |uri: String| ModelEntry {
+        name: "minilm".into(),
+        version: "v2".into(),
+        source: ModelSource { uri, sha256: BTreeMap::new() },
+        memory_bytes: None,
+        fallback: None,
+        serve: true,
+        kv_cache_bytes: None,
+    };
+    let manifest = |uri: String| {
+        Manifest::new(
+            Family::TextEmbedding,
+            vec![entry(uri)],
+            Warmup { iterations: 0, ..Warmup::default() },
+            Batching::default(),
+        )
+    };
+    let linked = manifest(format!("file://{}/", source.display()));
+    let cache = dir.join("cache");
+    let in_place = PullOptions { in_place: true, ..fast() };
+    pull::pull_manifest(&linked, &cache, &in_place).await.expect("pull in place");
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, linked.to_json()).unwrap();
+
+    // Swap the linked config.json for another file of the same size after verification.
+    let original = std::fs::read(source.join("config.json")).unwrap();
+    let mut edited = original.clone();
+    if let Some(b) = edited.iter_mut().find(|b| b.is_ascii_digit()) {
+        *b = if *b == b'9' { b'8' } else { *b + 1 };
+    }
+    std::fs::remove_file(source.join("config.json")).unwrap();
+    std::fs::write(source.join("config.json"), &edited).unwrap();
+    let plan = kiln_model_server::serve::ServePlan::from_manifest(&path, &cache).expect("plan");
+    let server = common::TestServer::start(plan, Default::default()).await;
+    let error = failed_with(&server).await;
+    assert!(error.contains("config.json") && error.contains("pull again"), "{error}");
+    server.shutdown().await;
+    // The next pull sees the change and verifies the new bytes.
+    let again = pull::pull_manifest(&linked, &cache, &in_place).await.expect("pull again");
+    assert!(!again[0].cached, "a changed entry is verified again, not reused");
+
+    // Another source for the same name:version: pulled again, not served from the old entry.
+    let elsewhere = manifest(format!("file://{}/", common::minilm_dir().display()));
+    let pulled = pull::pull_manifest(&elsewhere, &cache, &fast()).await.expect("pull the new source");
+    assert!(!pulled[0].cached, "an entry of another source is not reused");
+    let marker = pull::Marker::read(&cache.join("minilm/v2")).expect("marker");
+    assert_eq!(marker.source, elsewhere.models[0].source.uri);
+    // And serve refuses an entry whose marker names another source than its manifest.
+    let plan = kiln_model_server::serve::ServePlan::from_manifest(&path, &cache).expect("plan");
+    let server = common::TestServer::start(plan, Default::default()).await;
+    let error = failed_with(&server).await;
+    assert!(error.contains("pulled from"), "{error}");
+    server.shutdown().await;
+}
+
+/// The model's Failed error, once `/readyz` reports it.
+async fn failed_with(server: &common::TestServer) -> String {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body: serde_json::Value =
+            client.get(server.url("/readyz")).send().await.expect("readyz").json().await.expect("json");
+        if body["models"]["minilm:v2"]["state"] == "Failed" {
+            return body["models"]["minilm:v2"]["error"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(Instant::now() < deadline, "never refused: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A destination equal to or inside a `file://` source is refused before anything moves: with
+/// `--in-place` the commit would otherwise set the source itself aside and delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_inside_its_source_is_refused_and_the_source_survives() {
+    let dir = scratch("overlap");
+    let source = dir.join("models/minilm");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::copy(common::minilm_dir().join("config.json"), source.join("config.json")).unwrap();
+    let uri = format!("file://{}/", source.display());
+    for (dest, in_place) in [
+        (source.clone(), true),
+        (source.join("cache/v2"), true),
+        (dir.join("models/minilm/../minilm"), true),
+        (source.join("copy"), false),
+    ] {
+        let opts = PullOptions { in_place, ..fast() };
+        let err = pull::pull_source(&ModelSource { uri: uri.clone(), sha256: BTreeMap::new() }, &dest, &opts)
+            .await
+            .expect_err("overlapping destination");
+        assert!(matches!(err, PullError::DestInSource { .. }), "{}: {err}", dest.display());
+        assert!(err.to_string().contains("nothing was moved"), "{err}");
+        assert!(source.join("config.json").is_file(), "the source is intact");
+    }
+    // Through the command line too.
+    let out = Command::new(BIN)
+        .args(["pull", "--in-place", "--source", &uri, "--dest"])
+        .arg(&source)
+        .output()
+        .expect("run pull");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("inside it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(source.join("config.json").is_file(), "the source is intact");
+}
+
+/// A pull killed mid-way leaves its partial directory; the next pull of the same entry removes
+/// it (and only it) before it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_killed_pull_are_cleaned_up_by_the_next_one() {
+    let dir = scratch("leftovers");
+    let dest = dir.join("cache/minilm/v2");
+    let killed = dir.join("cache/minilm/.v2.partial-4242");
+    std::fs::create_dir_all(killed.join("1_Pooling")).unwrap();
+    std::fs::write(killed.join("model.safetensors"), b"half a file").unwrap();
+    std::fs::create_dir_all(dir.join("cache/minilm/.v2.partial-4243.stale")).unwrap();
+    let uri = format!("file://{}/", common::minilm_dir().display());
+    pull::pull_source(&ModelSource { uri, sha256: pins(&MODEL_FILES) }, &dest, &fast()).await.expect("pull");
+    assert!(leftovers(&dir.join("cache/minilm")).is_empty(), "{:?}", leftovers(&dir.join("cache/minilm")));
+    assert_same_as_fixture(&dest, &MODEL_FILES);
+}
+
+/// An HTTP(S) base with a path gets exactly one slash before each file: object stores and CDNs
+/// answer `<base>//<file>` with 404 or 403 (this server refuses it like S3 does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_base_with_a_path_is_joined_with_one_slash() {
+    let root = scratch("http-path");
+    let served = root.join("minilm/v2");
+    std::fs::create_dir_all(served.join("1_Pooling")).unwrap();
+    for f in MODEL_FILES {
+        std::fs::copy(common::minilm_dir().join(f), served.join(f)).unwrap();
+    }
+    let server = FaultyHttp::start(root.to_path_buf()).await;
+    for base in [format!("{}minilm/v2/", server.base), format!("{}minilm/v2", server.base)] {
+        let dest = root.join(format!("cache-{}/m/v1", base.len()));
+        let pulled =
+            pull::pull_source(&ModelSource { uri: base.clone(), sha256: pins(&MODEL_FILES) }, &dest, &fast())
+                .await
+                .unwrap_or_else(|e| panic!("{base}: {e}"));
+        assert_eq!(pulled.files, MODEL_FILES.len());
+        assert_same_as_fixture(&dest, &MODEL_FILES);
+    }
+    assert_eq!(server.requests("minilm/v2/config.json"), 2);
+    assert_eq!(server.requests_matching("//"), 0, "no request had an empty path segment");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,6 +395,7 @@ async fn serve_refuses_a_model_that_was_never_pulled() {
             memory_bytes: None,
             fallback: None,
             serve: true,
+            kv_cache_bytes: None,
         }],
         Warmup::default(),
         Batching::default(),

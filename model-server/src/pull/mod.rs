@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Manifest, ModelSource, SourceUri};
-use cache::{EntryPaths, FileRecord};
+use cache::{EntryPaths, FileIdentity, FileRecord, PartialDir};
 pub use cache::{Marker, StaleEntry};
 
 /// Knobs a test or the CLI may turn.
@@ -72,6 +72,10 @@ pub enum PullError {
     DiskFull { path: String, needed: u64 },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error(
+        "the destination {dest} is the source {origin} or inside it; choose a destination outside the source (nothing was moved)"
+    )]
+    DestInSource { origin: String, dest: String },
 }
 
 impl PullError {
@@ -99,6 +103,38 @@ pub struct Pulled {
     pub seconds: f64,
 }
 
+/// A `file://` source and its destination must not overlap: with `--in-place` the commit would
+/// move the source itself aside and delete it, and a copy would list its own output.
+fn refuse_dest_in_source(source: &Path, dest: &Path) -> Result<(), PullError> {
+    let source = source.canonicalize().map_err(|e| PullError::io(source, e))?;
+    if resolved(dest).starts_with(&source) {
+        return Err(PullError::DestInSource {
+            origin: source.display().to_string(),
+            dest: dest.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// `path` with its longest existing ancestor resolved (symlinks, `..`), the rest appended.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -120,15 +156,9 @@ pub async fn pull_manifest(
         let span = tracing::info_span!("pull", model = %id.name, version = %id.version);
         let dest = Manifest::cache_path(cache_dir, &id);
         let mut opts = opts.clone();
-        let source = match model.source.uri.parse::<SourceUri>()? {
-            // A claim is mounted read-only: verify in place, link from the cache.
-            SourceUri::Pvc { claim, path } => {
-                opts.in_place = true;
-                let dir = Path::new(&manifest.pvc_root).join(claim).join(path);
-                ModelSource { uri: format!("file://{}/", dir.display()), sha256: model.source.sha256.clone() }
-            }
-            _ => model.source.clone(),
-        };
+        // A claim is mounted read-only: verify in place, link from the cache.
+        let (source, in_place) = manifest.pull_source(model)?;
+        opts.in_place |= in_place;
         let pulled = tracing::Instrument::instrument(pull_source(&source, &dest, &opts), span).await?;
         done.push(pulled);
     }
@@ -141,6 +171,9 @@ pub async fn pull_source(source: &ModelSource, dest: &Path, opts: &PullOptions) 
     install_crypto_provider();
     let t0 = Instant::now();
     let uri: SourceUri = source.uri.parse()?;
+    if let SourceUri::File { path } = &uri {
+        refuse_dest_in_source(path, dest)?;
+    }
     let paths = EntryPaths::for_dest(dest).map_err(|e| PullError::io(dest, e))?;
     let lock_path = paths.lock.clone();
     let locking = paths.clone();
@@ -150,7 +183,7 @@ pub async fn pull_source(source: &ModelSource, dest: &Path, opts: &PullOptions) 
         .map_err(|e| PullError::io(&lock_path, std::io::Error::other(e)))?
         .map_err(|e| PullError::io(&lock_path, e))?;
 
-    match cache::check(dest, &source.sha256) {
+    match cache::check(dest, &source.sha256, Some(&source.uri)) {
         Ok(marker) => {
             let bytes = marker.files.values().map(|f| f.size).sum();
             tracing::info!(dest = %dest.display(), files = marker.files.len(), bytes, "already in the cache and verified; nothing to download");
@@ -174,21 +207,17 @@ pub async fn pull_source(source: &ModelSource, dest: &Path, opts: &PullOptions) 
     let total: u64 = files.iter().filter_map(|f| f.size).sum();
     tracing::info!(source = %source.uri, files = files.len(), bytes = total, dest = %dest.display(), "pulling");
 
-    if paths.partial.exists() {
-        std::fs::remove_dir_all(&paths.partial).map_err(|e| PullError::io(&paths.partial, e))?;
+    // Killed pulls leave their partial directories behind; with the lock held they are ours.
+    for leftover in paths.remove_leftovers().map_err(|e| PullError::io(dest, e))? {
+        tracing::info!(path = %leftover.display(), "removed what a killed pull left behind");
     }
-    std::fs::create_dir_all(&paths.partial).map_err(|e| PullError::io(&paths.partial, e))?;
-    let result = fill(&store, source, &files, &paths, opts).await;
-    let marker = match result {
-        Ok(marker) => marker,
-        Err(e) => {
-            // Nothing partial stays behind where a later pull or serve could mistake it.
-            let _ = std::fs::remove_dir_all(&paths.partial);
-            return Err(e);
-        }
-    };
-    marker.write(&paths.partial).map_err(|e| PullError::io(&paths.partial, e))?;
+    // Nothing partial stays behind (a failed file, marker or rename) where a later pull or
+    // serve could mistake it: the guard removes the directory unless it was committed.
+    let partial = PartialDir::create(&paths.partial).map_err(|e| PullError::io(&paths.partial, e))?;
+    let marker = fill(&store, source, &files, &paths, opts).await?;
+    marker.write(partial.path()).map_err(|e| PullError::io(partial.path(), e))?;
     paths.commit().map_err(|e| PullError::io(dest, e))?;
+    partial.committed();
     let bytes = marker.files.values().map(|f| f.size).sum::<u64>();
     let seconds = t0.elapsed().as_secs_f64();
     tracing::info!(
@@ -215,12 +244,14 @@ async fn fill(
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| PullError::io(parent, e))?;
         }
-        let got = if let (true, Some(origin)) = (opts.in_place, store.local_path(&remote.key)) {
+        let (got, identity) = if let (true, Some(origin)) = (opts.in_place, store.local_path(&remote.key)) {
             let got = transfer::hash_in_place(&origin).await?;
             std::os::unix::fs::symlink(&origin, &target).map_err(|e| PullError::io(&target, e))?;
-            got
+            (got.got, got.identity)
         } else {
-            transfer::download(store, remote, &target, &source.uri, opts).await?
+            let got = transfer::download(store, remote, &target, &source.uri, opts).await?;
+            let (_, identity) = FileIdentity::of(&target).map_err(|e| PullError::io(&target, e))?;
+            (got, identity)
         };
         if let Some(expected) = source.sha256.get(&remote.name)
             && expected != &got.sha256
@@ -232,7 +263,10 @@ async fn fill(
                 actual: got.sha256,
             });
         }
-        marker.files.insert(remote.name.clone(), FileRecord { size: got.size, sha256: got.sha256 });
+        marker.files.insert(
+            remote.name.clone(),
+            FileRecord { size: got.size, sha256: got.sha256, identity: Some(identity) },
+        );
     }
     Ok(marker)
 }

@@ -88,7 +88,12 @@ pub fn open(uri: &SourceUri, raw: &str, opts: &PullOptions) -> Result<Store, Pul
             })
         }
         SourceUri::Http { base } => {
-            let base = if base.ends_with('/') { base.clone() } else { format!("{base}/") };
+            // object_store appends each key's parts after the base's last path segment: a base
+            // ending in '/' (an empty last segment) would request `<base>//<file>`, which S3,
+            // GCS and most CDNs answer with 404 or 403.
+            let trimmed = base.trim_end_matches('/');
+            let has_path = trimmed.split_once("://").is_some_and(|(_, rest)| rest.contains('/'));
+            let base = if has_path { trimmed.to_string() } else { format!("{trimmed}/") };
             let store = object_store::http::HttpBuilder::new()
                 .with_url(base)
                 .with_retry(retry(opts))

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use object_store::GetOptions;
 use sha2::{Digest, Sha256};
 
+use super::cache::FileIdentity;
 use super::store::{Remote, Store};
 use super::{PullError, PullOptions};
 
@@ -137,18 +138,33 @@ fn write_and_hash(
     Ok((size, hex::encode(hasher.finalize())))
 }
 
-/// A file used in place (file:// --in-place, pvc://): hashed once, never copied.
-pub async fn hash_in_place(path: &Path) -> Result<Got, PullError> {
+pub struct InPlace {
+    pub got: Got,
+    /// The file that was hashed, so `serve` can tell whether it is still that file.
+    pub identity: FileIdentity,
+}
+
+/// A file used in place (file:// --in-place, pvc://): hashed once, never copied. Its identity
+/// is read before and after hashing; a file that changed meanwhile is refused.
+pub async fn hash_in_place(path: &Path) -> Result<InPlace, PullError> {
     let owned = path.to_path_buf();
-    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<Got> {
+    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<Result<InPlace, PullError>> {
+        let (_, before) = FileIdentity::of(&owned)?;
         let mut file = std::fs::File::open(&owned)?;
         let mut hasher = Sha256::new();
         let size = std::io::copy(&mut file, &mut hasher)?;
-        Ok(Got { size, sha256: hex::encode(hasher.finalize()) })
+        let (after_size, after) = FileIdentity::of(&owned)?;
+        if before != after || after_size != size {
+            return Ok(Err(PullError::Source {
+                uri: format!("file://{}", owned.display()),
+                detail: "the file changed while it was being verified; pull again once it is stable".into(),
+            }));
+        }
+        Ok(Ok(InPlace { got: Got { size, sha256: hex::encode(hasher.finalize()) }, identity: after }))
     })
     .await
     .map_err(|e| PullError::io(path, std::io::Error::other(e)))?;
-    hashed.map_err(|e| PullError::io(path, e))
+    hashed.map_err(|e| PullError::io(path, e))?
 }
 
 fn classify(uri: &str, file: &str, e: object_store::Error) -> Failure {

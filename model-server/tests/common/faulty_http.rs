@@ -1,6 +1,7 @@
 //! A real HTTP/1.1 file server on 127.0.0.1 that misbehaves on request: drops the connection
 //! mid-file, answers 503, or announces more bytes than it sends. Honours `Range: bytes=N-` like
-//! any static file server, and counts requests per path.
+//! any static file server, refuses paths with an empty segment (`//`) as object stores do, and
+//! counts requests per path.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::collections::{HashMap, VecDeque};
@@ -60,6 +61,11 @@ impl FaultyHttp {
     pub fn requests(&self, path: &str) -> usize {
         self.shared.lock().unwrap().requests.get(&format!("/{path}")).copied().unwrap_or(0)
     }
+
+    /// Requests whose path contains `needle`.
+    pub fn requests_matching(&self, needle: &str) -> usize {
+        self.shared.lock().unwrap().requests.iter().filter(|(p, _)| p.contains(needle)).map(|(_, n)| n).sum()
+    }
 }
 
 async fn serve_connection(
@@ -97,6 +103,11 @@ async fn serve_connection(
             s.faults.get_mut(&path).and_then(VecDeque::pop_front)
         };
         let socket = reader.get_mut();
+        // Like S3, GCS and most CDNs: an empty path segment names no object.
+        if path.contains("//") {
+            socket.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await?;
+            continue;
+        }
         let file = root.join(path.trim_start_matches('/'));
         let Ok(body) = tokio::fs::read(&file).await else {
             socket.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await?;
