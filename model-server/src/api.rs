@@ -48,10 +48,17 @@ impl ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::Full { .. } => {
+            SubmitError::Full { .. } | SubmitError::TokensFull { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "queue_full", e.to_string())
             }
+            SubmitError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "too_many_tokens",
+                e.to_string(),
+            ),
             SubmitError::Closed(_) => ApiError::unavailable("draining", e.to_string()),
+            SubmitError::Failed { .. } => ApiError::unavailable("model_failed", e.to_string()),
         }
     }
 }
@@ -143,12 +150,23 @@ async fn status(State(state): State<Shared>) -> Json<Value> {
                 m.insert("serve".into(), json!(s.serve));
                 m.insert("queueDepth".into(), json!(s.runtime.get().map(Runtime::depth).unwrap_or(0)));
                 match s.runtime.get() {
-                    Some(Runtime::Embedding { model, .. }) => {
+                    Some(Runtime::Embedding { model, batcher }) => {
                         m.insert("dimension".into(), json!(model.dimension()));
                         m.insert("maxSeqLength".into(), json!(model.settings().max_seq_length));
+                        m.insert("queuedTokens".into(), json!(batcher.tokens_waiting()));
                     }
-                    Some(Runtime::Generation { model, .. }) => {
+                    Some(Runtime::Generation { model, scheduler }) => {
                         m.insert("contextLength".into(), json!(model.context_length()));
+                        let kv = scheduler.kv();
+                        m.insert(
+                            "kvCache".into(),
+                            json!({
+                                "budgetBytes": kv.budget_bytes,
+                                "reservedBytes": kv.reserved_bytes(),
+                                "usedBytes": kv.used_bytes(),
+                                "bytesPerToken": kv.bytes_per_token,
+                            }),
+                        );
                     }
                     None => {}
                 }
@@ -162,6 +180,7 @@ async fn status(State(state): State<Shared>) -> Json<Value> {
         "draining": state.is_draining(),
         "uptimeSeconds": state.started.elapsed().as_secs_f64(),
         "queueDepth": state.queue_depth(),
+        "openConnections": state.metrics.open_connections.get(),
         "residentBytes": crate::loader::rss_bytes(),
         "models": models,
     }))
@@ -180,41 +199,103 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// Parse a JSON body: syntax errors (and invalid UTF-8) are 400, a non-object is 422.
-fn parse_body(
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let bytes = body.map_err(|r| {
-        let status = r.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                "invalid_request_error",
-                "body_too_large",
-                "request body is larger than the server's limit",
-            )
-        } else {
-            ApiError::new(status, "invalid_request_error", "bad_body", r.body_text())
+/// An inference request, checked as far as the server can without the handler: a JSON content
+/// type, a body read within its size and time limits, valid UTF-8 JSON holding an object, a
+/// `model` this pod serves, and that model loaded and ready. Checks that need the model (such as
+/// `dimensions`) come after this, so a model still loading always answers 503 first.
+pub struct Inference {
+    pub body: serde_json::Map<String, Value>,
+    pub id: ModelRef,
+}
+
+impl axum::extract::FromRequest<Shared> for Inference {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &Shared) -> Result<Self, ApiError> {
+        require_json(req.headers())?;
+        let bytes =
+            read_body(req.into_body(), state.limits.max_body_bytes, state.limits.body_read_timeout).await?;
+        let body = parse_object(&bytes)?;
+        let id = resolve(state, body.get("model"))?;
+        if let Err(e) = ready_runtime(state, &id) {
+            // Counted under the model like every answer about it.
+            record(state, &id, e.status, Instant::now());
+            return Err(e);
         }
-    })?;
-    if std::str::from_utf8(&bytes).is_err() {
+        Ok(Inference { body, id })
+    }
+}
+
+/// JSON only (`application/json` or a `+json` type): a browser's cross-origin form post
+/// (`text/plain`, `application/x-www-form-urlencoded`) never runs inference.
+fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = essence == "application/json"
+        || essence.strip_prefix("application/").is_some_and(|sub| sub.ends_with("+json"));
+    if json {
+        return Ok(());
+    }
+    let shown =
+        if given.is_empty() { "no Content-Type".to_string() } else { format!("Content-Type {given:?}") };
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        "unsupported_media_type",
+        format!("{shown}: this endpoint takes a JSON body; send Content-Type: application/json"),
+    ))
+}
+
+/// The whole body, refusing more than `limit` bytes (413) and a body still incomplete after
+/// `timeout` (408), so a slow client cannot hold a request open indefinitely.
+async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    use futures::StreamExt as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            format!("request body is larger than the server's limit of {limit} bytes"),
+        )
+    };
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request("bad_body", format!("cannot read the request body: {e}"))
+            })?;
+            if buf.len().saturating_add(chunk.len()) > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
+        Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!("the request body did not arrive within {} s", timeout.as_secs_f64()),
+        ))
+    })
+}
+
+/// Syntax errors (and invalid UTF-8) are 400, a body that is not an object 422.
+fn parse_object(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    if std::str::from_utf8(bytes).is_err() {
         return Err(ApiError::bad_request("invalid_utf8", "request body is not valid UTF-8"));
     }
-    match serde_json::from_slice::<Value>(&bytes) {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::unprocessable("invalid_body", "request body must be a JSON object")),
         Err(e) => Err(ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {e}"))),
     }
-}
-
-/// An inference request's JSON body and the served model it names.
-fn parse_request(
-    state: &AppState,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<(serde_json::Map<String, Value>, ModelRef), ApiError> {
-    let req = parse_body(body)?;
-    let id = resolve(state, req.get("model"))?;
-    Ok((req, id))
 }
 
 fn resolve(state: &AppState, requested: Option<&Value>) -> Result<ModelRef, ApiError> {
@@ -250,11 +331,16 @@ struct Embedded {
 }
 
 /// The runtime answering for `id`, or why there is none yet.
+/// A draining server still answers: its readiness is down so no new traffic comes, and what
+/// arrives during the drain delay (clients that have not yet seen the endpoint go) is served.
 fn ready_runtime<'a>(state: &'a AppState, id: &ModelRef) -> Result<&'a Runtime, ApiError> {
-    if state.is_draining() {
-        return Err(ApiError::unavailable("draining", "server is shutting down; retry on another replica"));
+    if let Some(rt) = state.runtime_for(id) {
+        return match rt.failure() {
+            Some(reason) => Err(model_failed(id, &reason)),
+            None => Ok(rt),
+        };
     }
-    state.runtime_for(id).ok_or_else(|| {
+    Err({
         let progress = state.slots.get(id).map(|s| s.progress());
         match progress {
             Some(p) if p.error.is_some() => ApiError::unavailable(
@@ -268,10 +354,33 @@ fn ready_runtime<'a>(state: &'a AppState, id: &ModelRef) -> Result<&'a Runtime, 
     })
 }
 
-/// Tokenize off the async workers, queue, and wait for the batch.
+/// Run `work` on the blocking pool, at most `tokenize_concurrency` at once: tokenizing is CPU
+/// work that must neither stall the async workers nor pile up without bound.
+pub(crate) async fn tokenize<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = state.tokenizing.acquire().await.map_err(|_| internal("the tokenizer pool is closed"))?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| internal(&e.to_string()))
+}
+
+/// How long a request whose worker vanished waits for the reason to be recorded.
+pub(crate) const WORKER_DEATH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub(crate) fn internal(message: &str) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal", message)
+}
+
+/// 503 for a model whose worker died, naming why.
+pub(crate) fn model_failed(id: &ModelRef, reason: &str) -> ApiError {
+    ApiError::unavailable("model_failed", format!("model {id} stopped serving: {reason}"))
+}
+
+/// Take a queue place (so a full queue refuses before any tokenizing), tokenize off the async
+/// workers, queue, and wait for the batch.
 async fn embed_texts(state: &Shared, id: &ModelRef, texts: Vec<String>) -> Result<Embedded, ApiError> {
     let (model, batcher) = match ready_runtime(state, id)? {
-        Runtime::Embedding { model, batcher } => (model.clone(), batcher),
+        Runtime::Embedding { model, batcher } => (model.clone(), batcher.clone()),
         Runtime::Generation { .. } => {
             return Err(ApiError::bad_request(
                 "wrong_family",
@@ -279,33 +388,34 @@ async fn embed_texts(state: &Shared, id: &ModelRef, texts: Vec<String>) -> Resul
             ));
         }
     };
-    let tokens = tokio::task::spawn_blocking(move || {
-        texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal", e.to_string()))?
-    .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
+    let place = batcher.reserve().map_err(ApiError::from)?;
+    let tokens =
+        tokenize(state, move || texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>())
+            .await?
+            .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
     let counts = tokens.iter().map(|t| t.ids.len()).collect();
     let truncated = tokens.iter().map(|t| t.truncated).collect();
-    let rx = batcher.submit(tokens.into_iter().map(|t| t.ids).collect()).map_err(ApiError::from)?;
-    let vectors = rx
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal",
-                "batch worker stopped",
-            )
-        })?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "inference_failed",
-                e.to_string(),
-            )
-        })?;
+    let rx = place.submit(tokens.into_iter().map(|t| t.ids).collect()).map_err(ApiError::from)?;
+    let vectors = match rx.await {
+        Ok(Ok(vectors)) => vectors,
+        // The worker answered with an error: its own, or that it died.
+        Ok(Err(e)) => {
+            return Err(match batcher.failure() {
+                Some(reason) => model_failed(id, &reason),
+                None => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "inference_failed",
+                    e.to_string(),
+                ),
+            });
+        }
+        // The worker unwound past this request: it died.
+        Err(_) => {
+            let reason = batcher.failure_within(WORKER_DEATH_GRACE).await;
+            return Err(model_failed(id, reason.as_deref().unwrap_or("its worker thread stopped")));
+        }
+    };
     Ok(Embedded { vectors, tokens: counts, truncated })
 }
 
@@ -331,11 +441,8 @@ where
     resp
 }
 
-async fn embeddings(
-    State(state): State<Shared>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let (req, id) = match parse_request(&state, body) {
+async fn embeddings(State(state): State<Shared>, request: Result<Inference, ApiError>) -> Response {
+    let Inference { body: req, id } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -415,11 +522,8 @@ async fn embeddings(
     .await
 }
 
-async fn embed_text(
-    State(state): State<Shared>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let (req, id) = match parse_request(&state, body) {
+async fn embed_text(State(state): State<Shared>, request: Result<Inference, ApiError>) -> Response {
+    let Inference { body: req, id } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };

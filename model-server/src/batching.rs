@@ -25,33 +25,126 @@ pub type BatchResult = Result<Vec<Vec<f32>>, EngineError>;
 /// A bounded FIFO of requests for one model, its length mirrored into `kiln_queue_depth` and
 /// `kiln_model_queue_depth`. Shared by the embedding batcher and the generation scheduler: a
 /// full queue refuses at once, and what is in it counts as waiting until a worker takes it.
+///
+/// Two bounds: requests (`capacity`, counting places reserved by requests still tokenizing, so
+/// a full queue refuses before any tokenization work) and tokens waiting (`max_tokens`, so the
+/// memory a queue holds does not depend on how long its requests are).
 pub struct RequestQueue<J> {
     state: Mutex<QueueState<J>>,
     wake: Condvar,
+    /// The reason, once the worker died: callers whose reply channel closed wait on this.
+    failure: tokio::sync::watch::Sender<Option<String>>,
     capacity: usize,
+    max_tokens: usize,
     id: ModelRef,
     metrics: Arc<Metrics>,
 }
 
+/// How many tokens a queued job holds.
+pub trait Weigh {
+    fn tokens(&self) -> usize;
+}
+
 pub struct QueueState<J> {
-    pub jobs: VecDeque<J>,
+    jobs: VecDeque<J>,
+    /// Places promised to requests that are still being tokenized.
+    reserved: usize,
+    /// Tokens held by `jobs`.
+    tokens: usize,
     pub closed: bool,
+    /// Set when the worker died: why, for every later request.
+    pub failed: Option<String>,
+}
+
+impl<J: Weigh> QueueState<J> {
+    pub fn pop_front(&mut self) -> Option<J> {
+        let job = self.jobs.pop_front()?;
+        self.tokens = self.tokens.saturating_sub(job.tokens());
+        Some(job)
+    }
+
+    pub fn front(&self) -> Option<&J> {
+        self.jobs.front()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &J> {
+        self.jobs.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Keep the jobs for which `keep` is true; returns how many were dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&J) -> bool) -> usize {
+        let before = self.jobs.len();
+        self.jobs.retain(|j| keep(j));
+        self.tokens = self.jobs.iter().map(Weigh::tokens).sum();
+        before - self.jobs.len()
+    }
+
+    /// Everything still queued, for a worker that is going away.
+    pub fn drain(&mut self) -> Vec<J> {
+        self.tokens = 0;
+        self.jobs.drain(..).collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
     #[error("queue for {model} is full ({depth} requests waiting)")]
     Full { model: String, depth: usize },
+    #[error("queue for {model} holds {waiting} tokens; {tokens} more would pass its limit of {limit}")]
+    TokensFull { model: String, waiting: usize, tokens: usize, limit: usize },
+    #[error("a request of {tokens} tokens can never fit the queue of {model}, whose limit is {limit} tokens")]
+    TooLarge { model: String, tokens: usize, limit: usize },
     #[error("model {0} is shutting down")]
     Closed(String),
+    #[error("model {model} stopped serving: {reason}")]
+    Failed { model: String, reason: String },
 }
 
-impl<J> RequestQueue<J> {
-    pub fn new(id: ModelRef, capacity: usize, metrics: Arc<Metrics>) -> Self {
+/// A place in the queue, held while the request is tokenized; released if never used.
+pub struct Reservation<J: Weigh> {
+    queue: Arc<RequestQueue<J>>,
+    used: bool,
+}
+
+impl<J: Weigh> Reservation<J> {
+    /// Queue `job` in the reserved place, if its tokens fit what the queue may hold.
+    pub fn push(mut self, job: J) -> Result<(), SubmitError> {
+        self.used = true;
+        self.queue.push_reserved(job)
+    }
+}
+
+impl<J: Weigh> Drop for Reservation<J> {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut q = self.queue.lock();
+            q.reserved = q.reserved.saturating_sub(1);
+        }
+    }
+}
+
+impl<J: Weigh> RequestQueue<J> {
+    pub fn new(id: ModelRef, capacity: usize, max_tokens: usize, metrics: Arc<Metrics>) -> Self {
         RequestQueue {
-            state: Mutex::new(QueueState { jobs: VecDeque::new(), closed: false }),
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                reserved: 0,
+                tokens: 0,
+                closed: false,
+                failed: None,
+            }),
             wake: Condvar::new(),
-            capacity,
+            failure: tokio::sync::watch::channel(None).0,
+            capacity: capacity.max(1),
+            max_tokens: max_tokens.max(1),
             id,
             metrics,
         }
@@ -61,14 +154,54 @@ impl<J> RequestQueue<J> {
         &self.id
     }
 
-    pub fn push(&self, job: J) -> Result<(), SubmitError> {
-        let mut q = self.lock();
+    fn refusal(&self, q: &QueueState<J>) -> Option<SubmitError> {
+        if let Some(reason) = &q.failed {
+            return Some(SubmitError::Failed { model: self.id.to_string(), reason: reason.clone() });
+        }
         if q.closed {
-            return Err(SubmitError::Closed(self.id.to_string()));
+            return Some(SubmitError::Closed(self.id.to_string()));
         }
-        if q.jobs.len() >= self.capacity {
-            return Err(SubmitError::Full { model: self.id.to_string(), depth: q.jobs.len() });
+        None
+    }
+
+    /// Promise a place before the (costly) tokenization; a full queue refuses here.
+    pub fn reserve(self: &Arc<Self>) -> Result<Reservation<J>, SubmitError> {
+        let mut q = self.lock();
+        if let Some(refused) = self.refusal(&q) {
+            return Err(refused);
         }
+        if q.jobs.len() + q.reserved >= self.capacity {
+            return Err(SubmitError::Full { model: self.id.to_string(), depth: q.jobs.len() + q.reserved });
+        }
+        q.reserved += 1;
+        Ok(Reservation { queue: self.clone(), used: false })
+    }
+
+    /// Queue a job without a prior reservation.
+    pub fn push(self: &Arc<Self>, job: J) -> Result<(), SubmitError> {
+        self.reserve()?.push(job)
+    }
+
+    fn push_reserved(&self, job: J) -> Result<(), SubmitError> {
+        let mut q = self.lock();
+        q.reserved = q.reserved.saturating_sub(1);
+        if let Some(refused) = self.refusal(&q) {
+            return Err(refused);
+        }
+        let tokens = job.tokens();
+        if tokens > self.max_tokens {
+            return Err(SubmitError::TooLarge { model: self.id.to_string(), tokens, limit: self.max_tokens });
+        }
+        // The one job of an empty queue always fits, whatever its size below the limit.
+        if !q.jobs.is_empty() && q.tokens.saturating_add(tokens) > self.max_tokens {
+            return Err(SubmitError::TokensFull {
+                model: self.id.to_string(),
+                waiting: q.tokens,
+                tokens,
+                limit: self.max_tokens,
+            });
+        }
+        q.tokens += tokens;
         q.jobs.push_back(job);
         self.depth_changed(1);
         drop(q);
@@ -81,10 +214,38 @@ impl<J> RequestQueue<J> {
         self.lock().jobs.len()
     }
 
+    /// Tokens held by the waiting requests.
+    pub fn tokens_waiting(&self) -> usize {
+        self.lock().tokens
+    }
+
     /// Refuse new requests; the worker finishes what is queued, then stops.
     pub fn close(&self) {
         self.lock().closed = true;
         self.wake.notify_all();
+    }
+
+    /// The worker died: refuse everything from now on with `reason`, and hand back what was
+    /// queued so its callers can be told.
+    pub fn fail(&self, reason: &str) -> Vec<J> {
+        let mut q = self.lock();
+        q.failed = Some(reason.to_string());
+        q.closed = true;
+        let dropped = q.drain();
+        self.taken(dropped.len());
+        drop(q);
+        self.failure.send_replace(Some(reason.to_string()));
+        self.wake.notify_all();
+        dropped
+    }
+
+    /// Why the worker died. A caller whose reply channel closed without an answer (the worker
+    /// unwound past it) waits up to `within` for the reason to be recorded, which happens
+    /// right after the unwinding.
+    pub async fn failure_within(&self, within: Duration) -> Option<String> {
+        let mut rx = self.failure.subscribe();
+        let reason = tokio::time::timeout(within, rx.wait_for(Option::is_some)).await;
+        reason.ok().and_then(|r| r.ok().and_then(|v| v.clone()))
     }
 
     pub fn lock(&self) -> MutexGuard<'_, QueueState<J>> {
@@ -124,6 +285,42 @@ struct Job {
     reply: oneshot::Sender<BatchResult>,
 }
 
+impl Weigh for Job {
+    fn tokens(&self) -> usize {
+        self.inputs.iter().map(Vec::len).sum()
+    }
+}
+
+/// Called once when a model's worker thread dies, with the reason.
+pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Run `body` as a model's worker on a thread of its own. A panic does not leave callers
+/// waiting forever: the queue refuses every later request with the reason, the callers still
+/// queued are told through `tell`, and `on_failure` marks the model failed.
+pub fn spawn_worker<J: Weigh + Send + 'static>(
+    name: String,
+    queue: Arc<RequestQueue<J>>,
+    on_failure: FailureHook,
+    tell: impl Fn(J, &str) + Send + 'static,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) else { return };
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        let reason = format!("its worker thread panicked: {what}");
+        tracing::error!(model = %queue.id(), %reason, "model worker died");
+        for job in queue.fail(&reason) {
+            tell(job, &reason);
+        }
+        on_failure(&reason);
+    })?;
+    Ok(())
+}
+
 /// Handle to one embedding model's queue; cheap to clone.
 #[derive(Clone)]
 pub struct Batcher {
@@ -133,31 +330,71 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
 }
 
+/// A place in an embedding model's queue, taken before tokenization.
+pub struct BatchSlot(Reservation<Job>);
+
+impl BatchSlot {
+    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
+    pub fn submit(self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.0.push(Job { inputs, arrived: Instant::now(), reply })?;
+        Ok(rx)
+    }
+}
+
 impl Batcher {
     /// Start the worker thread for `model`.
     pub fn spawn(
         id: ModelRef,
         model: Arc<EmbeddingModel>,
         config: Batching,
+        max_queued_tokens: usize,
         metrics: Arc<Metrics>,
+        on_failure: FailureHook,
     ) -> std::io::Result<Self> {
-        let queue = Arc::new(RequestQueue::new(id.clone(), config.max_queue_depth as usize, metrics.clone()));
-        let batcher = Batcher { queue, config, id: id.clone(), metrics };
+        let queue = Arc::new(RequestQueue::new(
+            id.clone(),
+            config.max_queue_depth as usize,
+            max_queued_tokens,
+            metrics.clone(),
+        ));
+        let batcher = Batcher { queue: queue.clone(), config, id: id.clone(), metrics };
         let worker = batcher.clone();
-        std::thread::Builder::new().name(format!("batcher-{id}")).spawn(move || worker.run(&model))?;
+        let tell = |job: Job, reason: &str| {
+            let _ = job.reply.send(Err(EngineError::Inference(reason.to_string())));
+        };
+        spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || worker.run(&model))?;
         Ok(batcher)
+    }
+
+    /// A place in the queue, or why there is none (full, closed, failed).
+    pub fn reserve(&self) -> Result<BatchSlot, SubmitError> {
+        self.queue.reserve().map(BatchSlot)
     }
 
     /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
     pub fn submit(&self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
-        let (reply, rx) = oneshot::channel();
-        self.queue.push(Job { inputs, arrived: Instant::now(), reply })?;
-        Ok(rx)
+        self.reserve()?.submit(inputs)
     }
 
     /// Requests waiting, not yet in a batch.
     pub fn depth(&self) -> usize {
         self.queue.depth()
+    }
+
+    /// Tokens held by the waiting requests.
+    pub fn tokens_waiting(&self) -> usize {
+        self.queue.tokens_waiting()
+    }
+
+    /// Why the worker died, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.queue.lock().failed.clone()
+    }
+
+    /// Why the worker died, waiting up to `within` for the reason (see [`RequestQueue::failure_within`]).
+    pub async fn failure_within(&self, within: Duration) -> Option<String> {
+        self.queue.failure_within(within).await
     }
 
     /// Finish what is queued, then stop the worker.
@@ -167,6 +404,9 @@ impl Batcher {
 
     fn run(&self, model: &EmbeddingModel) {
         while let Some(batch) = self.next_batch() {
+            if crate::failpoint::hit("batch-panic", &self.id) {
+                panic!("failpoint batch-panic");
+            }
             self.execute(model, batch);
         }
     }
@@ -178,23 +418,22 @@ impl Batcher {
         let mut q = self.queue.lock();
         loop {
             // Drop requests whose caller went away before they cost a batch slot.
-            let before = q.jobs.len();
-            q.jobs.retain(|j| !j.reply.is_closed());
-            self.queue.taken(before - q.jobs.len());
-            if let Some(oldest) = q.jobs.front() {
-                let waiting: usize = q.jobs.iter().map(|j| j.inputs.len()).sum();
+            let dropped = q.retain(|j| !j.reply.is_closed());
+            self.queue.taken(dropped);
+            if let Some(oldest) = q.front() {
+                let waiting: usize = q.iter().map(|j| j.inputs.len()).sum();
                 let due = oldest.arrived + max_delay;
                 let now = Instant::now();
                 if waiting >= max_inputs || now >= due || q.closed {
                     let mut batch = Vec::new();
                     let mut n = 0;
-                    while let Some(job) = q.jobs.front() {
+                    while let Some(job) = q.front() {
                         // Always take at least one job, even one larger than a batch.
                         if !batch.is_empty() && n + job.inputs.len() > max_inputs {
                             break;
                         }
                         n += job.inputs.len();
-                        if let Some(job) = q.jobs.pop_front() {
+                        if let Some(job) = q.pop_front() {
                             batch.push(job);
                         }
                     }
@@ -250,5 +489,95 @@ impl Batcher {
             // The caller may have gone away; nothing to do then.
             let _ = job.reply.send(reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Tokens(usize);
+    impl Weigh for Tokens {
+        fn tokens(&self) -> usize {
+            self.0
+        }
+    }
+
+    fn queue(capacity: usize, max_tokens: usize) -> Arc<RequestQueue<Tokens>> {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        Arc::new(RequestQueue::new(ModelRef::new("m", "v1"), capacity, max_tokens, metrics))
+    }
+
+    #[test]
+    fn a_place_is_reserved_before_tokenizing_and_a_full_queue_refuses_there() {
+        let q = queue(2, 1000);
+        let a = q.reserve().expect("first place");
+        let _b = q.reserve().expect("second place");
+        // Both places are promised: a third request is refused before any tokenizing.
+        assert!(matches!(q.reserve(), Err(SubmitError::Full { depth: 2, .. })));
+        a.push(Tokens(10)).expect("push");
+        assert_eq!(q.depth(), 1);
+        // An unused reservation gives its place back when dropped.
+        drop(_b);
+        q.reserve().expect("the released place").push(Tokens(10)).expect("push");
+        assert!(q.reserve().is_err(), "two queued");
+    }
+
+    #[test]
+    fn waiting_tokens_are_bounded_and_an_oversized_request_is_named() {
+        let q = queue(100, 1000);
+        q.push(Tokens(600)).expect("fits");
+        assert!(matches!(
+            q.push(Tokens(500)),
+            Err(SubmitError::TokensFull { waiting: 600, tokens: 500, .. })
+        ));
+        assert!(matches!(q.push(Tokens(1001)), Err(SubmitError::TooLarge { tokens: 1001, limit: 1000, .. })));
+        q.push(Tokens(400)).expect("fits exactly");
+        assert_eq!(q.tokens_waiting(), 1000);
+        let taken = q.lock().pop_front().map(|t| t.0);
+        assert_eq!(taken, Some(600));
+        assert_eq!(q.tokens_waiting(), 400);
+    }
+
+    #[test]
+    fn a_failed_queue_refuses_with_the_reason_and_hands_back_its_jobs() {
+        let q = queue(10, 1000);
+        q.push(Tokens(1)).expect("push");
+        q.push(Tokens(2)).expect("push");
+        let dropped = q.fail("its worker thread panicked: boom");
+        assert_eq!(dropped.len(), 2);
+        match q.reserve() {
+            Err(SubmitError::Failed { reason, .. }) => assert!(reason.contains("boom")),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a failed queue gave a place"),
+        }
+    }
+
+    #[test]
+    fn a_panicking_worker_tells_its_callers_and_calls_the_failure_hook() {
+        let q = queue(10, 1000);
+        q.push(Tokens(7)).expect("push");
+        let (told_tx, told_rx) = std::sync::mpsc::channel();
+        let (hook_tx, hook_rx) = std::sync::mpsc::channel();
+        let hook_tx = Mutex::new(hook_tx);
+        let on_failure: FailureHook = Arc::new(move |reason: &str| {
+            let _ = hook_tx.lock().map(|tx| tx.send(reason.to_string()));
+        });
+        spawn_worker(
+            "test-worker".into(),
+            q.clone(),
+            on_failure,
+            move |job: Tokens, reason: &str| {
+                let _ = told_tx.send((job.0, reason.to_string()));
+            },
+            || panic!("kaboom"),
+        )
+        .expect("spawn");
+        let reason = hook_rx.recv_timeout(Duration::from_secs(10)).expect("the hook ran");
+        assert!(reason.contains("kaboom"), "{reason}");
+        let (tokens, told) = told_rx.recv_timeout(Duration::from_secs(10)).expect("the caller was told");
+        assert_eq!(tokens, 7);
+        assert!(told.contains("kaboom"));
+        assert!(matches!(q.reserve(), Err(SubmitError::Failed { .. })));
     }
 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::batching::Batcher;
 use crate::batching::continuous::Scheduler;
+use crate::batching::{Batcher, FailureHook};
 use crate::engine::EmbeddingModel;
 use crate::engine::generation::{ChatMessage, GenerationModel, SamplingParams};
 use crate::manifest::{Batching, Family, ModelRef, Warmup};
@@ -20,6 +20,8 @@ pub struct ModelDir {
     /// Set for models from a manifest: the directory must be a complete `pull` cache entry
     /// whose marker agrees with these pinned digests, or the model is refused.
     pub pinned: Option<std::collections::BTreeMap<String, String>>,
+    /// Set for models from a manifest: the source the entry must have been pulled from.
+    pub source: Option<String>,
 }
 
 pub fn load_all(state: &Arc<AppState>, dirs: &ModelDirs, warmup: &Warmup, batching: &Batching) {
@@ -97,7 +99,7 @@ pub fn rss_bytes() -> u64 {
 }
 
 fn load_one(
-    state: &AppState,
+    state: &Arc<AppState>,
     id: &ModelRef,
     dirs: &ModelDirs,
     warmup: &Warmup,
@@ -112,7 +114,7 @@ fn load_one(
     let span = tracing::info_span!("load", model = %id.name, version = %id.version);
     let _enter = span.enter();
     if let Some(pinned) = &entry.pinned {
-        crate::pull::cache::check(dir, pinned).map_err(|e| e.to_string())?;
+        crate::pull::cache::check(dir, pinned, entry.source.as_deref()).map_err(|e| e.to_string())?;
     }
     let bytes = weight_bytes(dir);
     let t0 = Instant::now();
@@ -144,6 +146,7 @@ fn load_one(
         Ok(t1.elapsed().as_secs_f64())
     };
     let inputs: Vec<&str> = warmup.inputs.iter().map(String::as_str).collect();
+    let on_failure = failure_hook(state, id);
     let (runtime, load_seconds, warmup_seconds) = match state.family {
         Family::TextGeneration => {
             let model = Arc::new(GenerationModel::load(dir).map_err(|e| e.to_string())?);
@@ -155,9 +158,24 @@ fn load_one(
                 }
                 Ok(())
             })?;
-            let scheduler =
-                Scheduler::spawn(id.clone(), model.clone(), batching.clone(), state.metrics.clone())
-                    .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
+            let kv_budget = slot.kv_cache_bytes.unwrap_or_else(|| default_kv_budget(state, id, dirs));
+            let per_token = model.llama().kv_bytes_per_token();
+            tracing::info!(
+                kv_budget_bytes = kv_budget,
+                kv_bytes_per_token = per_token,
+                full_context_sequences = kv_budget / (per_token * model.context_length() as u64).max(1),
+                "KV-cache budget"
+            );
+            let scheduler = Scheduler::spawn(
+                id.clone(),
+                model.clone(),
+                batching.clone(),
+                kv_budget,
+                state.limits.max_queued_tokens,
+                state.metrics.clone(),
+                on_failure,
+            )
+            .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
             (Runtime::Generation { model, scheduler }, load_seconds, warmup_seconds)
         }
         Family::SpeechToText => return Err("the speech-to-text family is not served by this build".into()),
@@ -170,8 +188,15 @@ fn load_one(
                 }
                 Ok(())
             })?;
-            let batcher = Batcher::spawn(id.clone(), model.clone(), batching.clone(), state.metrics.clone())
-                .map_err(|e| format!("cannot start the batcher thread: {e}"))?;
+            let batcher = Batcher::spawn(
+                id.clone(),
+                model.clone(),
+                batching.clone(),
+                state.limits.max_queued_tokens,
+                state.metrics.clone(),
+                on_failure,
+            )
+            .map_err(|e| format!("cannot start the batcher thread: {e}"))?;
             (Runtime::Embedding { model, batcher }, load_seconds, warmup_seconds)
         }
     };
@@ -191,6 +216,69 @@ fn load_one(
     state.metrics.resident_bytes.with_label_values(&l).set(resident as i64);
     tracing::info!(warmup_seconds, resident_bytes = resident, "warm");
     Ok(())
+}
+
+/// Marks the model Failed and starts the process's drain when its worker dies.
+fn failure_hook(state: &Arc<AppState>, id: &ModelRef) -> FailureHook {
+    let state = Arc::downgrade(state);
+    let id = id.clone();
+    Arc::new(move |reason: &str| {
+        if let Some(state) = state.upgrade() {
+            state.model_died(&id, reason);
+        }
+    })
+}
+
+/// Memory margin kept for the runtime, tokenizers and request buffers when a KV budget is
+/// derived from the pod's limit: a tenth of the limit, at least 64 MiB.
+fn memory_margin(limit: u64) -> u64 {
+    (limit / 10).max(64 << 20)
+}
+
+/// The KV budget of a text-generation model that names none: what the container's memory
+/// limit (or, without one, the machine's available memory) leaves after what the process holds
+/// now, the weights still to load and a margin, shared among the generation models that still
+/// need a budget (this one included).
+fn default_kv_budget(state: &AppState, id: &ModelRef, dirs: &ModelDirs) -> u64 {
+    let rss = rss_bytes();
+    let limit = memory_limit().unwrap_or_else(|| available_memory().saturating_add(rss));
+    let pending: Vec<&ModelRef> = state
+        .served
+        .iter()
+        .filter(|m| *m != id)
+        .filter(|m| state.slots.get(*m).is_some_and(|s| s.runtime.get().is_none()))
+        .collect();
+    let weights_to_load: u64 =
+        pending.iter().filter_map(|m| dirs.get(*m)).map(|d| weight_bytes(&d.path)).sum();
+    let sharing = 1 + pending
+        .iter()
+        .filter(|m| state.slots.get(**m).is_some_and(|s| s.kv_cache_bytes.is_none()))
+        .count() as u64;
+    let left = limit.saturating_sub(rss).saturating_sub(weights_to_load).saturating_sub(memory_margin(limit));
+    left / sharing
+}
+
+/// The cgroup's memory limit (v2 `memory.max`, else v1), None when unlimited.
+fn memory_limit() -> Option<u64> {
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+    let v1 = || std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes").ok();
+    let text = v2.or_else(v1)?;
+    // v1 writes a huge number for "no limit".
+    text.trim().parse::<u64>().ok().filter(|&b| b < (1 << 60))
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (0 where unknown).
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib.saturating_mul(1024))
+        .unwrap_or(0)
 }
 
 /// Tokens each warmup input generates: enough to run prefill and the decode path.

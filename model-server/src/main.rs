@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_model_server::listener::ConnectionLimits;
 use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelSource, Warmup};
 use kiln_model_server::pull::{self, PullOptions};
-use kiln_model_server::serve::{self, ServePlan};
+use kiln_model_server::serve::{self, ServeOptions, ServePlan};
 use kiln_model_server::state::Limits;
 
 #[derive(Parser)]
@@ -111,10 +112,38 @@ struct ServeArgs {
     /// Most inputs in one embeddings request; more get 413.
     #[arg(long, default_value_t = 2048)]
     max_inputs: usize,
-    /// After SIGTERM, keep answering (503 for new work) this long before closing the listener,
-    /// so load balancers see readiness drop first.
+    /// After SIGTERM: readiness drops at once, but requests are still served this long before
+    /// the listener closes, so clients and load balancers stop sending first. The operator sets
+    /// it from the pod's termination grace period.
     #[arg(long, default_value_t = 0.0)]
     drain_delay_seconds: f64,
+    /// After the listener closed: requests still running this long are cut and the process
+    /// exits (keep drain delay + this below the pod's termination grace period).
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout_seconds: f64,
+    /// Open connections at most; further connections wait to be accepted.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// A new connection's first request headers (or a later request's, from its first byte)
+    /// must arrive within this many seconds, or the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_read_timeout_seconds: f64,
+    /// A request body must have arrived this many seconds after its headers (else 408).
+    #[arg(long, default_value_t = 30.0)]
+    body_read_timeout_seconds: f64,
+    /// A kept-alive connection with no request for this many seconds is closed.
+    #[arg(long, default_value_t = 120.0)]
+    idle_timeout_seconds: f64,
+    /// Tokens waiting in one model's queue at most (all its queued requests); more get 429.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_queued_tokens: usize,
+    /// Requests tokenizing at once; default: twice the inference threads (at least 2).
+    #[arg(long)]
+    tokenize_concurrency: Option<usize>,
+    /// With --model: KV-cache memory of each text-generation model (a quantity such as 2Gi);
+    /// default: what the memory limit leaves after loading (the manifest carries its own).
+    #[arg(long, value_parser = parse_quantity)]
+    kv_cache_memory: Option<u64>,
     /// With --model: batch size, delay and queue bound.
     #[arg(long, default_value_t = 32)]
     max_batch_size: u32,
@@ -122,6 +151,16 @@ struct ServeArgs {
     max_delay_ms: u32,
     #[arg(long, default_value_t = 1024)]
     max_queue_depth: u32,
+}
+
+fn parse_quantity(s: &str) -> Result<u64, String> {
+    kiln_model_server::quantity::parse_bytes(s)
+        .ok_or_else(|| format!("{s:?} is not a quantity; write it like 512Mi, 2Gi or 1500000000"))
+}
+
+/// Seconds from a flag; negative or non-finite values mean zero.
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::ZERO)
 }
 
 fn parse_family(s: &str) -> Result<Family, String> {
@@ -188,6 +227,7 @@ fn pull_cmd(args: PullArgs) -> anyhow::Result<()> {
             memory_bytes: None,
             fallback: None,
             serve: true,
+            kv_cache_bytes: None,
         };
         Manifest::new(Family::TextEmbedding, vec![check], Warmup::default(), Batching::default())
             .validate()?;
@@ -211,10 +251,29 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
                 max_delay_milliseconds: args.max_delay_ms,
                 max_queue_depth: args.max_queue_depth,
             };
-            ServePlan::from_args(args.family, &args.model, warmup, batching)?
+            let mut plan = ServePlan::from_args(args.family, &args.model, warmup, batching)?;
+            for m in &mut plan.models {
+                m.kv_cache_bytes = args.kv_cache_memory;
+            }
+            plan
         }
     };
-    let limits = Limits { max_body_bytes: args.max_body_bytes, max_inputs: args.max_inputs };
+    let options = ServeOptions {
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_inputs: args.max_inputs,
+            body_read_timeout: seconds(args.body_read_timeout_seconds),
+            max_queued_tokens: args.max_queued_tokens,
+            tokenize_concurrency: args.tokenize_concurrency.unwrap_or(threads * 2).max(1),
+        },
+        connections: ConnectionLimits {
+            max_connections: args.max_connections.max(1),
+            header_read_timeout: seconds(args.header_read_timeout_seconds),
+            idle_timeout: seconds(args.idle_timeout_seconds),
+        },
+        drain_delay: seconds(args.drain_delay_seconds),
+        shutdown_timeout: seconds(args.shutdown_timeout_seconds),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.clamp(1, 4))
         .enable_all()
@@ -225,13 +284,6 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(threads, "inference threads");
-        serve::run(
-            plan,
-            listener,
-            limits,
-            Duration::from_secs_f64(args.drain_delay_seconds.max(0.0)),
-            serve::termination(),
-        )
-        .await
+        serve::run(plan, listener, options, serve::termination()).await
     })
 }

@@ -24,6 +24,13 @@ pub struct Metrics {
     /// Text generation: from arrival (queueing included) to the first generated token.
     pub time_to_first_token: HistogramVec,
     pub generated_tokens: IntCounterVec,
+    /// Text generation: the KV-cache budget, what admitted sequences reserved of it, and what
+    /// their caches hold.
+    pub kv_cache_budget_bytes: IntGaugeVec,
+    pub kv_cache_reserved_bytes: IntGaugeVec,
+    pub kv_cache_used_bytes: IntGaugeVec,
+    /// Open HTTP connections.
+    pub open_connections: IntGauge,
 }
 
 impl Metrics {
@@ -72,6 +79,18 @@ impl Metrics {
             Opts::new("kiln_generated_tokens_total", "Text generation: tokens generated"),
             MODEL,
         )?;
+        let kv_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), MODEL);
+        let kv_cache_budget_bytes =
+            kv_gauge("kiln_kv_cache_budget_bytes", "Text generation: bytes of KV cache the model may use")?;
+        let kv_cache_reserved_bytes = kv_gauge(
+            "kiln_kv_cache_reserved_bytes",
+            "Text generation: KV-cache bytes reserved by admitted sequences (prompt + max_tokens each)",
+        )?;
+        let kv_cache_used_bytes = kv_gauge(
+            "kiln_kv_cache_used_bytes",
+            "Text generation: KV-cache bytes the admitted sequences hold",
+        )?;
+        let open_connections = IntGauge::new("kiln_open_connections", "HTTP connections open now")?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(model_queue_depth.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -83,6 +102,10 @@ impl Metrics {
         registry.register(Box::new(resident_bytes.clone()))?;
         registry.register(Box::new(time_to_first_token.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
+        registry.register(Box::new(kv_cache_budget_bytes.clone()))?;
+        registry.register(Box::new(kv_cache_reserved_bytes.clone()))?;
+        registry.register(Box::new(kv_cache_used_bytes.clone()))?;
+        registry.register(Box::new(open_connections.clone()))?;
         Ok(Metrics {
             registry,
             queue_depth,
@@ -96,6 +119,10 @@ impl Metrics {
             resident_bytes,
             time_to_first_token,
             generated_tokens,
+            kv_cache_budget_bytes,
+            kv_cache_reserved_bytes,
+            kv_cache_used_bytes,
+            open_connections,
         })
     }
 

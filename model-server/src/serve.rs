@@ -6,16 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::listener::{self, ConnectionLimits};
 use crate::loader::{self, ModelDir, ModelDirs};
 use crate::manifest::{Batching, Family, Manifest, ModelRef, Warmup};
 use crate::metrics::Metrics;
-use crate::state::{AppState, Limits};
+use crate::state::{AppState, Limits, PlannedModel};
 
 /// Everything `serve` needs, however it was described (manifest or command line).
 pub struct ServePlan {
     pub family: Family,
-    /// (id, serve, fallback) in manifest order.
-    pub models: Vec<(ModelRef, bool, Option<ModelRef>)>,
+    /// In manifest order, fallbacks included.
+    pub models: Vec<PlannedModel>,
     pub dirs: ModelDirs,
     pub warmup: Warmup,
     pub batching: Batching,
@@ -48,8 +49,8 @@ impl ServePlan {
             if dir.is_empty() {
                 return Err(PlanError::ModelArg(arg.clone()));
             }
-            plan.dirs.insert(id.clone(), ModelDir { path: PathBuf::from(dir), pinned: None });
-            plan.models.push((id, true, None));
+            plan.dirs.insert(id.clone(), ModelDir { path: PathBuf::from(dir), pinned: None, source: None });
+            plan.models.push(PlannedModel { id, serve: true, fallback: None, kv_cache_bytes: None });
         }
         if plan.models.is_empty() {
             return Err(PlanError::ModelArg(String::new()));
@@ -67,15 +68,26 @@ impl ServePlan {
         let manifest = Manifest::from_json(&text)?;
         let mut dirs = ModelDirs::new();
         for m in &manifest.models {
+            let (source, _) = manifest.pull_source(m)?;
             let dir = ModelDir {
                 path: Manifest::cache_path(cache_dir, &m.id()),
                 pinned: Some(m.source.sha256.clone()),
+                source: Some(source.uri),
             };
             dirs.insert(m.id(), dir);
         }
         let plan = ServePlan {
             family: manifest.family,
-            models: manifest.models.iter().map(|m| (m.id(), m.serve, m.fallback.clone())).collect(),
+            models: manifest
+                .models
+                .iter()
+                .map(|m| PlannedModel {
+                    id: m.id(),
+                    serve: m.serve,
+                    fallback: m.fallback.clone(),
+                    kv_cache_bytes: m.kv_cache_bytes,
+                })
+                .collect(),
             dirs,
             warmup: manifest.warmup,
             batching: manifest.batching,
@@ -92,16 +104,40 @@ impl ServePlan {
     }
 }
 
-/// Serve until SIGTERM/SIGINT (or `shutdown` resolves), then drain and return.
+/// How `serve` treats connections and shutdown.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub limits: Limits,
+    pub connections: ConnectionLimits,
+    /// After SIGTERM: readiness is down, requests are still served, for this long; then the
+    /// listener closes.
+    pub drain_delay: Duration,
+    /// After the listener closed: how long running requests may take before they are cut.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            limits: Limits::default(),
+            connections: ConnectionLimits::default(),
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serve until SIGTERM/SIGINT (`shutdown` resolves) or a model's worker dies, then drain and
+/// return: Ok after a requested shutdown, an error naming the model after a failure (so the
+/// process exits non-zero and the kubelet restarts it).
 pub async fn run(
     plan: ServePlan,
     listener: tokio::net::TcpListener,
-    limits: Limits,
-    drain_delay: Duration,
+    options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
-    let state = Arc::new(AppState::new(plan.family, plan.models.clone(), metrics, limits));
+    let state = Arc::new(AppState::new(plan.family, &plan.models, metrics.clone(), options.limits.clone()));
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, family = %plan.family, models = plan.models.len(), "listening; loading models");
 
@@ -111,15 +147,28 @@ pub async fn run(
     });
 
     let draining = state.clone();
-    let app = crate::api::router(state.clone());
-    let graceful = async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: readiness drops, accepted requests finish");
+    let mut fatal = state.fatal.subscribe();
+    let drain_delay = options.drain_delay;
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested: readiness drops, requests are still served for the drain delay"),
+            _ = fatal.wait_for(Option::is_some) => tracing::error!("a model stopped serving: draining, then exiting with an error"),
+        }
         draining.start_draining();
         tokio::time::sleep(drain_delay).await;
+        tracing::info!("drain delay over: closing the listener");
     };
-    axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
-    // In-flight requests are done; let queued work finish and the workers stop.
+    let app = crate::api::router(state.clone());
+    let report = listener::serve(
+        listener,
+        app,
+        options.connections.clone(),
+        metrics.open_connections.clone(),
+        stop,
+        options.shutdown_timeout,
+    )
+    .await;
+    // Connections are closed; let queued work finish and the workers stop.
     for slot in state.slots.values() {
         if let Some(rt) = slot.runtime.get() {
             rt.close();
@@ -127,6 +176,12 @@ pub async fn run(
     }
     if !loader.is_finished() {
         tracing::info!("exiting while models were still loading");
+    }
+    if report.cut > 0 {
+        tracing::warn!(connections = report.cut, "requests were cut by the shutdown timeout");
+    }
+    if let Some(reason) = state.fatal.borrow().clone() {
+        anyhow::bail!("{reason}");
     }
     tracing::info!("drained; exiting");
     Ok(())

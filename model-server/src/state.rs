@@ -82,6 +82,14 @@ impl Runtime {
         }
     }
 
+    /// Why this model stopped serving (its worker died), once it has.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Runtime::Embedding { batcher, .. } => batcher.failure(),
+            Runtime::Generation { scheduler, .. } => scheduler.failure(),
+        }
+    }
+
     /// Refuse new requests; queued and running ones finish.
     pub fn close(&self) {
         match self {
@@ -96,6 +104,8 @@ pub struct Slot {
     /// Listed to serve (false: present only as another model's fallback).
     pub serve: bool,
     pub fallback: Option<ModelRef>,
+    /// Text generation: the KV-cache budget the plan gives, if any.
+    pub kv_cache_bytes: Option<u64>,
     pub progress: Mutex<Progress>,
     pub runtime: OnceLock<Runtime>,
     /// Where requests for this model go once decided: itself, or its fallback.
@@ -120,6 +130,18 @@ impl Slot {
     }
 }
 
+/// One model of the plan: a served model, or one present only as another's fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedModel {
+    pub id: ModelRef,
+    /// Listed to serve (false: present only as another model's fallback).
+    pub serve: bool,
+    pub fallback: Option<ModelRef>,
+    /// Text generation: bytes its sequences' KV caches may take; None derives it from the
+    /// memory the pod has left after loading.
+    pub kv_cache_bytes: Option<u64>,
+}
+
 pub struct AppState {
     pub family: Family,
     /// Every model of the manifest, fallbacks included, by id.
@@ -130,6 +152,10 @@ pub struct AppState {
     pub limits: Limits,
     draining: AtomicBool,
     pub started: Instant,
+    /// Bounds the requests tokenizing at once (tokenizing runs on the blocking pool).
+    pub tokenizing: tokio::sync::Semaphore,
+    /// Set when a model's worker died: the process drains and exits non-zero.
+    pub fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// Request bounds, configurable from the command line.
@@ -137,30 +163,39 @@ pub struct AppState {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_inputs: usize,
+    /// A request body must have fully arrived this long after its headers.
+    pub body_read_timeout: std::time::Duration,
+    /// Tokens waiting per model, over all queued requests.
+    pub max_queued_tokens: usize,
+    /// Requests tokenizing at once.
+    pub tokenize_concurrency: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 8 << 20, max_inputs: 2048 }
+        Limits {
+            max_body_bytes: 8 << 20,
+            max_inputs: 2048,
+            body_read_timeout: std::time::Duration::from_secs(30),
+            max_queued_tokens: 1 << 20,
+            tokenize_concurrency: 8,
+        }
     }
 }
 
 impl AppState {
-    pub fn new(
-        family: Family,
-        models: Vec<(ModelRef, bool, Option<ModelRef>)>,
-        metrics: Arc<Metrics>,
-        limits: Limits,
-    ) -> Self {
-        let served = models.iter().filter(|(_, serve, _)| *serve).map(|(id, _, _)| id.clone()).collect();
+    pub fn new(family: Family, models: &[PlannedModel], metrics: Arc<Metrics>, limits: Limits) -> Self {
+        let served = models.iter().filter(|m| m.serve).map(|m| m.id.clone()).collect();
         let slots = models
-            .into_iter()
-            .map(|(id, serve, fallback)| {
+            .iter()
+            .map(|m| {
+                let id = m.id.clone();
                 metrics.register_model(&id);
                 let slot = Slot {
                     id: id.clone(),
-                    serve,
-                    fallback,
+                    serve: m.serve,
+                    fallback: m.fallback.clone(),
+                    kv_cache_bytes: m.kv_cache_bytes,
                     progress: Mutex::new(Progress::default()),
                     runtime: OnceLock::new(),
                     route: OnceLock::new(),
@@ -173,9 +208,11 @@ impl AppState {
             slots,
             served,
             metrics,
+            tokenizing: tokio::sync::Semaphore::new(limits.tokenize_concurrency.max(1)),
             limits,
             draining: AtomicBool::new(false),
             started: Instant::now(),
+            fatal: tokio::sync::watch::channel(None).0,
         }
     }
 
@@ -195,7 +232,22 @@ impl AppState {
 
     /// Ready when every served model answers (itself or through its fallback) and not draining.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.served.iter().all(|id| self.runtime_for(id).is_some())
+        !self.is_draining()
+            && self.served.iter().all(|id| self.runtime_for(id).is_some_and(|rt| rt.failure().is_none()))
+    }
+
+    /// A model's worker died: mark it Failed and ask the process to drain and exit.
+    pub fn model_died(&self, id: &ModelRef, reason: &str) {
+        if let Some(slot) = self.slots.get(id) {
+            slot.update(|p| {
+                p.state = ModelState::Failed;
+                p.step = "failed".to_string();
+                p.error = Some(reason.to_string());
+                p.since = None;
+            });
+        }
+        self.metrics.model_ready.with_label_values(&[&id.name, &id.version]).set(0);
+        self.fatal.send_replace(Some(format!("model {id} stopped serving: {reason}")));
     }
 
     pub fn is_draining(&self) -> bool {

@@ -167,6 +167,7 @@ async fn readiness_turns_200_only_after_warmup() {
     let health = client.get(server.url("/healthz")).send().await.expect("healthz");
     assert_eq!(health.status(), 200, "healthz is 200 while loading");
     let mut saw = Vec::new();
+    let mut loading_503 = 0;
     let ready = loop {
         let r = client.get(server.url("/readyz")).send().await.expect("readyz");
         let status = r.status().as_u16();
@@ -186,10 +187,28 @@ async fn readiness_turns_200_only_after_warmup() {
             client.post(server.url("/embed/text")).json(&json!({"text": "x"})).send().await.expect("send");
         if early.status() != 200 {
             assert_eq!(early.status(), 503);
+            assert_eq!(early.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+        }
+        // Even a request whose validation needs the model (`dimensions`) is a 503 while it
+        // loads, never a 400 that tells the client its request was wrong.
+        let dims = client
+            .post(server.url("/v1/embeddings"))
+            .json(&json!({"input": "x", "dimensions": 128}))
+            .send()
+            .await
+            .expect("send");
+        match dims.status().as_u16() {
+            503 => loading_503 += 1,
+            400 => {
+                let now = client.get(server.url("/readyz")).send().await.expect("readyz").status();
+                assert_eq!(now, 200, "a 400 for `dimensions` while the model was still loading");
+            }
+            other => panic!("dimensions while loading: {other}"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(saw.iter().any(|s| s == "Warming"), "warming was visible before ready: {saw:?}");
+    assert!(loading_503 > 0, "a request with `dimensions` was answered 503 while loading");
     let m = &ready["models"]["minilm:v2"];
     assert_eq!(m["state"], "Ready");
     assert!(m["warmupSeconds"].as_f64().expect("warmup seconds") > 0.0);
@@ -237,5 +256,86 @@ async fn a_full_queue_answers_429_with_retry_after() {
         }
     }
     assert!(ok >= 1 && full >= 1, "ok {ok}, full {full}");
+    server.shutdown().await;
+}
+
+/// The queue bounds memory, not only request count: tokens waiting per model are limited,
+/// a request that could never fit is 413, and only JSON is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_bounds_waiting_tokens_and_only_json_is_accepted() {
+    let plan = kiln_model_server::serve::ServePlan::from_args(
+        kiln_model_server::manifest::Family::TextEmbedding,
+        &[format!("minilm:v2={}", common::minilm_dir().display())],
+        kiln_model_server::manifest::Warmup { iterations: 0, ..Default::default() },
+        Batching { max_batch_size: 1, max_delay_milliseconds: 0, max_queue_depth: 64 },
+    )
+    .expect("plan");
+    let limits = kiln_model_server::state::Limits {
+        max_body_bytes: 256 << 10,
+        max_inputs: 16,
+        max_queued_tokens: 1000,
+        ..Default::default()
+    };
+    let server = TestServer::start(plan, limits).await;
+    server.wait_ready().await;
+    let client = reqwest::Client::new();
+    let long = "several words make this a slower input to embed ".repeat(40); // cut at 256 tokens
+    // Eight inputs of 256 tokens can never fit a 1000-token queue.
+    let r = client
+        .post(server.url("/v1/embeddings"))
+        .json(&json!({"input": vec![long.clone(); 8]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413);
+    let err: Value = r.json().await.expect("json");
+    assert_eq!(err["error"]["code"], "too_many_tokens", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap_or("").contains("1000"), "{err}");
+    // Three inputs (768 tokens) fit alone; a burst of them fills the token budget long before
+    // the 64 requests the queue would count, and the rest get 429 with Retry-After.
+    let burst = (0..12).map(|_| {
+        let (client, url) = (client.clone(), server.url("/v1/embeddings"));
+        let body = json!({"input": vec![long.clone(); 3]});
+        async move {
+            let r = client.post(url).json(&body).send().await.expect("send");
+            let retry = r.headers().get("retry-after").is_some();
+            (r.status().as_u16(), retry, r.json::<Value>().await.expect("json"))
+        }
+    });
+    let (mut ok, mut full) = (0, 0);
+    for (status, retry, body) in futures::future::join_all(burst).await {
+        match status {
+            200 => ok += 1,
+            429 => {
+                full += 1;
+                assert!(retry, "429 without Retry-After");
+                assert!(body["error"]["message"].as_str().unwrap_or("").contains("tokens"), "{body}");
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(ok >= 1 && full >= 1, "ok {ok}, refused {full}");
+    // Not JSON: 415, whatever the body.
+    for content_type in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
+        let mut req = client.post(server.url("/v1/embeddings")).body(r#"{"input": "x"}"#);
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let r = req.send().await.expect("send");
+        assert_eq!(r.status(), 415, "{content_type:?}");
+        let err: Value = r.json().await.expect("json");
+        assert_eq!(err["error"]["code"], "unsupported_media_type");
+    }
+    // JSON with parameters, and +json types, are JSON.
+    for content_type in ["application/json; charset=utf-8", "application/vnd.kiln+json"] {
+        let r = client
+            .post(server.url("/embed/text"))
+            .header("content-type", content_type)
+            .body(r#"{"text": "x"}"#)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{content_type}");
+    }
     server.shutdown().await;
 }

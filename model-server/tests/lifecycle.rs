@@ -27,6 +27,7 @@ fn entry(name: &str, version: &str, source: &Path, fallback: Option<ModelRef>, s
         memory_bytes: None,
         fallback,
         serve,
+        kv_cache_bytes: None,
     }
 }
 
@@ -155,11 +156,19 @@ fn free_port() -> u16 {
 }
 
 fn spawn_server(port: u16, extra: &[&str]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln-model-server"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--warmup-iterations", "1"])
-        .arg("--model")
-        .arg(format!("minilm:v2={}", common::minilm_dir().display()))
+    spawn_with(port, &[format!("minilm:v2={}", common::minilm_dir().display())], extra, &[])
+}
+
+/// The real binary serving `models` (NAME:VERSION=DIR) with `extra` flags and environment.
+fn spawn_with(port: u16, models: &[String], extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-model-server"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--warmup-iterations", "1"]);
+    for m in models {
+        cmd.arg("--model").arg(m);
+    }
+    let child = cmd
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -213,13 +222,14 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
     let pid = server.0.id();
     let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
     assert!(killed.success());
-    // Readiness drops at once; new work is refused with 503 during the drain delay.
+    // Readiness drops at once, but a client that has not yet seen the endpoint go is still
+    // served during the drain delay: a rollout loses nothing.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ready = client.get(format!("{base}/readyz")).send().await.expect("readyz while draining");
     assert_eq!(ready.status(), 503);
     let late =
         client.post(format!("{base}/embed/text")).json(&json!({"text": "late"})).send().await.expect("late");
-    assert_eq!(late.status(), 503);
+    assert_eq!(late.status(), 200);
     for task in inflight {
         assert_eq!(task.await.expect("join").expect("accepted request completes"), 200);
     }
@@ -277,4 +287,109 @@ async fn memory_does_not_grow_with_concurrency() {
         after_many < after_one + 60 * 1024,
         "RSS grew from {after_one} KiB to {after_many} KiB with 64 connections"
     );
+}
+
+/// A model whose worker thread dies (a failpoint in debug builds makes its batcher panic):
+/// its requests get 503 with the reason instead of hanging, readiness turns 503 and says why,
+/// work already running on the other model finishes, and the process exits non-zero so the
+/// kubelet restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_fails_its_model_and_the_process_exits_non_zero_after_draining() {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let dir = common::minilm_dir().display().to_string();
+    let models = [format!("healthy:v1={dir}"), format!("doomed:v1={dir}")];
+    let mut server = spawn_with(
+        port,
+        &models,
+        &["--drain-delay-seconds", "1", "--max-batch-size", "2"],
+        &[("KILN_FAILPOINTS", "batch-panic:doomed")],
+    );
+    wait_ready(&base).await;
+    let client = reqwest::Client::new();
+    // Work for the healthy model, in flight while the other dies.
+    let long = "a request that keeps the healthy model busy for a while ".repeat(20);
+    let busy: Vec<_> = (0..6)
+        .map(|_| {
+            let (client, url) = (client.clone(), format!("{base}/v1/embeddings"));
+            let body = json!({"model": "healthy", "input": vec![long.clone(); 8]});
+            tokio::spawn(
+                async move { client.post(url).json(&body).send().await.map(|r| r.status().as_u16()) },
+            )
+        })
+        .collect();
+    let resp = client
+        .post(format!("{base}/v1/embeddings"))
+        .json(&json!({"model": "doomed", "input": "x"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let err: Value = resp.json().await.expect("json");
+    assert_eq!(err["error"]["code"], "model_failed", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap_or_default().contains("panicked"), "{err}");
+    // The model is marked Failed right after its callers are told; readiness says so.
+    let mut body = Value::Null;
+    for _ in 0..100 {
+        let ready = client.get(format!("{base}/readyz")).send().await.expect("readyz");
+        assert_eq!(ready.status(), 503);
+        body = ready.json().await.expect("json");
+        if body["models"]["doomed:v1"]["state"] == "Failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(body["models"]["doomed:v1"]["state"], "Failed", "{body}");
+    assert!(body["models"]["doomed:v1"]["error"].as_str().unwrap_or_default().contains("panicked"), "{body}");
+    for task in busy {
+        assert_eq!(task.await.expect("join").expect("the healthy model's requests complete"), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit after its model died");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "exit status {status}: a dead model must restart the pod");
+}
+
+/// The same for a text-generation scheduler: a stream running when it dies ends with an error
+/// event and `[DONE]` instead of hanging, and the process exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_generation_scheduler_ends_its_streams_with_the_reason() {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let models = [format!("smollm2:135m={}", common::smollm2_dir().display())];
+    let mut server = spawn_with(
+        port,
+        &models,
+        &["--family", "text-generation", "--drain-delay-seconds", "0"],
+        &[("KILN_FAILPOINTS", "step-panic")],
+    );
+    wait_ready(&base).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": true}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200, "the stream starts before the scheduler's first step");
+    let body = tokio::time::timeout(Duration::from_secs(30), resp.text())
+        .await
+        .expect("the stream ends instead of hanging")
+        .expect("body");
+    assert!(body.contains("model_failed") && body.contains("panicked"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit after its model died");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "exit status {status}");
 }

@@ -13,13 +13,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
-use super::{ApiError, Shared, counted, parse_request, ready_runtime};
-use crate::batching::continuous::{Event, Request};
+use super::{ApiError, Inference, Shared, counted, ready_runtime};
+use crate::batching::continuous::{Event, Request, Scheduler};
 use crate::engine::generation::{ChatMessage, FinishReason, SamplingParams};
 use crate::manifest::ModelRef;
 use crate::state::Runtime;
@@ -28,6 +27,9 @@ use crate::state::Runtime;
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 /// OpenAI allows up to four stop strings.
 const MAX_STOPS: usize = 4;
+/// Longest stop string, and all of them together, in bytes.
+const MAX_STOP_BYTES: usize = 256;
+const MAX_STOP_TOTAL_BYTES: usize = 512;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -38,7 +40,7 @@ enum Kind {
 /// A validated request, before tokenization.
 struct Parsed {
     prompt: PromptInput,
-    max_tokens: Option<usize>,
+    max_tokens: Option<u64>,
     sampling: SamplingParams,
     stop: Vec<String>,
     stream: bool,
@@ -50,26 +52,16 @@ enum PromptInput {
     Text(String),
 }
 
-pub async fn chat_completions(
-    State(state): State<Shared>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    handle(state, body, Kind::Chat).await
+pub async fn chat_completions(State(state): State<Shared>, request: Result<Inference, ApiError>) -> Response {
+    handle(state, request, Kind::Chat).await
 }
 
-pub async fn completions(
-    State(state): State<Shared>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    handle(state, body, Kind::Completion).await
+pub async fn completions(State(state): State<Shared>, request: Result<Inference, ApiError>) -> Response {
+    handle(state, request, Kind::Completion).await
 }
 
-async fn handle(
-    state: Shared,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-    kind: Kind,
-) -> Response {
-    let (req, id) = match parse_request(&state, body) {
+async fn handle(state: Shared, request: Result<Inference, ApiError>, kind: Kind) -> Response {
+    let Inference { body: req, id } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -93,62 +85,77 @@ async fn generate(
             ));
         }
     };
+    // A queue place first: a full queue refuses before any tokenizing is done.
+    let place = scheduler.reserve()?;
     let prompt_input = parsed.prompt;
     let tokenizing = model.clone();
-    let prompt = tokio::task::spawn_blocking(move || {
-        let text = match prompt_input {
-            PromptInput::Messages(messages) => tokenizing.render_chat(&messages)?,
-            PromptInput::Text(text) => text,
-        };
-        tokenizing.encode(&text)
+    let prompt = super::tokenize(&state, move || match prompt_input {
+        PromptInput::Messages(messages) => tokenizing.encode_chat(&messages),
+        PromptInput::Text(text) => tokenizing.encode_plain(&text),
     })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal",
-            e.to_string(),
-        )
-    })?
+    .await?
     .map_err(|e| ApiError::bad_request("invalid_prompt", e.to_string()))?;
     if prompt.is_empty() {
         return Err(ApiError::bad_request("empty_prompt", "the prompt is empty after tokenization"));
     }
-    let context = model.context_length();
-    let room = context.saturating_sub(prompt.len());
+    let vocab = model.vocab_size();
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad_request(
+            "invalid_prompt",
+            format!(
+                "the tokenizer produced token id {bad}, outside the model's vocabulary of {vocab}; the model's tokenizer and weights disagree"
+            ),
+        ));
+    }
+    // Without max_tokens the window's rest is the default, but no more than one sequence can
+    // hold in the KV budget: a small pod has, in effect, a smaller window.
+    let context = model.context_length().min(scheduler.kv_capacity_tokens());
     let max_tokens = match parsed.max_tokens {
-        Some(n) if prompt.len() + n > context => {
-            return Err(ApiError::bad_request(
-                "context_length_exceeded",
-                format!(
-                    "this model's context window is {context} tokens; the prompt is {} tokens and max_tokens asks for {n} more ({} in all); shorten the prompt or lower max_tokens",
-                    prompt.len(),
-                    prompt.len() + n
-                ),
-            ));
-        }
-        Some(n) => n,
-        None if room == 0 => {
-            return Err(ApiError::bad_request(
-                "context_length_exceeded",
-                format!(
-                    "this model's context window is {context} tokens and the prompt is {} tokens; nothing is left to generate",
-                    prompt.len()
-                ),
-            ));
-        }
-        None if kind == Kind::Completion => COMPLETIONS_DEFAULT_MAX_TOKENS.min(room),
-        None => room,
+        None => max_tokens_for(None, prompt.len(), context, kind)?,
+        asked => max_tokens_for(asked, prompt.len(), model.context_length(), kind)?,
     };
+    scheduler
+        .check_budget(prompt.len(), max_tokens)
+        .map_err(|e| ApiError::bad_request("kv_cache_exceeded", e.to_string()))?;
     let (events, rx) = mpsc::unbounded_channel();
-    scheduler.submit(Request { prompt, max_tokens, sampling: parsed.sampling, stop: parsed.stop, events })?;
+    place.submit(Request { prompt, max_tokens, sampling: parsed.sampling, stop: parsed.stop, events })?;
     let meta = Meta::new(kind, &id);
     if parsed.stream {
-        Ok(stream_response(meta, rx, parsed.include_usage).into_response())
+        Ok(stream_response(meta, rx, parsed.include_usage, scheduler).into_response())
     } else {
-        collect_response(meta, rx).await
+        collect_response(meta, rx, &scheduler).await
     }
+}
+
+/// The tokens to generate: what the request asked for, or the default (the rest of the window
+/// for chat, OpenAI's 16 for completions). Arithmetic on the request's number saturates: a
+/// `max_tokens` of 2^64-1 is an error that gives the numbers, never an overflow.
+fn max_tokens_for(asked: Option<u64>, prompt: usize, context: usize, kind: Kind) -> Result<usize, ApiError> {
+    let room = context.saturating_sub(prompt);
+    match asked {
+        Some(n) if (prompt as u64).saturating_add(n) > context as u64 => Err(ApiError::bad_request(
+            "context_length_exceeded",
+            format!(
+                "this model's context window is {context} tokens; the prompt is {prompt} tokens and max_tokens asks for {n} more; at most {room} can be generated: shorten the prompt or lower max_tokens"
+            ),
+        )),
+        // Fits the window, so it fits usize.
+        Some(n) => Ok(usize::try_from(n).unwrap_or(room)),
+        None if room == 0 => Err(ApiError::bad_request(
+            "context_length_exceeded",
+            format!(
+                "this model's context window is {context} tokens and the prompt is {prompt} tokens; nothing is left to generate"
+            ),
+        )),
+        None if kind == Kind::Completion => Ok(COMPLETIONS_DEFAULT_MAX_TOKENS.min(room)),
+        None => Ok(room),
+    }
+}
+
+/// Why the scheduler stopped talking to a request: it died.
+async fn worker_gone(id: &str, scheduler: &Scheduler) -> String {
+    let reason = scheduler.failure_within(super::WORKER_DEATH_GRACE).await;
+    format!("model {id} stopped serving: {}", reason.as_deref().unwrap_or("its worker thread stopped"))
 }
 
 /// What every response and chunk of one request shares.
@@ -158,6 +165,7 @@ struct Meta {
     id: String,
     created: u64,
     model: String,
+    model_ref: ModelRef,
 }
 
 impl Meta {
@@ -166,7 +174,13 @@ impl Meta {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-        Meta { kind, id: format!("{prefix}-{created:x}{n:06x}"), created, model: model.to_string() }
+        Meta {
+            kind,
+            id: format!("{prefix}-{created:x}{n:06x}"),
+            created,
+            model: model.to_string(),
+            model_ref: model.clone(),
+        }
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -218,7 +232,11 @@ fn failed(message: String) -> ApiError {
     ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "server_error", "inference_failed", message)
 }
 
-async fn collect_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+async fn collect_response(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    scheduler: &Scheduler,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     loop {
         match rx.recv().await {
@@ -240,7 +258,14 @@ async fn collect_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) ->
                 body["usage"] = usage(prompt_tokens, completion_tokens);
                 return Ok(Json(body).into_response());
             }
-            None => return Err(failed("the generation worker stopped".into())),
+            // The worker unwound past this request: it died.
+            None => {
+                let reason = scheduler.failure_within(super::WORKER_DEATH_GRACE).await;
+                return Err(super::model_failed(
+                    &meta.model_ref,
+                    reason.as_deref().unwrap_or("its worker thread stopped"),
+                ));
+            }
         }
     }
 }
@@ -253,10 +278,13 @@ fn stream_response(
     meta: Meta,
     rx: mpsc::UnboundedReceiver<Event>,
     include_usage: bool,
+    scheduler: Scheduler,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     // Chat streams open with the assistant role, as OpenAI's do.
     let opening = (meta.kind == Kind::Chat).then(|| data(&meta.chunk(None, None)));
-    let body = stream::unfold(Some((rx, meta)), move |st| async move {
+    let body = stream::unfold(Some((rx, meta)), move |st| {
+        let scheduler = scheduler.clone();
+        async move {
         let (mut rx, meta) = st?;
         let events: Vec<SseEvent> = match rx.recv().await {
             Some(Event::Text(t)) if t.is_empty() => Vec::new(),
@@ -275,9 +303,15 @@ fn stream_response(
                 let error = json!({"error": {"message": message, "type": "server_error", "code": "inference_failed"}});
                 return Some((vec![data(&error), SseEvent::default().data("[DONE]")], None));
             }
-            None => return None,
+            // The worker went away without a last word (it died): say so, then end.
+            None => {
+                let message = worker_gone(&meta.model, &scheduler).await;
+                let error = json!({"error": {"message": message, "type": "server_error", "code": "model_failed"}});
+                return Some((vec![data(&error), SseEvent::default().data("[DONE]")], None));
+            }
         };
         Some((events, Some((rx, meta))))
+        }
     })
     .flat_map(|events| stream::iter(events.into_iter().map(Ok)));
     Sse::new(stream::iter(opening.into_iter().map(Ok)).chain(body))
@@ -308,21 +342,28 @@ fn parse(req: &Map<String, Value>, kind: Kind) -> Result<Parsed, ApiError> {
             Some(_) => Err(bad("invalid_parameter", format!("`{key}` must be a number"))),
         }
     };
+    // Any JSON number or other value may arrive here; each is either a u64 or a 400 that
+    // quotes what was sent.
     let integer = |key: &str| -> Result<Option<u64>, ApiError> {
         match req.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| bad("invalid_parameter", format!("`{key}` must be a non-negative integer"))),
-            Some(_) => Err(bad("invalid_parameter", format!("`{key}` must be a non-negative integer"))),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                bad(
+                    "invalid_parameter",
+                    format!("`{key}` must be a non-negative integer below 2^64, got {n}"),
+                )
+            }),
+            Some(other) => {
+                let shown: String = other.to_string().chars().take(64).collect();
+                Err(bad("invalid_parameter", format!("`{key}` must be a non-negative integer, got {shown}")))
+            }
         }
     };
     let max_tokens = match (integer("max_tokens")?, integer("max_completion_tokens")?) {
         (Some(0), _) | (_, Some(0)) => {
             return Err(bad("invalid_parameter", "`max_tokens` must be at least 1"));
         }
-        (a, b) => a.or(b).map(|n| n.min(usize::MAX as u64) as usize),
+        (a, b) => a.or(b),
     };
     let temperature = number("temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -364,6 +405,20 @@ fn parse(req: &Map<String, Value>, kind: Kind) -> Result<Parsed, ApiError> {
     }
     if stop.iter().any(String::is_empty) {
         return Err(bad("invalid_stop", "stop strings must not be empty"));
+    }
+    // Bounded so the per-token stop search stays cheap.
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(bad(
+            "invalid_stop",
+            format!("a stop string may be at most {MAX_STOP_BYTES} bytes; one is {} bytes", long.len()),
+        ));
+    }
+    let total: usize = stop.iter().map(String::len).sum();
+    if total > MAX_STOP_TOTAL_BYTES {
+        return Err(bad(
+            "invalid_stop",
+            format!("stop strings may total at most {MAX_STOP_TOTAL_BYTES} bytes; these are {total}"),
+        ));
     }
     let stream = match req.get("stream") {
         None | Some(Value::Null) => false,

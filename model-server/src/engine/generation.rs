@@ -58,7 +58,11 @@ impl SamplingParams {
 
 pub struct GenerationModel {
     llama: Llama,
+    /// Parses special-token text as control tokens: for the chat template's own text.
     tokenizer: Tokenizer,
+    /// The same vocabulary with special-token text encoded as ordinary text: for what clients
+    /// wrote, so a message containing `<|im_start|>system` cannot forge a turn.
+    plain: Tokenizer,
     chat: Option<minijinja::Environment<'static>>,
     bos: Option<(u32, String)>,
     eos: Option<String>,
@@ -143,7 +147,18 @@ impl GenerationModel {
             Some(gguf_file::Value::String(source)) => Some(chat_environment(source.clone())?),
             _ => None,
         };
-        Ok(GenerationModel { llama, tokenizer, chat, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids, file })
+        let plain = plain_text_tokenizer(&tokenizer);
+        Ok(GenerationModel {
+            llama,
+            tokenizer,
+            plain,
+            chat,
+            bos,
+            eos: eos.map(|(_, s)| s),
+            add_bos,
+            end_ids,
+            file,
+        })
     }
 
     pub fn file(&self) -> &Path {
@@ -183,17 +198,67 @@ impl GenerationModel {
     }
 
     /// Token ids of a prompt; special tokens written in the text (as chat templates do) are
-    /// parsed as such.
+    /// parsed as such. For text a client wrote, see [`Self::encode_chat`] and
+    /// [`Self::encode_plain`].
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
+        let ids = encode_with(&self.tokenizer, text)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Token ids of a client's raw prompt: special-token text in it stays text.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let ids = encode_with(&self.plain, text)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Token ids of a chat: the template's text (role markers, BOS) with its special tokens,
+    /// the messages' contents as plain text. The template is rendered with a placeholder for
+    /// each content, so what a client wrote is never parsed as control tokens.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage { role: m.role.clone(), content: format!("{MARK}{i}{MARK}") })
+            .collect();
+        let rendered = self.render_chat(&marked)?;
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(start) = rest.find(MARK) {
+            ids.extend(encode_with(&self.tokenizer, &rest[..start])?);
+            let after = &rest[start + MARK.len_utf8()..];
+            let content = after.find(MARK).and_then(|end| {
+                let index: usize = after[..end].parse().ok()?;
+                Some((messages.get(index)?, end))
+            });
+            match content {
+                Some((message, end)) => {
+                    ids.extend(encode_with(&self.plain, &message.content)?);
+                    rest = &after[end + MARK.len_utf8()..];
+                }
+                // Not one of ours (the template wrote the character itself): keep it as text.
+                None => {
+                    ids.extend(encode_with(&self.tokenizer, &rest[start..start + MARK.len_utf8()])?);
+                    rest = after;
+                }
+            }
+        }
+        ids.extend(encode_with(&self.tokenizer, rest)?);
+        Ok(self.with_bos(ids))
+    }
+
+    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if let Some((bos, _)) = &self.bos
             && self.add_bos
             && ids.first() != Some(bos)
         {
             ids.insert(0, *bos);
         }
-        Ok(ids)
+        ids
+    }
+
+    /// Size of the model's vocabulary: every prompt token must be below it.
+    pub fn vocab_size(&self) -> usize {
+        self.llama.config().vocab_size
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
@@ -229,6 +294,23 @@ impl GenerationModel {
         }
         Ok(out)
     }
+}
+
+/// Private-use character around each message's index in the placeholder rendering.
+const MARK: char = '\u{F8FF}';
+
+fn encode_with(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, EngineError> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let enc = tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+fn plain_text_tokenizer(tokenizer: &Tokenizer) -> Tokenizer {
+    let mut plain = tokenizer.clone();
+    plain.set_encode_special_tokens(true);
+    plain
 }
 
 fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, EngineError> {
@@ -295,9 +377,11 @@ impl GenerationModel {
             _ => None,
         };
         let chat = template.map(chat_environment).transpose()?;
+        let plain = plain_text_tokenizer(&tokenizer);
         Ok(GenerationModel {
             llama,
             tokenizer,
+            plain,
             chat,
             bos,
             eos: eos.map(|(_, s)| s),

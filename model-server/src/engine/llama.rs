@@ -206,9 +206,20 @@ struct LayerCache {
 pub struct SequenceCache {
     layers: Vec<LayerCache>,
     len: usize,
+    /// Floats per position in each of `k` and `v`.
+    row: usize,
 }
 
 impl SequenceCache {
+    /// Forget keys and values a failed step appended past `len`, so the sequence can run again.
+    pub fn rollback(&mut self) {
+        let keep = self.len * self.row;
+        for layer in &mut self.layers {
+            layer.k.truncate(keep);
+            layer.v.truncate(keep);
+        }
+    }
+
     /// Positions already in the cache (prompt and generated tokens fed so far).
     pub fn len(&self) -> usize {
         self.len
@@ -351,7 +362,24 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache { layers: (0..self.cfg.layers).map(|_| LayerCache::default()).collect(), len: 0 }
+        self.new_cache_for(0)
+    }
+
+    /// A cache with room for `tokens` positions allocated up front, so it never reallocates
+    /// (a growing Vec may briefly hold twice its contents) and its memory is what the scheduler
+    /// reserved for it. Untouched pages cost no resident memory until written.
+    pub fn new_cache_for(&self, tokens: usize) -> SequenceCache {
+        let row = self.cfg.kv_heads * self.cfg.head_dim;
+        let layer = || LayerCache {
+            k: Vec::with_capacity(tokens.saturating_mul(row)),
+            v: Vec::with_capacity(tokens.saturating_mul(row)),
+        };
+        SequenceCache { layers: (0..self.cfg.layers).map(|_| layer()).collect(), len: 0, row }
+    }
+
+    /// Bytes of keys and values one position of one sequence occupies.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.cfg.layers as u64) * 2 * (self.cfg.kv_heads as u64) * (self.cfg.head_dim as u64) * 4
     }
 
     /// Run one step over several sequences. Returns next-token logits, `[k, vocab]`, one row per

@@ -153,7 +153,7 @@ pub fn golden() -> Vec<Golden> {
 use std::time::Duration;
 
 use kiln_model_server::manifest::{Batching, Family, Warmup};
-use kiln_model_server::serve::{self, ServePlan};
+use kiln_model_server::serve::{self, ServeOptions, ServePlan};
 use kiln_model_server::state::Limits;
 
 /// A server running in this process on 127.0.0.1; dropped → shut down.
@@ -165,10 +165,14 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(plan: ServePlan, limits: Limits) -> Self {
+        Self::with_options(plan, ServeOptions { limits, ..ServeOptions::default() }).await
+    }
+
+    pub async fn with_options(plan: ServePlan, options: ServeOptions) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve::run(plan, listener, limits, Duration::ZERO, async move {
+        let task = tokio::spawn(serve::run(plan, listener, options, async move {
             let _ = rx.await;
         }));
         TestServer { base, stop: Some(stop), task: Some(task) }
@@ -182,18 +186,26 @@ impl TestServer {
             batching,
         )
         .expect("plan");
-        Self::start(plan, Limits { max_body_bytes: 64 << 10, max_inputs: 16 }).await
+        Self::start(plan, Limits { max_body_bytes: 64 << 10, max_inputs: 16, ..Limits::default() }).await
     }
 
     pub async fn smollm2(batching: Batching) -> Self {
-        let plan = ServePlan::from_args(
+        Self::smollm2_with(batching, None).await
+    }
+
+    /// SmolLM2 with a KV-cache budget (None: derived from the memory left).
+    pub async fn smollm2_with(batching: Batching, kv_cache_bytes: Option<u64>) -> Self {
+        let mut plan = ServePlan::from_args(
             Family::TextGeneration,
             &[format!("smollm2:135m={}", smollm2_dir().display())],
             Warmup { iterations: 1, inputs: vec!["Say hello.".into()], ..Warmup::default() },
             batching,
         )
         .expect("plan");
-        Self::start(plan, Limits { max_body_bytes: 256 << 10, max_inputs: 16 }).await
+        for m in &mut plan.models {
+            m.kv_cache_bytes = kv_cache_bytes;
+        }
+        Self::start(plan, Limits { max_body_bytes: 256 << 10, max_inputs: 16, ..Limits::default() }).await
     }
 
     pub fn url(&self, path: &str) -> String {
