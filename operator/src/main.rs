@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kiln_operator::cache::{Caches, Watches};
 use kiln_operator::crd::ModelDeployment;
-use kiln_operator::leader::LeaderElector;
+use kiln_operator::leader::{LeaderElector, Timing};
 use kiln_operator::metrics::OperatorMetrics;
 use kiln_operator::reconcile::{Context, error_policy, reconcile};
 use kiln_operator::resources::{FIELD_MANAGER, OperatorSettings};
@@ -111,10 +111,15 @@ async fn main() -> anyhow::Result<()> {
             std::process::id()
         );
         let leases: Api<Lease> = Api::namespaced(client.clone(), &args.leader_election_namespace);
-        let elector =
-            LeaderElector::new(leases, &args.leader_election_id, &identity, Duration::from_secs(15));
-        elector.acquire(Duration::from_secs(2)).await;
-        futures::future::Either::Left(Box::pin(async move { elector.keep(Duration::from_secs(5)).await }))
+        let mut elector = LeaderElector::new(
+            leases,
+            &args.leader_election_namespace,
+            &args.leader_election_id,
+            &identity,
+            Timing::default(),
+        );
+        let sent = elector.acquire().await?;
+        futures::future::Either::Left(Box::pin(async move { elector.keep(sent).await }))
     } else {
         futures::future::Either::Right(futures::future::pending::<()>())
     };
