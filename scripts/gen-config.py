@@ -22,6 +22,7 @@ PLACES = {
     'service.yaml': ('manager', 'service.yaml'),
     'pdb.yaml': ('manager', 'pdb.yaml'),
     'monitoring.yaml': ('prometheus', 'monitoring.yaml'),
+    'admission.yaml': ('admission', 'image-policy.yaml'),
 }
 
 

@@ -63,6 +63,9 @@ pub use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
     validation = kube::core::Rule::new(
         "self.models.all(m, !has(m.fallback) || m.fallback.name != m.name || m.fallback.version != m.version)"
     ).message("a model cannot be its own fallback; point fallback at another version").field_path(".models"),
+    validation = kube::core::Rule::new(
+        "self.family == 'text-generation' || self.models.all(m, !has(m.kvCacheMemory))"
+    ).message("kvCacheMemory is for text-generation models only; remove it or set family: text-generation").field_path(".models"),
 )]
 pub struct ModelDeploymentSpec {
     /// What the pods serve; one family per pod.
@@ -118,6 +121,14 @@ pub struct ModelSpec {
     /// Served in this version's place if it fails to load; must be listed in models too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackRef>,
+    /// Text generation: memory for this model's KV caches (a quantity such as 2Gi), counted in
+    /// the pool's memory fit. A sequence is admitted only while its prompt plus max_tokens fits
+    /// what is left of it. Default: what the container's memory limit leaves once the weights
+    /// are loaded, less a margin (the server measures it at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = kube::core::Rule::new("isQuantity(self)").message(kube::core::Message::Expression(QUANTITY_MSG.into())))]
+    pub kv_cache_memory: Option<String>,
 }
 
 /// A model version named by its parts.
@@ -135,11 +146,16 @@ pub struct FallbackRef {
 pub struct SourceSpec {
     /// s3://bucket/prefix/, http(s)://host/path/, file:///path/ or pvc://claim/path.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = kube::core::Rule::new(
-        "self.matches('^(s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/\\\\s]+(/.*)?|file:///.*|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?)$')"
-    ).message(kube::core::Message::Expression(
-        "'source.uri ' + self + ' is not supported: use s3://bucket/prefix/, http(s)://host/path/, file:///absolute/path/ or pvc://claim/path'".into()
-    )))]
+    #[x_kube(
+        validation = kube::core::Rule::new(
+            "self.matches('^(s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|https?://[^/\\\\s]+(/.*)?|file:///.*|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?)$')"
+        ).message(kube::core::Message::Expression(
+            "'source.uri ' + self + ' is not supported: use s3://bucket/prefix/, http(s)://host/path/, file:///absolute/path/ or pvc://claim/path'".into()
+        )),
+        // A static message: repeating the URI would put the password in the refusal.
+        validation = kube::core::Rule::new("!self.matches('^[a-z0-9]+://[^/]*@')")
+            .message("source.uri must not carry credentials (user:password@host): they would show in logs and status; put them in a Secret and name it in source.credentialsSecret"),
+    )]
     pub uri: String,
     /// Secret in the same namespace holding AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
     /// optionally AWS_ENDPOINT_URL and AWS_REGION; passed to the pods, never read by the operator.
@@ -154,6 +170,8 @@ pub struct SourceSpec {
     #[x_kube(
         validation = kube::core::Rule::new("self.all(f, size(f) <= 512 && !f.matches('^/|//|(^|/)[.][.]?(/|$)'))")
             .message("sha256 keys are file paths relative to the source, without a leading '/', empty parts, '.' or '..'"),
+        validation = kube::core::Rule::new("self.all(f, f != '.kiln-complete.json')")
+            .message(".kiln-complete.json is the name of the cache's completion marker; a model file cannot use it"),
     )]
     pub sha256: BTreeMap<String, String>,
 }

@@ -86,6 +86,34 @@ where
     Ok(Some(written))
 }
 
+/// Whether `ours` is this resource's controller owner reference's target.
+fn controlled_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+/// `Kind name` when an object of that name exists that this resource does not control. Read
+/// from the cache when it is there; else from the API server, because an object someone else
+/// made carries none of our labels and so is in no watch of ours. A steady pool's objects are
+/// all cached: the GET happens only when we are about to create one.
+async fn foreign<K>(
+    api: &Api<K>,
+    cached: &Store<K>,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<Option<String>, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let live = match cache::get(cached, ns, name) {
+        Some(obj) => Some(obj.meta().clone()),
+        None => api.get_opt(name).await?.map(|obj| obj.meta().clone()),
+    };
+    Ok(live.filter(|meta| !controlled_by(meta, uid)).map(|_| format!("{kind} {ns}/{name}")))
+}
+
 /// A child the spec may or may not want (PDB, HPA): apply it when wanted, delete it when not.
 /// Returns what was written, for the log and the event.
 async fn apply_or_remove<K>(
@@ -93,6 +121,7 @@ async fn apply_or_remove<K>(
     cached: &Store<K>,
     ns: &str,
     name: &str,
+    uid: &str,
     desired: Option<K>,
 ) -> Result<Option<String>, kube::Error>
 where
@@ -102,7 +131,8 @@ where
     let kind = K::kind(&K::DynamicType::default()).to_string();
     match desired {
         Some(obj) => Ok(apply(api, cached, ns, &obj).await?.map(|_| kind)),
-        None if cache::get(cached, ns, name).is_some() => {
+        // Only ever delete what this resource controls.
+        None if cache::get(cached, ns, name).is_some_and(|o| controlled_by(o.meta(), uid)) => {
             Ok(delete(api, name).await?.then(|| format!("{kind} (deleted)")))
         }
         None => Ok(None),
@@ -154,14 +184,23 @@ where
     Ok(removed)
 }
 
+/// KV-cache memory counted for a text-generation model that sets no `kvCacheMemory`: its
+/// server takes what the limit leaves, but a pool that leaves less than this cannot serve.
+pub const MIN_KV_CACHE_BYTES: u64 = 64 << 20;
+
 fn fit(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSettings) -> Fit {
     let mut required = settings.memory_headroom_bytes;
     let mut unknown_size = Vec::new();
+    let generation = md.spec.family == crate::crd::Family::TextGeneration;
     for entry in &pool.serve {
         let model = md.spec.models.iter().find(|m| m.id().to_string() == *entry);
         match model.and_then(|m| m.memory.as_deref()).and_then(parse_bytes) {
-            Some(b) => required += b,
+            Some(b) => required = required.saturating_add(b),
             None => unknown_size.push(entry.clone()),
+        }
+        if generation {
+            let kv = model.and_then(|m| m.kv_cache_memory.as_deref()).and_then(parse_bytes);
+            required = required.saturating_add(kv.unwrap_or(MIN_KV_CACHE_BYTES));
         }
     }
     let available = if pool.gpus > 0 {
@@ -211,10 +250,27 @@ async fn reconcile_pool(
 ) -> Result<PoolObservation, Error> {
     let caches = &ctx.caches;
     let name = resources::pool_object_name(md, pool);
+    let uid = md.metadata.uid.clone().unwrap_or_default();
     let fit = fit(md, pool, &ctx.settings);
     // The Deployment as the server returned it, when this pass wrote it.
     let mut deployment_seen = None;
-    if !fit.fits() {
+    let conflicts = conflicts(md, pool, ctx, apis, ns).await?;
+    if !conflicts.is_empty() {
+        // Never take over an object we do not control: write nothing for this pool.
+        tracing::warn!(objects = ?conflicts, "pool objects exist that this resource does not control");
+        event(
+            ctx,
+            md,
+            EventType::Warning,
+            "NameConflict",
+            format!(
+                "pool {}: {} exists and is not controlled by this ModelDeployment",
+                pool.name,
+                conflicts.join(", ")
+            ),
+        )
+        .await;
+    } else if !fit.fits() {
         // Leave running pods alone; status and an event say why.
         tracing::warn!(required = fit.required, available = ?fit.available, "models do not fit the pool");
         event(
@@ -241,8 +297,8 @@ async fn reconcile_pool(
         let (deployment_written, service_written, pdb_written, hpa_written) = futures::try_join!(
             apply(&apis.deployments, &caches.deployments, ns, &desired),
             apply(&apis.services, &caches.services, ns, &desired_service),
-            apply_or_remove(&apis.pdbs, &caches.pdbs, ns, &name, pdb(md, pool)),
-            apply_or_remove(&apis.hpas, &caches.hpas, ns, &name, hpa(md, pool)),
+            apply_or_remove(&apis.pdbs, &caches.pdbs, ns, &name, &uid, pdb(md, pool)),
+            apply_or_remove(&apis.hpas, &caches.hpas, ns, &name, &uid, hpa(md, pool)),
         )?;
         if deployment_written.is_some() {
             wrote.push("Deployment".to_string());
@@ -262,9 +318,41 @@ async fn reconcile_pool(
     let selector = resources::selector_labels(md, pool);
     let selector: Vec<(&str, &str)> = selector.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let pods = cache::labelled(&caches.pods, ns, &selector).iter().map(|p| Pod::clone(p)).collect();
-    let deployment =
-        deployment_seen.or_else(|| cache::get(&caches.deployments, ns, &name).map(|d| (*d).clone()));
-    Ok(PoolObservation { deployment, pods, fit })
+    // A foreign Deployment of our name says nothing about our pool.
+    let deployment = deployment_seen.or_else(|| {
+        cache::get(&caches.deployments, ns, &name)
+            .filter(|d| controlled_by(d.meta(), &uid))
+            .map(|d| (*d).clone())
+    });
+    Ok(PoolObservation { deployment, pods, fit, conflicts })
+}
+
+/// The pool's objects (those the spec wants) that exist without this resource as their
+/// controller, as `Kind namespace/name`.
+async fn conflicts(
+    md: &ModelDeployment,
+    pool: &PoolSpec,
+    ctx: &Context,
+    apis: &PoolApis,
+    ns: &str,
+) -> Result<Vec<String>, Error> {
+    let caches = &ctx.caches;
+    let uid = md.metadata.uid.clone().unwrap_or_default();
+    let name = resources::pool_object_name(md, pool);
+    let cm = resources::config_map_name(md, pool);
+    let (d, s, c) = futures::try_join!(
+        foreign(&apis.deployments, &caches.deployments, ns, &name, &uid),
+        foreign(&apis.services, &caches.services, ns, &name, &uid),
+        foreign(&apis.config_maps, &caches.config_maps, ns, &cm, &uid),
+    )?;
+    let mut found: Vec<String> = [d, s, c].into_iter().flatten().collect();
+    if pdb(md, pool).is_some() {
+        found.extend(foreign(&apis.pdbs, &caches.pdbs, ns, &name, &uid).await?);
+    }
+    if hpa(md, pool).is_some() {
+        found.extend(foreign(&apis.hpas, &caches.hpas, ns, &name, &uid).await?);
+    }
+    Ok(found)
 }
 
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -359,5 +447,38 @@ mod tests {
         });
         let misfit = fit(&cpu, &pool, &settings);
         assert!(!misfit.fits(), "120Mi + headroom does not fit in 200Mi");
+    }
+
+    #[test]
+    fn a_generation_models_kv_cache_counts_in_the_fit() {
+        let settings = OperatorSettings::default();
+        let mut md = crate::resources::testing::sample("textgen-pvc.yaml");
+        let pool = md.spec.pools[0].clone();
+        assert_eq!(
+            fit(&md, &pool, &settings).required,
+            (200 << 20) + (1 << 30) + settings.memory_headroom_bytes
+        );
+        // Without a budget the server takes what the limit leaves; the fit asks for a minimum.
+        md.spec.models[0].kv_cache_memory = None;
+        assert_eq!(
+            fit(&md, &pool, &settings).required,
+            (200 << 20) + MIN_KV_CACHE_BYTES + settings.memory_headroom_bytes
+        );
+        // A budget larger than the pool's memory is a misfit, not a surprise at run time.
+        md.spec.models[0].kv_cache_memory = Some("30Gi".into());
+        assert!(!fit(&md, &pool, &settings).fits());
+        // And it reaches the server through the manifest.
+        md.spec.models[0].kv_cache_memory = Some("1536Mi".into());
+        let manifest = pool_manifest(&md, &pool).expect("manifest");
+        assert_eq!(manifest.models[0].kv_cache_bytes, Some(1536 << 20));
+    }
+
+    #[test]
+    fn the_grace_period_is_split_into_a_drain_delay_and_a_shutdown_deadline() {
+        assert_eq!(crate::resources::shutdown_timing(30), (10, 15));
+        assert_eq!(crate::resources::shutdown_timing(12), (4, 3));
+        let (drain, shutdown) = crate::resources::shutdown_timing(120);
+        assert_eq!(drain, 10, "a drain delay past endpoint propagation gains nothing");
+        assert!(drain + shutdown < 120);
     }
 }

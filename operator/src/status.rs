@@ -32,6 +32,9 @@ pub struct PoolObservation {
     /// The pool's pods, for what a Deployment does not say: unschedulable, crash-looping.
     pub pods: Vec<Pod>,
     pub fit: Fit,
+    /// Objects of the pool's names that this resource does not control (`Kind ns/name`):
+    /// nothing is written to the pool while any exists.
+    pub conflicts: Vec<String>,
 }
 
 /// Container states that mean "this will not get better by waiting".
@@ -127,6 +130,17 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
     let (mut total_ready, mut total_desired) = (0, 0);
     for (pool, obs) in md.spec.pools.iter().zip(pools) {
         let name = pool_object_name(md, pool);
+        if !obs.conflicts.is_empty() {
+            degraded.push((
+                pool.name.clone(),
+                "NameConflict".into(),
+                format!(
+                    "pool {}: {} already exists and is not controlled by this ModelDeployment; nothing was written to it: delete or rename that object, or rename the pool",
+                    pool.name,
+                    obs.conflicts.join(", "),
+                ),
+            ));
+        }
         if !obs.fit.fits() {
             degraded.push((
                 pool.name.clone(),
@@ -320,8 +334,18 @@ mod tests {
     fn all_replicas_ready_is_ready() {
         let md = sample("embeddings-ab-gpu.yaml");
         let obs = vec![
-            PoolObservation { deployment: Some(deploy(1, 1, 1)), pods: vec![], fit: fit(1, Some(2)) },
-            PoolObservation { deployment: Some(deploy(3, 3, 3)), pods: vec![], fit: fit(1, Some(2)) },
+            PoolObservation {
+                deployment: Some(deploy(1, 1, 1)),
+                pods: vec![],
+                fit: fit(1, Some(2)),
+                conflicts: vec![],
+            },
+            PoolObservation {
+                deployment: Some(deploy(3, 3, 3)),
+                pods: vec![],
+                fit: fit(1, Some(2)),
+                conflicts: vec![],
+            },
         ];
         let s = compute(&md, &obs);
         assert_eq!(cond(&s, "Ready").status, "True");
@@ -340,12 +364,20 @@ mod tests {
         let md = sample("embeddings-cpu.yaml");
         let s = compute(
             &md,
-            &[PoolObservation { deployment: Some(deploy(2, 2, 1)), pods: vec![], fit: fit(1, None) }],
+            &[PoolObservation {
+                deployment: Some(deploy(2, 2, 1)),
+                pods: vec![],
+                fit: fit(1, None),
+                conflicts: vec![],
+            }],
         );
         assert_eq!(cond(&s, "Ready").status, "False");
         assert_eq!(cond(&s, "Progressing").status, "True");
         assert!(cond(&s, "Progressing").message.contains("cpu"));
-        let s = compute(&md, &[PoolObservation { deployment: None, pods: vec![], fit: fit(1, None) }]);
+        let s = compute(
+            &md,
+            &[PoolObservation { deployment: None, pods: vec![], fit: fit(1, None), conflicts: vec![] }],
+        );
         assert_eq!(s.models[0].state, ModelState::Pending);
         assert_eq!(s.ready.as_deref(), Some("0/2"));
     }
@@ -359,6 +391,7 @@ mod tests {
                 deployment: Some(deploy(2, 2, 2)),
                 pods: vec![],
                 fit: fit(3 << 30, Some(1 << 30)),
+                conflicts: vec![],
             }],
         );
         let d = cond(&s, "Degraded");
@@ -373,9 +406,37 @@ mod tests {
     }
 
     #[test]
+    fn a_name_conflict_is_degraded_and_names_the_object() {
+        let md = sample("embeddings-cpu.yaml");
+        let s = compute(
+            &md,
+            &[PoolObservation {
+                deployment: None,
+                pods: vec![],
+                fit: fit(1, None),
+                conflicts: vec!["Service ml/embeddings-cpu".into()],
+            }],
+        );
+        let d = cond(&s, "Degraded");
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "NameConflict"));
+        assert!(
+            d.message.contains("Service ml/embeddings-cpu") && d.message.contains("not controlled"),
+            "{}",
+            d.message
+        );
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(s.models[0].state, ModelState::Failed);
+    }
+
+    #[test]
     fn unchanged_conditions_keep_their_transition_time() {
         let md = sample("embeddings-cpu.yaml");
-        let obs = [PoolObservation { deployment: Some(deploy(2, 2, 2)), pods: vec![], fit: fit(1, None) }];
+        let obs = [PoolObservation {
+            deployment: Some(deploy(2, 2, 2)),
+            pods: vec![],
+            fit: fit(1, None),
+            conflicts: vec![],
+        }];
         let first = compute(&md, &obs);
         std::thread::sleep(std::time::Duration::from_millis(5));
         let mut second = compute(&md, &obs);
@@ -397,8 +458,12 @@ mod tests {
             serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
                 "reason": "Unschedulable", "message": "0/5 nodes are available: 5 Insufficient nvidia.com/gpu."}]}),
         );
-        let obs =
-            [PoolObservation { deployment: Some(deploy(2, 0, 2)), pods: vec![pending], fit: fit(1, None) }];
+        let obs = [PoolObservation {
+            deployment: Some(deploy(2, 0, 2)),
+            pods: vec![pending],
+            fit: fit(1, None),
+            conflicts: vec![],
+        }];
         let s = compute(&md, &obs);
         let d = cond(&s, "Degraded");
         assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "Unschedulable"));
@@ -427,6 +492,7 @@ mod tests {
             deployment: Some(deploy(1, 0, 1)),
             pods: vec![crashing.clone()],
             fit: fit(1, None),
+            conflicts: vec![],
         }];
         let s = compute(&md, &obs);
         let d = cond(&s, "Degraded");

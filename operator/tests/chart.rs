@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -94,6 +94,8 @@ fn default_values_lint_and_render_two_leader_elected_replicas_with_cluster_rbac(
             "RoleBinding/kiln-operator-leader-election",
             "Service/kiln-operator-metrics",
             "ServiceAccount/kiln-operator",
+            "ValidatingAdmissionPolicy/kiln-model-server-image",
+            "ValidatingAdmissionPolicyBinding/kiln-model-server-image",
         ]
     );
     let d = deployment(&objects);
@@ -218,6 +220,39 @@ fn every_pod_runs_restricted() {
     }
 }
 
+/// Whoever may create ModelDeployments chooses their pods' image: the chart limits it with an
+/// admission policy, on by default, whose allowed prefixes are a value.
+#[test]
+fn the_image_policy_allows_only_the_configured_prefixes() {
+    let objects =
+        render(&["imagePolicy.allowedImagePrefixes={registry.corp/ml/,ghcr.io/kiln-dev/}"]).expect("render");
+    let policy = one(&objects, "ValidatingAdmissionPolicy");
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    assert_eq!(policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"][0], "modeldeployments");
+    let vars = policy["spec"]["variables"].as_array().expect("variables");
+    let allowed = vars.iter().find(|v| v["name"] == "allowed").expect("allowed");
+    assert_eq!(allowed["expression"], r#"["registry.corp/ml/", "ghcr.io/kiln-dev/"]"#);
+    let rule = policy["spec"]["validations"][0]["expression"].as_str().expect("expression");
+    assert!(rule.contains("variables.image == ''"), "an empty spec.image is the operator's default: {rule}");
+    assert!(rule.contains("ghcr.io/kiln-dev/kiln-model-server:0.1.0"), "modelServerImage is allowed: {rule}");
+    let binding = one(&objects, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert!(binding["spec"]["matchResources"].is_null(), "every namespace by default");
+    // Scoped to the watched namespace, and off when asked.
+    let scoped = render(&["watchNamespace=ml"]).expect("render");
+    let binding = one(&scoped, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "ml"
+    );
+    let off = render(&["imagePolicy.enabled=false"]).expect("render");
+    assert!(!kinds(&off).iter().any(|k| k.starts_with("ValidatingAdmissionPolicy")));
+    // A prefix that would break out of the CEL string is refused by the schema.
+    let err = render(&["imagePolicy.allowedImagePrefixes={evil'}"]).expect_err("a quote in a prefix");
+    assert!(err.contains("allowedImagePrefixes"), "{err}");
+}
+
 #[test]
 fn the_schema_refuses_bad_values_with_the_field_named() {
     for (set, field) in [
@@ -253,6 +288,7 @@ fn the_charts_crd_and_the_generated_config_match_their_sources() {
         ("manager", "service.yaml"),
         ("manager", "pdb.yaml"),
         ("prometheus", "monitoring.yaml"),
+        ("admission", "image-policy.yaml"),
     ] {
         let generated = std::fs::read_to_string(out.join(dir).join(file)).unwrap();
         assert!(
@@ -269,7 +305,14 @@ fn the_charts_crd_and_the_generated_config_match_their_sources() {
         String::from_utf8_lossy(&built.stderr)
     );
     let text = String::from_utf8(built.stdout).unwrap();
-    for kind in ["CustomResourceDefinition", "ClusterRole", "Deployment", "ServiceAccount", "Namespace"] {
+    for kind in [
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "Deployment",
+        "ServiceAccount",
+        "Namespace",
+        "ValidatingAdmissionPolicy",
+    ] {
         assert!(text.contains(&format!("kind: {kind}\n")), "config/default lacks a {kind}");
     }
 }

@@ -223,6 +223,26 @@ fn each_rule_refuses_what_it_guards_with_an_actionable_message() {
             "without a leading '/', empty parts, '.' or '..'",
         ),
         ("memory quantity", set("/spec/models/0/memory", json!("lots")), "lots is not a quantity"),
+        (
+            "uri without credentials",
+            set("/spec/models/0/source/uri", json!("https://user:hunter2@mirror/models/")),
+            "must not carry credentials",
+        ),
+        (
+            "sha256 marker name",
+            set("/spec/models/0/source/sha256", json!({".kiln-complete.json": "a".repeat(64)})),
+            "completion marker",
+        ),
+        (
+            "kvCacheMemory quantity",
+            set("/spec/models/0/kvCacheMemory", json!("lots")),
+            "lots is not a quantity",
+        ),
+        (
+            "kvCacheMemory for text generation",
+            set("/spec/models/0/kvCacheMemory", json!("2Gi")),
+            "text-generation models only",
+        ),
         ("gpuMemory quantity", set("/spec/pools/0/gpuMemory", json!("80GB")), "80GB is not a quantity"),
         ("at least one model", set("/spec/models", json!([])), "less than 1 item"),
         ("at least one pool", set("/spec/pools", json!([])), "less than 1 item"),

@@ -108,6 +108,7 @@ fn steady_world(md: &mut ModelDeployment) -> BTreeMap<String, Value> {
         deployment: Some(serde_json::from_value(d).expect("deployment")),
         pods: vec![],
         fit: fit(md, &pool, &settings()),
+        conflicts: vec![],
     };
     md.status = Some(status::compute(md, &[observed]));
     let me = serde_json::to_value(&*md).expect("md");
@@ -118,12 +119,13 @@ fn steady_world(md: &mut ModelDeployment) -> BTreeMap<String, Value> {
     world
 }
 
-/// The watch caches as they would be after listing `world`.
+/// The watch caches as they would be after listing `world`: like the real label-selected
+/// watches, they hold only objects labelled with a ModelDeployment.
 fn caches(world: &BTreeMap<String, Value>) -> Caches {
     fn of<K: DeserializeOwned>(world: &BTreeMap<String, Value>, segment: &str) -> Vec<K> {
         world
             .iter()
-            .filter(|(path, _)| path.contains(segment))
+            .filter(|(path, v)| path.contains(segment) && !v["metadata"]["labels"][LABEL_MD].is_null())
             .map(|(_, v)| serde_json::from_value(v.clone()).expect("typed object"))
             .collect()
     }
@@ -138,9 +140,15 @@ fn caches(world: &BTreeMap<String, Value>) -> Caches {
     }
 }
 
-/// Reconciles once; returns the writes, after asserting that nothing was read from the server.
+/// Reconciles once; returns the writes, after asserting that nothing the caches hold was read
+/// from the server (an object about to be created is looked up by name: it may exist unlabelled).
 async fn run(md: ModelDeployment, world: BTreeMap<String, Value>) -> Vec<String> {
     let caches = caches(&world);
+    let cached: Vec<String> = world
+        .iter()
+        .filter(|(_, v)| !v["metadata"]["labels"][LABEL_MD].is_null())
+        .map(|(path, _)| path.clone())
+        .collect();
     let (client, writes) = mock_client(world);
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -154,9 +162,35 @@ async fn run(md: ModelDeployment, world: BTreeMap<String, Value>) -> Vec<String>
     });
     reconcile(Arc::new(md), ctx).await.expect("reconcile");
     let requests = writes.lock().expect("requests").clone();
-    let reads: Vec<&String> = requests.iter().filter(|r| r.starts_with("GET")).collect();
+    let reads: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET"))
+        .filter(|r| cached.iter().any(|c| r.ends_with(c.as_str())) || r.contains('?'))
+        .collect();
     assert!(reads.is_empty(), "reads must come from the watch caches, not the API server: {reads:?}");
     requests
+}
+
+#[tokio::test]
+async fn an_object_of_the_pools_name_that_is_not_ours_is_never_written() {
+    let mut md = sample("embeddings-cpu.yaml");
+    let mut world = steady_world(&mut md);
+    // Someone else's Service of the pool's name: no owner reference, none of our labels.
+    world.insert(
+        "/api/v1/namespaces/ml/services/embeddings-cpu".into(),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "embeddings-cpu", "namespace": "ml",
+            "labels": {"app": "someone-else"}}, "spec": {"ports": [{"port": 80}]}}),
+    );
+    // A version change, so the pool has writes to make.
+    md.spec.models[0].version = "v3".into();
+    md.spec.pools[0].serve = vec!["minilm:v3".into()];
+    let writes = run(md, world).await;
+    let pool_writes: Vec<&String> = writes
+        .iter()
+        .filter(|w| !w.starts_with("GET") && !w.contains("/events") && !w.ends_with("/status"))
+        .collect();
+    assert!(pool_writes.is_empty(), "nothing of the pool is written while a name conflicts: {pool_writes:?}");
+    assert!(writes.iter().any(|w| w.ends_with("/modeldeployments/embeddings/status")), "{writes:?}");
 }
 
 #[tokio::test]
@@ -236,5 +270,12 @@ async fn a_deleted_child_is_recreated_and_nothing_else_is_touched() {
     world.remove("/api/v1/namespaces/ml/services/embeddings-cpu");
     let writes = run(md, world).await;
     let applies: Vec<&String> = writes.iter().filter(|w| !w.contains("/events")).collect();
-    assert_eq!(applies, vec!["PATCH /api/v1/namespaces/ml/services/embeddings-cpu"]);
+    // Absent from the cache, so looked up by name first (someone else's could be there).
+    assert_eq!(
+        applies,
+        vec![
+            "GET /api/v1/namespaces/ml/services/embeddings-cpu",
+            "PATCH /api/v1/namespaces/ml/services/embeddings-cpu"
+        ]
+    );
 }

@@ -27,13 +27,14 @@ pub fn pool_manifest(md: &ModelDeployment, pool: &PoolSpec) -> Result<Manifest, 
         let Some(m) = find(&id) else {
             return Err(ManifestError::UnknownServe { pool: pool.name.clone(), entry: id.to_string() });
         };
-        let memory_bytes = match &m.memory {
-            Some(q) => Some(
-                parse_bytes(q)
-                    .ok_or_else(|| ManifestError::Memory { model: id.to_string(), value: q.clone() })?,
-            ),
-            None => None,
+        let bytes = |q: &Option<String>| match q {
+            Some(q) => parse_bytes(q)
+                .map(Some)
+                .ok_or_else(|| ManifestError::Memory { model: id.to_string(), value: q.clone() }),
+            None => Ok(None),
         };
+        let memory_bytes = bytes(&m.memory)?;
+        let kv_cache_bytes = bytes(&m.kv_cache_memory)?;
         entries.push(ModelEntry {
             name: m.name.clone(),
             version: m.version.clone(),
@@ -41,6 +42,7 @@ pub fn pool_manifest(md: &ModelDeployment, pool: &PoolSpec) -> Result<Manifest, 
             memory_bytes,
             fallback: m.fallback.as_ref().map(|f| ModelRef::new(&f.name, &f.version)),
             serve,
+            kv_cache_bytes,
         });
         Ok(())
     };

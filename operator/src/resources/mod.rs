@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::{ModelDeployment, PoolSpec};
 
 pub use manifest::{ManifestError, pool_manifest};
-pub use workload::{config_map, deployment, hpa, pdb, service};
+pub use workload::{config_map, config_map_name, deployment, hpa, pdb, service, shutdown_timing};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "kiln-operator";

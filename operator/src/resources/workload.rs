@@ -33,6 +33,20 @@ const CACHE_DIR: &str = "/var/cache/kiln/models";
 const RUN_AS: i64 = 65532;
 /// Seconds between startup probes; the failure budget covers `warmup.timeoutSeconds`.
 const STARTUP_PERIOD: i32 = 5;
+/// The pod's termination grace period, split by [`shutdown_timing`].
+const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// A probe's answer may take this long: `/readyz` is cheap, but a saturated CPU (inference on
+/// every core) can delay any answer by seconds, and a timed-out probe counts as a failure.
+const PROBE_TIMEOUT: i32 = 5;
+
+/// How the server spends the grace period after SIGTERM: a drain delay (readiness down,
+/// requests still served, so endpoint removal reaches every client first), then the listener
+/// closes and running requests get until a few seconds before the kubelet's SIGKILL.
+pub fn shutdown_timing(grace_seconds: i64) -> (i64, i64) {
+    let drain = (grace_seconds / 3).clamp(0, 10);
+    let shutdown = (grace_seconds - drain - 5).max(1);
+    (drain, shutdown)
+}
 
 pub fn config_map_name(md: &ModelDeployment, pool: &PoolSpec) -> String {
     format!("{}-manifest", pool_object_name(md, pool))
@@ -59,7 +73,7 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
-        timeout_seconds: Some(2),
+        timeout_seconds: Some(PROBE_TIMEOUT),
         ..Probe::default()
     }
 }
@@ -206,6 +220,7 @@ pub fn deployment(
         ..Container::default()
     };
     let startup_failures = md.spec.warmup.timeout_seconds.div_ceil(STARTUP_PERIOD as u32).max(1) as i32;
+    let (drain, shutdown) = shutdown_timing(TERMINATION_GRACE_SECONDS);
     let serve = Container {
         name: "server".into(),
         image: Some(image),
@@ -218,6 +233,10 @@ pub fn deployment(
             CACHE_DIR.into(),
             "--listen".into(),
             format!("0.0.0.0:{SERVER_PORT}"),
+            "--drain-delay-seconds".into(),
+            drain.to_string(),
+            "--shutdown-timeout-seconds".into(),
+            shutdown.to_string(),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
@@ -228,8 +247,10 @@ pub fn deployment(
         env: Some(env),
         volume_mounts: Some(mounts),
         resources: Some(resources(pool)),
-        // Readiness is the server's own: 503 until every model is loaded and warm.
-        readiness_probe: Some(http_probe("/readyz", 5, 1)),
+        // Readiness is the server's own: 503 until every model is loaded and warm. Three
+        // misses in a row, so one slow answer under full load does not flap the endpoint; a
+        // terminating pod leaves the endpoints at once regardless.
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         // Until warm, only the startup probe runs; its budget is warmup.timeoutSeconds.
         startup_probe: Some(http_probe("/readyz", STARTUP_PERIOD, startup_failures)),
@@ -283,7 +304,7 @@ pub fn deployment(
                     init_containers: Some(vec![pull]),
                     containers: vec![serve],
                     volumes: Some(volumes),
-                    termination_grace_period_seconds: Some(30),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
                     ..PodSpec::default()
                 }),
             },
