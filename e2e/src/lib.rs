@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
 
 /// The repository root (this crate lives in `e2e/`).
@@ -75,6 +76,43 @@ where
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The named object once it exists. The operator writes a pool's objects concurrently and in no
+/// fixed order, so a test never reads one only because another has appeared.
+pub async fn eventually<K>(api: &Api<K>, name: &str, timeout: Duration) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(&format!("{name} to exist"), timeout, || async {
+        api.get_opt(name).await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
+    })
+    .await
+}
+
+/// Ready addresses in the Service's EndpointSlices (sorted): what a kube-proxy would balance
+/// over. The endpointslice controller follows pod readiness with a delay of its own, so callers
+/// wait for the set they expect rather than read it once.
+pub async fn ready_endpoints(slices: &Api<EndpointSlice>, service: &str) -> Result<Vec<String>, String> {
+    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let list = slices.list(&lp).await.map_err(|e| e.to_string())?;
+    let mut ips: Vec<String> = list
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .filter_map(|e| e.addresses.first().cloned())
+        .collect();
+    ips.sort();
+    Ok(ips)
+}
+
+/// The first ready endpoint of the Service, once there is one.
+pub async fn first_ready_endpoint(slices: &Api<EndpointSlice>, service: &str, timeout: Duration) -> String {
+    wait_for(&format!("a ready endpoint of Service {service}"), timeout, || async {
+        ready_endpoints(slices, service).await?.into_iter().next().ok_or_else(|| "none ready".to_string())
+    })
+    .await
 }
 
 /// A fresh namespace for one test, deleted (with everything in it) on drop.

@@ -33,21 +33,6 @@ fn ensure_monitoring() {
     );
 }
 
-/// Ready addresses of the Service's EndpointSlices: what a kube-proxy would balance over.
-async fn ready_endpoints(slices: &Api<EndpointSlice>, service: &str) -> Vec<String> {
-    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
-    let Ok(list) = slices.list(&lp).await else { return Vec::new() };
-    let mut ips: Vec<String> = list
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .filter_map(|e| e.addresses.first().cloned())
-        .collect();
-    ips.sort();
-    ips
-}
-
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
@@ -180,15 +165,15 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), n);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), n);
-    let hpa = hpas.get(&pool).await.expect("the operator made an HPA");
+    let hpa = eventually(&hpas, &pool, Duration::from_secs(60)).await;
     let metric = &hpa.spec.as_ref().unwrap().metrics.as_ref().unwrap()[0];
     assert_eq!(metric.pods.as_ref().unwrap().metric.name, "kiln_queue_depth");
     assert_eq!(replicas(&deployments, &pool).await, (1, 1), "starts at minReplicas");
 
     // The load: CLIENTS closed-loop clients balanced over the ready endpoints, refreshed twice a
     // second from the EndpointSlices, so a pod gets traffic only once the cluster says it is ready.
-    let endpoints = Arc::new(Mutex::new(ready_endpoints(&slices, &pool).await));
-    assert_eq!(endpoints.lock().await.len(), 1);
+    let first = first_ready_endpoint(&slices, &pool, Duration::from_secs(60)).await;
+    let endpoints = Arc::new(Mutex::new(vec![first]));
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let next = Arc::new(AtomicU64::new(0));
@@ -214,7 +199,7 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
         let (endpoints, stop, slices, pool) = (endpoints.clone(), stop.clone(), slices.clone(), pool.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let now = ready_endpoints(&slices, &pool).await;
+                let now = ready_endpoints(&slices, &pool).await.unwrap_or_default();
                 if !now.is_empty() {
                     *endpoints.lock().await = now;
                 }
@@ -247,7 +232,7 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
         if ready >= 3 && all_ready.is_none() {
             all_ready = Some(started.elapsed());
         }
-        let eps = ready_endpoints(&slices, &pool).await;
+        let eps = ready_endpoints(&slices, &pool).await.unwrap_or_default();
         let by = tally.by_endpoint.lock().await.clone();
         served_by_all = eps.len() == 3 && eps.iter().all(|ip| by.get(ip).copied().unwrap_or(0) >= 5);
         if all_ready.is_some() && served_by_all && max_status_ready >= 3 {
