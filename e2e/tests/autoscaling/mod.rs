@@ -216,8 +216,30 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
     let mut max_metric = 0.0f64;
     let mut max_status_ready = 0;
     let mut served_by_all = false;
+    // Readiness must not flap under the load: a pod once Ready stays Ready until it is deleted
+    // (the probe's timeout and threshold absorb slow answers from a saturated CPU).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), n);
+    let mut was_ready = std::collections::BTreeSet::new();
+    let mut flaps = Vec::new();
     while started.elapsed() < LOAD_LIMIT {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(list) =
+            pods.list(&ListParams::default().labels(&format!("kiln.dev/modeldeployment={MD}"))).await
+        {
+            for pod in list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let ready = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                if ready {
+                    was_ready.insert(name);
+                } else if was_ready.contains(&name) {
+                    flaps.push(format!("{name} at {:?}", started.elapsed()));
+                }
+            }
+        }
         if let Some(m) = custom_metric_max(n) {
             max_metric = max_metric.max(m);
             if m > 2.0 && metric_over_target.is_none() {
@@ -261,6 +283,7 @@ async fn a_pool_grows_under_queue_load_and_shrinks_back_after_it() {
     assert!(served_by_all, "every new pod must take a share of the load once ready: {seen}");
     assert!(max_status_ready >= 3, "the resource's status never showed the grown pool: {seen}");
     assert!(errors.is_empty(), "requests must end in an answer or a 429, never an error: {errors:?}; {seen}");
+    assert!(flaps.is_empty(), "readiness flapped under load: {flaps:?}; {seen}");
     assert_eq!(tally.no_retry_after.load(Ordering::Relaxed), 0, "every 429 carries Retry-After");
     assert!(ok > 0);
 
