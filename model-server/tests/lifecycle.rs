@@ -189,6 +189,18 @@ async fn wait_ready(base: &str) {
     panic!("{base} never became ready");
 }
 
+/// How the process ended, once it has (at most `within` from now).
+async fn exit_status(server: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
@@ -233,15 +245,8 @@ async fn sigterm_drains_accepted_requests_then_exits_zero() {
     for task in inflight {
         assert_eq!(task.await.expect("join").expect("accepted request completes"), 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = server.0.try_wait().expect("wait") {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = exit_status(&mut server, Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,14 +350,7 @@ async fn a_dead_worker_fails_its_model_and_the_process_exits_non_zero_after_drai
     for task in busy {
         assert_eq!(task.await.expect("join").expect("the healthy model's requests complete"), 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit after its model died");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_status(&mut server, Duration::from_secs(30)).await;
     assert!(!status.success(), "exit status {status}: a dead model must restart the pod");
 }
 
@@ -383,13 +381,6 @@ async fn a_dead_generation_scheduler_ends_its_streams_with_the_reason() {
         .expect("body");
     assert!(body.contains("model_failed") && body.contains("panicked"), "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit after its model died");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_status(&mut server, Duration::from_secs(30)).await;
     assert!(!status.success(), "exit status {status}");
 }

@@ -71,6 +71,16 @@ pub struct GenerationModel {
     file: PathBuf,
 }
 
+/// What a model's tokenizer files give, however they were read (GGUF metadata or
+/// tokenizer.json with its configs).
+struct TextParts {
+    tokenizer: Tokenizer,
+    bos: Option<(u32, String)>,
+    eos: Option<String>,
+    add_bos: bool,
+    end_ids: BTreeSet<u32>,
+}
+
 /// The one `*.gguf` file in `dir`, if any.
 fn find_gguf(dir: &Path) -> Result<Option<PathBuf>, EngineError> {
     let files_err = |message: String| EngineError::Files { path: dir.display().to_string(), message };
@@ -147,18 +157,19 @@ impl GenerationModel {
             Some(gguf_file::Value::String(source)) => Some(chat_environment(source.clone())?),
             _ => None,
         };
+        let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
+        Ok(GenerationModel::assemble(llama, text, chat, file))
+    }
+
+    fn assemble(
+        llama: Llama,
+        text: TextParts,
+        chat: Option<minijinja::Environment<'static>>,
+        file: PathBuf,
+    ) -> Self {
+        let TextParts { tokenizer, bos, eos, add_bos, end_ids } = text;
         let plain = plain_text_tokenizer(&tokenizer);
-        Ok(GenerationModel {
-            llama,
-            tokenizer,
-            plain,
-            chat,
-            bos,
-            eos: eos.map(|(_, s)| s),
-            add_bos,
-            end_ids,
-            file,
-        })
+        GenerationModel { llama, tokenizer, plain, chat, bos, eos, add_bos, end_ids, file }
     }
 
     pub fn file(&self) -> &Path {
@@ -377,18 +388,8 @@ impl GenerationModel {
             _ => None,
         };
         let chat = template.map(chat_environment).transpose()?;
-        let plain = plain_text_tokenizer(&tokenizer);
-        Ok(GenerationModel {
-            llama,
-            tokenizer,
-            plain,
-            chat,
-            bos,
-            eos: eos.map(|(_, s)| s),
-            add_bos,
-            end_ids,
-            file: config.to_path_buf(),
-        })
+        let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
+        Ok(GenerationModel::assemble(llama, text, chat, config.to_path_buf()))
     }
 }
 
