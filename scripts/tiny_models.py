@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Tiny random-weight checkpoints and their reference outputs, written with the reference
+implementations (transformers, sentence-transformers, tokenizers), for the architectures no
+package ships weights of.
+
+usage: python3 scripts/tiny_models.py [--out model-server/tests/data/tiny] [--corpus FILE ...]
+
+Run it by hand in a virtual environment with the reference libraries:
+    python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.15.0 transformers==5.23.0 \\
+        sentence-transformers==6.2.0 tokenizers==0.23.3
+    /tmp/ref/bin/python scripts/tiny_models.py
+and commit what it writes; the tests only read the committed files (CI has no torch).
+
+For each model it writes a Hugging Face directory (config.json, model.safetensors in float16,
+tokenizer.json, tokenizer_config.json, the sentence-transformers files) and reference.json:
+the sentences and, per pooling, the vectors sentence-transformers computes on them.
+- xlm-roberta: XLMRobertaModel (hidden 64, 2 layers) with a Unigram (sentencepiece-style)
+  tokenizer of about 1,000 pieces trained on the corpus; CLS pooling and normalization as
+  BGE-M3 ships, and reference vectors for mean pooling too (as multilingual-e5 ships).
+- bert: BertModel of the same size with a WordPiece tokenizer trained on the same corpus; mean
+  pooling and normalization as all-MiniLM ships.
+The corpus defaults to the license texts every Debian machine has under
+/usr/share/common-licenses, the texts the benchmark corpus is cut from.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+
+import torch
+from sentence_transformers import SentenceTransformer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+
+SEED = 20261202
+HIDDEN, LAYERS, HEADS, INTERMEDIATE = 64, 2, 4, 128
+MAX_SEQ = 128
+VOCAB = 1000
+
+SENTENCES = [
+    "Kiln keeps pods out of endpoints until the model is warm.",
+    "The licensor grants you a perpetual, worldwide, non-exclusive license.",
+    "a",
+    "",
+    "Redistribution and use in source and binary forms, with or without modification, are permitted.",
+    "Der Lizenzgeber gewährt Ihnen eine weltweite, gebührenfreie Lizenz.",
+    "Le concédant vous accorde une licence mondiale et gratuite.",
+    "模型在预热之前不接收流量。",
+    "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND!!!",
+    "tabs\tand\nnewlines   and   spaces",
+    # Longer than MAX_SEQ tokens: truncated at the model's limit.
+    " ".join(["Each contributor grants a patent license to make, use and sell the work."] * 16),
+]
+
+
+def corpus_lines(paths):
+    lines = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = " ".join(line.split())
+                if len(line) > 20:
+                    lines.append(line)
+    return lines
+
+
+def unigram_tokenizer(lines):
+    """A sentencepiece-style Unigram tokenizer with XLM-RoBERTa's special tokens and ids."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(r"\s+", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=VOCAB, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator(lines, trainer)
+    tok.add_special_tokens(["<mask>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
+    )
+    assert [tok.token_to_id(t) for t in specials] == [0, 1, 2, 3], "XLM-R ids of <s> <pad> </s> <unk>"
+    return tok
+
+
+def wordpiece_tokenizer(lines):
+    """A BERT-style WordPiece tokenizer (lower case, [CLS] ... [SEP])."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials)
+    tok.train_from_iterator(lines, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return tok
+
+
+def sentence_transformers_files(out, pooling, normalize):
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out, "2_Normalize"), exist_ok=True)
+    write_json(os.path.join(out, "modules.json"), modules)
+    os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
+    write_json(os.path.join(out, "1_Pooling", "config.json"), pooling_config(pooling))
+    write_json(os.path.join(out, "sentence_bert_config.json"), {"max_seq_length": MAX_SEQ, "do_lower_case": False})
+
+
+def pooling_config(pooling):
+    return {
+        "word_embedding_dimension": HIDDEN,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def references(out, poolings):
+    """Vectors sentence-transformers computes for SENTENCES, per pooling (the directory's own
+    pooling first), on the float16 weights as saved (upcast to float32, as Kiln loads them)."""
+    result = {"sentences": SENTENCES, "vectors": {}, "tokens": []}
+    own = json.load(open(os.path.join(out, "1_Pooling", "config.json")))
+    for pooling in poolings:
+        write_json(os.path.join(out, "1_Pooling", "config.json"), pooling_config(pooling))
+        st = SentenceTransformer(out, device="cpu")
+        st.float()
+        vectors = st.encode(SENTENCES, convert_to_numpy=True, batch_size=4)
+        result["vectors"][pooling] = [[round(float(x), 7) for x in v] for v in vectors]
+    write_json(os.path.join(out, "1_Pooling", "config.json"), own)
+    st = SentenceTransformer(out, device="cpu")
+    for s in SENTENCES:
+        result["tokens"].append(st.tokenizer(s, truncation=True, max_length=MAX_SEQ)["input_ids"])
+    write_json(os.path.join(out, "reference.json"), result)
+
+
+def tokenizer_config(out, special):
+    write_json(os.path.join(out, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": MAX_SEQ,
+        **special,
+    })
+
+
+def xlm_roberta(out, lines):
+    os.makedirs(out, exist_ok=True)
+    tok = unigram_tokenizer(lines)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    tokenizer_config(out, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                           "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"})
+    config = XLMRobertaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=INTERMEDIATE, hidden_act="gelu",
+        max_position_embeddings=MAX_SEQ + 2, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, layer_norm_eps=1e-5,
+    )
+    torch.manual_seed(SEED)
+    model = XLMRobertaModel(config, add_pooling_layer=False)
+    randomize(model)
+    model.half().save_pretrained(out, safe_serialization=True)
+    sentence_transformers_files(out, "cls", normalize=True)
+    references(out, ["cls", "mean"])
+
+
+def bert(out, lines):
+    os.makedirs(out, exist_ok=True)
+    tok = wordpiece_tokenizer(lines)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    tokenizer_config(out, {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                           "mask_token": "[MASK]", "do_lower_case": True})
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=INTERMEDIATE, hidden_act="gelu",
+        max_position_embeddings=MAX_SEQ, type_vocab_size=2, layer_norm_eps=1e-12,
+    )
+    torch.manual_seed(SEED + 1)
+    model = BertModel(config, add_pooling_layer=False)
+    randomize(model)
+    model.half().save_pretrained(out, safe_serialization=True)
+    sentence_transformers_files(out, "mean", normalize=True)
+    references(out, ["mean", "cls"])
+
+
+def randomize(model):
+    """Larger-than-init weights, so differences in layout (positions, token types, norms)
+    move the outputs far more than float16 rounding does."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("LayerNorm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("LayerNorm.bias") or name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "model-server", "tests", "data", "tiny"))
+    ap.add_argument("--corpus", nargs="*", default=sorted(glob.glob("/usr/share/common-licenses/*")))
+    a = ap.parse_args()
+    random.seed(SEED)
+    lines = corpus_lines([p for p in a.corpus if os.path.isfile(p)])
+    assert len(lines) > 1000, f"only {len(lines)} corpus lines"
+    xlm_roberta(os.path.join(a.out, "xlm-roberta"), lines)
+    bert(os.path.join(a.out, "bert"), lines)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
