@@ -1,4 +1,4 @@
-//! Engine benchmark, the Rust side of `shared/bench/python-baseline/bench_engine.py`:
+//! Engine benchmark, the Rust side of the Python baseline's engine benchmark (bench/run.sh runs both):
 //! sentences/s at batch 32 over the short and long corpora (3 warm-up passes, 5 timed passes,
 //! median; tokenization included, as in sentence-transformers' `encode`), and batch-1 latency
 //! (200 calls over short inputs, p50/p99), for the packed encoder and candle's stock BERT.
@@ -16,9 +16,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_model_server::engine::candle_bert::CandleBert;
-use kiln_model_server::engine::packed_bert::PackedBert;
-use kiln_model_server::engine::{EmbeddingModel, Encoder, EncoderSettings};
+use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings};
+use kiln_model_server::models::bert::BertConfig;
+use kiln_model_server::models::bert::packed::PackedBert;
+use kiln_model_server::models::bert::reference::CandleBert;
+use kiln_model_server::models::{Architecture, Encoder};
 use serde_json::{Value, json};
 
 const BATCH: usize = 32;
@@ -180,10 +182,9 @@ fn main() {
     }
     let home = PathBuf::from(std::env::var_os("HOME").expect("HOME"));
     let model_dir = positional.first().cloned().unwrap_or_else(|| home.join(".cache/kiln/fixtures/minilm"));
-    let corpus_dir = positional
-        .get(1)
-        .cloned()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/corpus"));
+    let corpus_dir = positional.get(1).cloned().unwrap_or_else(|| {
+        panic!("give the corpus directory (short.json, long.json) as the second argument")
+    });
     let short = read_corpus(&corpus_dir, "short");
     let long = read_corpus(&corpus_dir, "long");
 
@@ -192,7 +193,8 @@ fn main() {
         let t0 = Instant::now();
         let (encoder, sort, detail): (Arc<dyn Encoder>, bool, Value) = match engine {
             "packed" => {
-                let e = PackedBert::load(&model_dir).expect("load packed");
+                let config = BertConfig::read(&model_dir, Architecture::Bert).expect("config");
+                let e = PackedBert::load(&model_dir, &config).expect("load packed");
                 let detail = json!({"isa": format!("{:?}", e.isa()), "threads": e.threads()});
                 (Arc::new(e), false, detail)
             }

@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use kiln_model_server::engine::generation::GenerationModel;
-use kiln_model_server::engine::llama::Step;
+use kiln_model_server::families::text_generation::model::GenerationModel;
+use kiln_model_server::models::llama::Step;
 
 const PROMPT: usize = 64;
 const STEPS: usize = 128;

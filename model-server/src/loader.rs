@@ -5,12 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::batching::continuous::Scheduler;
-use crate::batching::{Batcher, FailureHook};
-use crate::engine::EmbeddingModel;
-use crate::engine::generation::{ChatMessage, GenerationModel, SamplingParams};
-use crate::manifest::{Batching, Family, ModelRef, Warmup};
-use crate::state::{AppState, ModelState, Runtime};
+use crate::families::{ModelFamily, StartContext};
+use crate::manifest::{Batching, ModelRef, Warmup};
+use crate::queue::FailureHook;
+use crate::state::{AppState, LoadState};
 
 /// Where each model's files are, by id.
 pub type ModelDirs = std::collections::BTreeMap<ModelRef, ModelDir>;
@@ -24,7 +22,12 @@ pub struct ModelDir {
     pub source: Option<String>,
 }
 
-pub fn load_all(state: &Arc<AppState>, dirs: &ModelDirs, warmup: &Warmup, batching: &Batching) {
+pub fn load_all<F: ModelFamily>(
+    state: &Arc<AppState<F>>,
+    dirs: &ModelDirs,
+    warmup: &Warmup,
+    batching: &Batching,
+) {
     for id in &state.served {
         let Some(slot) = state.slots.get(id) else { continue };
         match load_one(state, id, dirs, warmup, batching) {
@@ -35,7 +38,7 @@ pub fn load_all(state: &Arc<AppState>, dirs: &ModelDirs, warmup: &Warmup, batchi
                 tracing::error!(model = %id.name, version = %id.version, %error, "model failed to load");
                 let fallback = slot.fallback.clone();
                 let rescued = fallback.as_ref().and_then(|fb| {
-                    let ready = state.slots.get(fb).is_some_and(|s| s.runtime.get().is_some());
+                    let ready = state.slots.get(fb).is_some_and(|s| s.serving.get().is_some());
                     if ready || load_one(state, fb, dirs, warmup, batching).is_ok() {
                         Some(fb.clone())
                     } else {
@@ -46,7 +49,7 @@ pub fn load_all(state: &Arc<AppState>, dirs: &ModelDirs, warmup: &Warmup, batchi
                     Some(fb) => {
                         tracing::warn!(model = %id.name, version = %id.version, fallback = %fb, "serving the fallback in its place");
                         slot.update(|p| {
-                            p.state = ModelState::FallenBack;
+                            p.state = LoadState::FallenBack;
                             p.step = format!("failed; {fb} answers in its place");
                             p.error = Some(error.clone());
                             p.served_by = Some(fb.to_string());
@@ -55,7 +58,7 @@ pub fn load_all(state: &Arc<AppState>, dirs: &ModelDirs, warmup: &Warmup, batchi
                         let _ = slot.route.set(fb);
                     }
                     None => slot.update(|p| {
-                        p.state = ModelState::Failed;
+                        p.state = LoadState::Failed;
                         p.step = "failed".to_string();
                         p.error = Some(match &fallback {
                             Some(fb) => format!("{error}; fallback {fb} failed too"),
@@ -98,15 +101,15 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn load_one(
-    state: &Arc<AppState>,
+fn load_one<F: ModelFamily>(
+    state: &Arc<AppState<F>>,
     id: &ModelRef,
     dirs: &ModelDirs,
     warmup: &Warmup,
     batching: &Batching,
 ) -> Result<(), String> {
     let slot = state.slots.get(id).ok_or_else(|| format!("{id} is not in the manifest"))?;
-    if slot.runtime.get().is_some() {
+    if slot.serving.get().is_some() {
         return Ok(());
     }
     let entry = dirs.get(id).ok_or_else(|| format!("no directory for {id}"))?;
@@ -119,91 +122,41 @@ fn load_one(
     let bytes = weight_bytes(dir);
     let t0 = Instant::now();
     slot.update(|p| {
-        p.state = ModelState::Loading;
+        p.state = LoadState::Loading;
         p.step = format!("reading weights from {}", dir.display());
         p.weight_bytes = bytes;
         p.since = Some(t0);
     });
     tracing::info!(dir = %dir.display(), weight_bytes = bytes, "loading");
     let rss_before = rss_bytes();
-    let loaded = |what: String| {
-        let load_seconds = t0.elapsed().as_secs_f64();
-        tracing::info!(load_seconds, model = %what, "loaded");
-        slot.update(|p| {
-            p.state = ModelState::Warming;
-            p.load_seconds = Some(load_seconds);
-            p.since = Some(Instant::now());
-        });
-        load_seconds
-    };
-    let warm = |pass: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
-        let t1 = Instant::now();
-        for i in 0..warmup.iterations {
-            slot.update(|p| p.step = format!("warmup {}/{}", i + 1, warmup.iterations));
-            pass()?;
-            tracing::info!(pass = i + 1, of = warmup.iterations, "warmup");
-        }
-        Ok(t1.elapsed().as_secs_f64())
-    };
-    let inputs: Vec<&str> = warmup.inputs.iter().map(String::as_str).collect();
-    let on_failure = failure_hook(state, id);
-    let (runtime, load_seconds, warmup_seconds) = match state.family {
-        Family::TextGeneration => {
-            let model = Arc::new(GenerationModel::load(dir).map_err(|e| e.to_string())?);
-            let load_seconds =
-                loaded(format!("{} ({} layers)", model.file().display(), model.llama().config().layers));
-            let warmup_seconds = warm(&mut || {
-                for input in &inputs {
-                    warm_generation(&model, input).map_err(|e| format!("warmup failed: {e}"))?;
-                }
-                Ok(())
-            })?;
-            let kv_budget = slot.kv_cache_bytes.unwrap_or_else(|| default_kv_budget(state, id, dirs));
-            let per_token = model.llama().kv_bytes_per_token();
-            tracing::info!(
-                kv_budget_bytes = kv_budget,
-                kv_bytes_per_token = per_token,
-                full_context_sequences = kv_budget / (per_token * model.context_length() as u64).max(1),
-                "KV-cache budget"
-            );
-            let scheduler = Scheduler::spawn(
-                id.clone(),
-                model.clone(),
-                batching.clone(),
-                kv_budget,
-                state.limits.max_queued_tokens,
-                state.metrics.clone(),
-                on_failure,
-            )
-            .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
-            (Runtime::Generation { model, scheduler }, load_seconds, warmup_seconds)
-        }
-        Family::SpeechToText => return Err("the speech-to-text family is not served by this build".into()),
-        Family::TextEmbedding => {
-            let model = Arc::new(EmbeddingModel::load(dir).map_err(|e| e.to_string())?);
-            let load_seconds = loaded(format!("dimension {}", model.dimension()));
-            let warmup_seconds = warm(&mut || {
-                if !inputs.is_empty() {
-                    model.embed(&inputs).map_err(|e| format!("warmup failed: {e}"))?;
-                }
-                Ok(())
-            })?;
-            let batcher = Batcher::spawn(
-                id.clone(),
-                model.clone(),
-                batching.clone(),
-                state.limits.max_queued_tokens,
-                state.metrics.clone(),
-                on_failure,
-            )
-            .map_err(|e| format!("cannot start the batcher thread: {e}"))?;
-            (Runtime::Embedding { model, batcher }, load_seconds, warmup_seconds)
-        }
-    };
-    let resident = rss_bytes().saturating_sub(rss_before);
-    let _ = slot.runtime.set(runtime);
+    let model = Arc::new(F::load(dir).map_err(|e| e.to_string())?);
+    let load_seconds = t0.elapsed().as_secs_f64();
+    tracing::info!(load_seconds, model = %F::summary(&model), "loaded");
     slot.update(|p| {
-        p.state = ModelState::Ready;
+        p.state = LoadState::Warming;
+        p.load_seconds = Some(load_seconds);
+        p.since = Some(Instant::now());
+    });
+    let t1 = Instant::now();
+    for i in 0..warmup.iterations {
+        slot.update(|p| p.step = format!("warmup {}/{}", i + 1, warmup.iterations));
+        F::warm(&model, &warmup.inputs).map_err(|e| format!("warmup failed: {e}"))?;
+        tracing::info!(pass = i + 1, of = warmup.iterations, "warmup");
+    }
+    let warmup_seconds = t1.elapsed().as_secs_f64();
+    let ctx = StartContext {
+        batching: batching.clone(),
+        max_queued_tokens: state.limits.max_queued_tokens,
+        memory_for_requests: slot.kv_cache_bytes.unwrap_or_else(|| spare_memory(state, id, dirs)),
+        metrics: state.metrics.clone(),
+        on_failure: failure_hook(state, id),
+    };
+    let serving =
+        F::start(id, model, ctx).map_err(|e| format!("cannot start the model's worker thread: {e}"))?;
+    let resident = rss_bytes().saturating_sub(rss_before);
+    let _ = slot.serving.set(serving);
+    slot.update(|p| {
+        p.state = LoadState::Ready;
         p.step = "ready".to_string();
         p.warmup_seconds = Some(warmup_seconds);
         p.resident_bytes = resident;
@@ -219,7 +172,7 @@ fn load_one(
 }
 
 /// Marks the model Failed and starts the process's drain when its worker dies.
-fn failure_hook(state: &Arc<AppState>, id: &ModelRef) -> FailureHook {
+fn failure_hook<F: ModelFamily>(state: &Arc<AppState<F>>, id: &ModelRef) -> FailureHook {
     let state = Arc::downgrade(state);
     let id = id.clone();
     Arc::new(move |reason: &str| {
@@ -235,18 +188,18 @@ fn memory_margin(limit: u64) -> u64 {
     (limit / 10).max(64 << 20)
 }
 
-/// The KV budget of a text-generation model that names none: what the container's memory
-/// limit (or, without one, the machine's available memory) leaves after what the process holds
-/// now, the weights still to load and a margin, shared among the generation models that still
-/// need a budget (this one included).
-fn default_kv_budget(state: &AppState, id: &ModelRef, dirs: &ModelDirs) -> u64 {
+/// Memory a model may take for per-request state when its plan names none (text generation's
+/// KV cache): what the container's memory limit (or, without one, the machine's available
+/// memory) leaves after what the process holds now, the weights still to load and a margin,
+/// shared among the served models still to start that name no budget (this one included).
+fn spare_memory<F: ModelFamily>(state: &AppState<F>, id: &ModelRef, dirs: &ModelDirs) -> u64 {
     let rss = rss_bytes();
     let limit = memory_limit().unwrap_or_else(|| available_memory().saturating_add(rss));
     let pending: Vec<&ModelRef> = state
         .served
         .iter()
         .filter(|m| *m != id)
-        .filter(|m| state.slots.get(*m).is_some_and(|s| s.runtime.get().is_none()))
+        .filter(|m| state.slots.get(*m).is_some_and(|s| s.serving.get().is_none()))
         .collect();
     let weights_to_load: u64 =
         pending.iter().filter_map(|m| dirs.get(*m)).map(|d| weight_bytes(&d.path)).sum();
@@ -279,19 +232,4 @@ fn available_memory() -> u64 {
         })
         .map(|kib| kib.saturating_mul(1024))
         .unwrap_or(0)
-}
-
-/// Tokens each warmup input generates: enough to run prefill and the decode path.
-const WARMUP_TOKENS: usize = 8;
-
-/// One warmup input as a user message (raw text when the model has no chat template), greedy.
-fn warm_generation(model: &GenerationModel, input: &str) -> Result<(), crate::engine::EngineError> {
-    let prompt = if model.has_chat_template() {
-        model.render_chat(&[ChatMessage { role: "user".into(), content: input.to_string() }])?
-    } else {
-        input.to_string()
-    };
-    let ids = model.encode(&prompt)?;
-    model.generate(&ids, &SamplingParams::greedy(), WARMUP_TOKENS)?;
-    Ok(())
 }

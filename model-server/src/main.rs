@@ -284,6 +284,6 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(threads, "inference threads");
-        serve::run(plan, listener, options, serve::termination()).await
+        kiln_model_server::families::serve(plan, listener, options, serve::termination()).await
     })
 }

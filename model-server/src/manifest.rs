@@ -25,17 +25,17 @@ pub const CACHE_MARKER: &str = ".kiln-complete.json";
 pub enum Family {
     TextEmbedding,
     TextGeneration,
-    SpeechToText,
 }
 
 impl Family {
-    pub const ALL: [Family; 3] = [Family::TextEmbedding, Family::TextGeneration, Family::SpeechToText];
+    /// Every family this build serves: the CRD accepts exactly these, so a resource naming a
+    /// family the server cannot serve is refused at apply instead of crash-looping its pods.
+    pub const ALL: [Family; 2] = [Family::TextEmbedding, Family::TextGeneration];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Family::TextEmbedding => "text-embedding",
             Family::TextGeneration => "text-generation",
-            Family::SpeechToText => "speech-to-text",
         }
     }
 }
@@ -338,7 +338,7 @@ pub enum ManifestError {
         "manifest version {found} is not supported by this server (it reads version {MANIFEST_VERSION}); use a matching kiln-model-server image"
     )]
     Version { found: u32 },
-    #[error("unknown family {0:?}; expected text-embedding, text-generation or speech-to-text")]
+    #[error("unknown family {0:?}; this server serves text-embedding and text-generation")]
     UnknownFamily(String),
     #[error("{0:?} is not NAME:VERSION with both parts DNS-1123 labels (e.g. minilm:v2)")]
     BadModelRef(String),

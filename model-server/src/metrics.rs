@@ -1,5 +1,5 @@
-//! Prometheus metrics; the names are part of the contract (DESIGN.md) and the HPA scales on
-//! `kiln_queue_depth`.
+//! Prometheus metrics; the names are part of the interface (docs/model-server.md lists them)
+//! and the HPA scales on `kiln_queue_depth`.
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -12,8 +12,12 @@ const MODEL: &[&str] = &["model", "version"];
 
 pub struct Metrics {
     registry: Registry,
+    /// Requests waiting or running (accepted, not yet answered), all models: the HPA's metric.
     pub queue_depth: IntGauge,
     pub model_queue_depth: IntGaugeVec,
+    /// Requests waiting for a worker (not yet in a batch or a decode step).
+    pub queue_waiting: IntGauge,
+    pub model_queue_waiting: IntGaugeVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub batch_size: HistogramVec,
@@ -36,9 +40,20 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let queue_depth = IntGauge::new("kiln_queue_depth", "Requests waiting in this pod, all models")?;
-        let model_queue_depth =
-            IntGaugeVec::new(Opts::new("kiln_model_queue_depth", "Requests waiting per model"), MODEL)?;
+        let queue_depth = IntGauge::new(
+            "kiln_queue_depth",
+            "Requests waiting or running in this pod, all models (what the HPA scales on)",
+        )?;
+        let model_queue_depth = IntGaugeVec::new(
+            Opts::new("kiln_model_queue_depth", "Requests waiting or running per model"),
+            MODEL,
+        )?;
+        let queue_waiting =
+            IntGauge::new("kiln_queue_waiting", "Requests waiting for a worker in this pod, all models")?;
+        let model_queue_waiting = IntGaugeVec::new(
+            Opts::new("kiln_model_queue_waiting", "Requests waiting for a worker per model"),
+            MODEL,
+        )?;
         let requests = IntCounterVec::new(
             Opts::new("kiln_requests_total", "Inference requests by model and HTTP status"),
             &["model", "version", "code"],
@@ -93,6 +108,8 @@ impl Metrics {
         let open_connections = IntGauge::new("kiln_open_connections", "HTTP connections open now")?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(model_queue_depth.clone()))?;
+        registry.register(Box::new(queue_waiting.clone()))?;
+        registry.register(Box::new(model_queue_waiting.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
@@ -110,6 +127,8 @@ impl Metrics {
             registry,
             queue_depth,
             model_queue_depth,
+            queue_waiting,
+            model_queue_waiting,
             requests,
             request_duration,
             batch_size,
@@ -130,6 +149,7 @@ impl Metrics {
     pub fn register_model(&self, id: &ModelRef) {
         let l = [id.name.as_str(), id.version.as_str()];
         self.model_queue_depth.with_label_values(&l).set(0);
+        self.model_queue_waiting.with_label_values(&l).set(0);
         self.model_ready.with_label_values(&l).set(0);
     }
 

@@ -1,36 +1,30 @@
-//! Dynamic batching, one queue and one dedicated OS thread per model.
-//!
-//! Requests are tokenized before they get here; the worker closes a batch at `maxBatchSize`
-//! inputs or `maxDelayMilliseconds` after its oldest request arrived, orders the inputs by
-//! length (padding-based encoders waste less), runs the encoder and scatters results back in
-//! the caller's order. The queue is bounded in requests: a full queue is refused at once.
-//!
-//! [`continuous`] is the text-generation counterpart: the same bounded queue, but requests join
-//! and leave a running decode loop between steps.
-
-pub mod continuous;
+//! What every family's scheduling shares: the bounded request queue each model's worker takes
+//! from, and the thread that worker runs on, which turns a panic into a failed model instead of
+//! callers waiting forever. The embedding batcher and the generation scheduler are built on
+//! these (`families/*/batcher.rs`, `families/*/scheduler.rs`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::oneshot;
-
-use crate::engine::{EmbeddingModel, EngineError};
-use crate::manifest::{Batching, ModelRef};
+use crate::manifest::ModelRef;
 use crate::metrics::Metrics;
 
-pub type BatchResult = Result<Vec<Vec<f32>>, EngineError>;
-
-/// A bounded FIFO of requests for one model, its length mirrored into `kiln_queue_depth` and
-/// `kiln_model_queue_depth`. Shared by the embedding batcher and the generation scheduler: a
-/// full queue refuses at once, and what is in it counts as waiting until a worker takes it.
+/// A bounded FIFO of requests for one model. Shared by the embedding batcher and the
+/// generation scheduler: a full queue refuses at once, and what is in it counts as waiting until
+/// a worker takes it (`kiln_queue_waiting`). Every accepted job carries an [`InFlight`] guard
+/// until its worker is done with it, so `kiln_queue_depth` counts requests waiting *or running*:
+/// a generation pod with every slot busy and nothing waiting shows its load, and the HPA adds a
+/// pod before requests start to wait.
 ///
 /// Two bounds: requests (`capacity`, counting places reserved by requests still tokenizing, so
 /// a full queue refuses before any tokenization work) and tokens waiting (`max_tokens`, so the
 /// memory a queue holds does not depend on how long its requests are).
 pub struct RequestQueue<J> {
     state: Mutex<QueueState<J>>,
+    /// Jobs accepted and not finished (waiting or running).
+    in_flight: Arc<AtomicUsize>,
     wake: Condvar,
     /// The reason, once the worker died: callers whose reply channel closed wait on this.
     failure: tokio::sync::watch::Sender<Option<String>>,
@@ -45,8 +39,29 @@ pub trait Weigh {
     fn tokens(&self) -> usize;
 }
 
+/// A queued job and the guard that counts it in flight until its worker drops it.
+pub struct Tracked<J> {
+    pub job: J,
+    pub in_flight: InFlight,
+}
+
+/// Counts one request as in flight (`kiln_queue_depth`) for as long as it lives.
+pub struct InFlight {
+    count: Arc<AtomicUsize>,
+    pod: prometheus::IntGauge,
+    model: prometheus::IntGauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.pod.dec();
+        self.model.dec();
+    }
+}
+
 pub struct QueueState<J> {
-    jobs: VecDeque<J>,
+    jobs: VecDeque<Tracked<J>>,
     /// Places promised to requests that are still being tokenized.
     reserved: usize,
     /// Tokens held by `jobs`.
@@ -57,18 +72,19 @@ pub struct QueueState<J> {
 }
 
 impl<J: Weigh> QueueState<J> {
-    pub fn pop_front(&mut self) -> Option<J> {
-        let job = self.jobs.pop_front()?;
-        self.tokens = self.tokens.saturating_sub(job.tokens());
-        Some(job)
+    /// The oldest job, with its in-flight guard: keep the guard until the job is done.
+    pub fn pop_front(&mut self) -> Option<Tracked<J>> {
+        let tracked = self.jobs.pop_front()?;
+        self.tokens = self.tokens.saturating_sub(tracked.job.tokens());
+        Some(tracked)
     }
 
     pub fn front(&self) -> Option<&J> {
-        self.jobs.front()
+        self.jobs.front().map(|t| &t.job)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &J> {
-        self.jobs.iter()
+        self.jobs.iter().map(|t| &t.job)
     }
 
     pub fn len(&self) -> usize {
@@ -82,13 +98,13 @@ impl<J: Weigh> QueueState<J> {
     /// Keep the jobs for which `keep` is true; returns how many were dropped.
     pub fn retain(&mut self, mut keep: impl FnMut(&J) -> bool) -> usize {
         let before = self.jobs.len();
-        self.jobs.retain(|j| keep(j));
-        self.tokens = self.jobs.iter().map(Weigh::tokens).sum();
+        self.jobs.retain(|t| keep(&t.job));
+        self.tokens = self.jobs.iter().map(|t| t.job.tokens()).sum();
         before - self.jobs.len()
     }
 
     /// Everything still queued, for a worker that is going away.
-    pub fn drain(&mut self) -> Vec<J> {
+    pub fn drain(&mut self) -> Vec<Tracked<J>> {
         self.tokens = 0;
         self.jobs.drain(..).collect()
     }
@@ -142,6 +158,7 @@ impl<J: Weigh> RequestQueue<J> {
                 failed: None,
             }),
             wake: Condvar::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             failure: tokio::sync::watch::channel(None).0,
             capacity: capacity.max(1),
             max_tokens: max_tokens.max(1),
@@ -202,16 +219,35 @@ impl<J: Weigh> RequestQueue<J> {
             });
         }
         q.tokens += tokens;
-        q.jobs.push_back(job);
+        let in_flight = self.in_flight_guard();
+        q.jobs.push_back(Tracked { job, in_flight });
         self.depth_changed(1);
         drop(q);
         self.wake.notify_one();
         Ok(())
     }
 
+    fn in_flight_guard(&self) -> InFlight {
+        let labels = [self.id.name.as_str(), self.id.version.as_str()];
+        let guard = InFlight {
+            count: self.in_flight.clone(),
+            pod: self.metrics.queue_depth.clone(),
+            model: self.metrics.model_queue_depth.with_label_values(&labels),
+        };
+        guard.count.fetch_add(1, Ordering::SeqCst);
+        guard.pod.inc();
+        guard.model.inc();
+        guard
+    }
+
     /// Requests waiting, not yet taken by the worker.
-    pub fn depth(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.lock().jobs.len()
+    }
+
+    /// Requests waiting or running: accepted, and not yet done.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Tokens held by the waiting requests.
@@ -227,7 +263,7 @@ impl<J: Weigh> RequestQueue<J> {
 
     /// The worker died: refuse everything from now on with `reason`, and hand back what was
     /// queued so its callers can be told.
-    pub fn fail(&self, reason: &str) -> Vec<J> {
+    pub fn fail(&self, reason: &str) -> Vec<Tracked<J>> {
         let mut q = self.lock();
         q.failed = Some(reason.to_string());
         q.closed = true;
@@ -274,20 +310,8 @@ impl<J: Weigh> RequestQueue<J> {
     }
 
     fn depth_changed(&self, delta: i64) {
-        self.metrics.queue_depth.add(delta);
-        self.metrics.model_queue_depth.with_label_values(&[&self.id.name, &self.id.version]).add(delta);
-    }
-}
-
-struct Job {
-    inputs: Vec<Vec<u32>>,
-    arrived: Instant,
-    reply: oneshot::Sender<BatchResult>,
-}
-
-impl Weigh for Job {
-    fn tokens(&self) -> usize {
-        self.inputs.iter().map(Vec::len).sum()
+        self.metrics.queue_waiting.add(delta);
+        self.metrics.model_queue_waiting.with_label_values(&[&self.id.name, &self.id.version]).add(delta);
     }
 }
 
@@ -313,183 +337,12 @@ pub fn spawn_worker<J: Weigh + Send + 'static>(
             .unwrap_or_else(|| "unknown panic".to_string());
         let reason = format!("its worker thread panicked: {what}");
         tracing::error!(model = %queue.id(), %reason, "model worker died");
-        for job in queue.fail(&reason) {
-            tell(job, &reason);
+        for tracked in queue.fail(&reason) {
+            tell(tracked.job, &reason);
         }
         on_failure(&reason);
     })?;
     Ok(())
-}
-
-/// Handle to one embedding model's queue; cheap to clone.
-#[derive(Clone)]
-pub struct Batcher {
-    queue: Arc<RequestQueue<Job>>,
-    config: Batching,
-    id: ModelRef,
-    metrics: Arc<Metrics>,
-}
-
-/// A place in an embedding model's queue, taken before tokenization.
-pub struct BatchSlot(Reservation<Job>);
-
-impl BatchSlot {
-    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
-    pub fn submit(self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
-        let (reply, rx) = oneshot::channel();
-        self.0.push(Job { inputs, arrived: Instant::now(), reply })?;
-        Ok(rx)
-    }
-}
-
-impl Batcher {
-    /// Start the worker thread for `model`.
-    pub fn spawn(
-        id: ModelRef,
-        model: Arc<EmbeddingModel>,
-        config: Batching,
-        max_queued_tokens: usize,
-        metrics: Arc<Metrics>,
-        on_failure: FailureHook,
-    ) -> std::io::Result<Self> {
-        let queue = Arc::new(RequestQueue::new(
-            id.clone(),
-            config.max_queue_depth as usize,
-            max_queued_tokens,
-            metrics.clone(),
-        ));
-        let batcher = Batcher { queue: queue.clone(), config, id: id.clone(), metrics };
-        let worker = batcher.clone();
-        let tell = |job: Job, reason: &str| {
-            let _ = job.reply.send(Err(EngineError::Inference(reason.to_string())));
-        };
-        spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || worker.run(&model))?;
-        Ok(batcher)
-    }
-
-    /// A place in the queue, or why there is none (full, closed, failed).
-    pub fn reserve(&self) -> Result<BatchSlot, SubmitError> {
-        self.queue.reserve().map(BatchSlot)
-    }
-
-    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
-    pub fn submit(&self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
-        self.reserve()?.submit(inputs)
-    }
-
-    /// Requests waiting, not yet in a batch.
-    pub fn depth(&self) -> usize {
-        self.queue.depth()
-    }
-
-    /// Tokens held by the waiting requests.
-    pub fn tokens_waiting(&self) -> usize {
-        self.queue.tokens_waiting()
-    }
-
-    /// Why the worker died, once it has.
-    pub fn failure(&self) -> Option<String> {
-        self.queue.lock().failed.clone()
-    }
-
-    /// Why the worker died, waiting up to `within` for the reason (see [`RequestQueue::failure_within`]).
-    pub async fn failure_within(&self, within: Duration) -> Option<String> {
-        self.queue.failure_within(within).await
-    }
-
-    /// Finish what is queued, then stop the worker.
-    pub fn close(&self) {
-        self.queue.close();
-    }
-
-    fn run(&self, model: &EmbeddingModel) {
-        while let Some(batch) = self.next_batch() {
-            if crate::failpoint::hit("batch-panic", &self.id) {
-                panic!("failpoint batch-panic");
-            }
-            self.execute(model, batch);
-        }
-    }
-
-    /// Block until a batch is due; None once closed and drained.
-    fn next_batch(&self) -> Option<Vec<Job>> {
-        let max_inputs = self.config.max_batch_size.max(1) as usize;
-        let max_delay = Duration::from_millis(u64::from(self.config.max_delay_milliseconds));
-        let mut q = self.queue.lock();
-        loop {
-            // Drop requests whose caller went away before they cost a batch slot.
-            let dropped = q.retain(|j| !j.reply.is_closed());
-            self.queue.taken(dropped);
-            if let Some(oldest) = q.front() {
-                let waiting: usize = q.iter().map(|j| j.inputs.len()).sum();
-                let due = oldest.arrived + max_delay;
-                let now = Instant::now();
-                if waiting >= max_inputs || now >= due || q.closed {
-                    let mut batch = Vec::new();
-                    let mut n = 0;
-                    while let Some(job) = q.front() {
-                        // Always take at least one job, even one larger than a batch.
-                        if !batch.is_empty() && n + job.inputs.len() > max_inputs {
-                            break;
-                        }
-                        n += job.inputs.len();
-                        if let Some(job) = q.pop_front() {
-                            batch.push(job);
-                        }
-                    }
-                    self.queue.taken(batch.len());
-                    return Some(batch);
-                }
-                q = self.queue.wait_timeout(q, due - now);
-            } else if q.closed {
-                return None;
-            } else {
-                q = self.queue.wait(q);
-            }
-        }
-    }
-
-    fn execute(&self, model: &EmbeddingModel, batch: Vec<Job>) {
-        let max_inputs = self.config.max_batch_size.max(1) as usize;
-        // Flatten, remembering where each input goes, and order by length.
-        let mut order: Vec<(usize, usize)> = batch
-            .iter()
-            .enumerate()
-            .flat_map(|(j, job)| (0..job.inputs.len()).map(move |i| (j, i)))
-            .collect();
-        order.sort_by_key(|&(j, i)| batch[j].inputs[i].len());
-        let mut results: Vec<Vec<Option<Vec<f32>>>> =
-            batch.iter().map(|job| vec![None; job.inputs.len()]).collect();
-        let mut failure: Option<EngineError> = None;
-        for chunk in order.chunks(max_inputs) {
-            let inputs: Vec<&[u32]> = chunk.iter().map(|&(j, i)| batch[j].inputs[i].as_slice()).collect();
-            self.metrics
-                .batch_size
-                .with_label_values(&[&self.id.name, &self.id.version])
-                .observe(inputs.len() as f64);
-            match model.embed_tokens(&inputs) {
-                Ok(vectors) => {
-                    for (&(j, i), v) in chunk.iter().zip(vectors) {
-                        results[j][i] = Some(v);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(model = %self.id, error = %e, "batch failed");
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        for (job, slots) in batch.into_iter().zip(results) {
-            let reply = match (&failure, slots.into_iter().collect::<Option<Vec<_>>>()) {
-                (None, Some(vectors)) => Ok(vectors),
-                (Some(e), _) => Err(EngineError::Inference(e.to_string())),
-                (None, None) => Err(EngineError::Inference("batch produced no result".to_string())),
-            };
-            // The caller may have gone away; nothing to do then.
-            let _ = job.reply.send(reply);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -516,7 +369,7 @@ mod tests {
         // Both places are promised: a third request is refused before any tokenizing.
         assert!(matches!(q.reserve(), Err(SubmitError::Full { depth: 2, .. })));
         a.push(Tokens(10)).expect("push");
-        assert_eq!(q.depth(), 1);
+        assert_eq!((q.waiting(), q.in_flight()), (1, 1));
         // An unused reservation gives its place back when dropped.
         drop(_b);
         q.reserve().expect("the released place").push(Tokens(10)).expect("push");
@@ -534,9 +387,13 @@ mod tests {
         assert!(matches!(q.push(Tokens(1001)), Err(SubmitError::TooLarge { tokens: 1001, limit: 1000, .. })));
         q.push(Tokens(400)).expect("fits exactly");
         assert_eq!(q.tokens_waiting(), 1000);
-        let taken = q.lock().pop_front().map(|t| t.0);
-        assert_eq!(taken, Some(600));
+        let taken = q.lock().pop_front();
+        assert_eq!(taken.as_ref().map(|t| t.job.0), Some(600));
         assert_eq!(q.tokens_waiting(), 400);
+        // Taken by the worker: no longer waiting, still in flight until the worker drops it.
+        assert_eq!((q.waiting(), q.in_flight()), (1, 2));
+        drop(taken);
+        assert_eq!(q.in_flight(), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::families::{ModelFamily, Serving};
 use crate::listener::{self, ConnectionLimits};
 use crate::loader::{self, ModelDir, ModelDirs};
 use crate::manifest::{Batching, Family, Manifest, ModelRef, Warmup};
@@ -30,8 +31,6 @@ pub enum PlanError {
     Manifest(#[from] crate::manifest::ManifestError),
     #[error("reading manifest {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("family {0} is not served by this build yet; text-embedding and text-generation are")]
-    Family(Family),
 }
 
 impl ServePlan {
@@ -55,7 +54,6 @@ impl ServePlan {
         if plan.models.is_empty() {
             return Err(PlanError::ModelArg(String::new()));
         }
-        plan.check_family()?;
         Ok(plan)
     }
 
@@ -76,7 +74,7 @@ impl ServePlan {
             };
             dirs.insert(m.id(), dir);
         }
-        let plan = ServePlan {
+        Ok(ServePlan {
             family: manifest.family,
             models: manifest
                 .models
@@ -91,16 +89,7 @@ impl ServePlan {
             dirs,
             warmup: manifest.warmup,
             batching: manifest.batching,
-        };
-        plan.check_family()?;
-        Ok(plan)
-    }
-
-    fn check_family(&self) -> Result<(), PlanError> {
-        match self.family {
-            Family::TextEmbedding | Family::TextGeneration => Ok(()),
-            other => Err(PlanError::Family(other)),
-        }
+        })
     }
 }
 
@@ -129,15 +118,16 @@ impl Default for ServeOptions {
 
 /// Serve until SIGTERM/SIGINT (`shutdown` resolves) or a model's worker dies, then drain and
 /// return: Ok after a requested shutdown, an error naming the model after a failure (so the
-/// process exits non-zero and the kubelet restarts it).
-pub async fn run(
+/// process exits non-zero and the kubelet restarts it). Called for family `F` by the registry,
+/// [`crate::families::serve`].
+pub async fn run<F: ModelFamily>(
     plan: ServePlan,
     listener: tokio::net::TcpListener,
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
-    let state = Arc::new(AppState::new(plan.family, &plan.models, metrics.clone(), options.limits.clone()));
+    let state = Arc::new(AppState::<F>::new(&plan.models, metrics.clone(), options.limits.clone()));
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, family = %plan.family, models = plan.models.len(), "listening; loading models");
 
@@ -158,7 +148,7 @@ pub async fn run(
         tokio::time::sleep(drain_delay).await;
         tracing::info!("drain delay over: closing the listener");
     };
-    let app = crate::api::router(state.clone());
+    let app = crate::api::router::<F>(state.clone());
     let report = listener::serve(
         listener,
         app,
@@ -170,8 +160,8 @@ pub async fn run(
     .await;
     // Connections are closed; let queued work finish and the workers stop.
     for slot in state.slots.values() {
-        if let Some(rt) = slot.runtime.get() {
-            rt.close();
+        if let Some(serving) = slot.serving.get() {
+            serving.close();
         }
     }
     if !loader.is_finished() {

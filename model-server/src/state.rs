@@ -1,5 +1,6 @@
 //! What the server knows about its models: per-model progress (for `/readyz` and `/status`),
-//! the loaded runtime, and where requests for each model are routed (itself or its fallback).
+//! the model being served, and where requests for each model are routed (itself or its
+//! fallback). Generic over the pod's family.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,15 +9,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::batching::Batcher;
-use crate::batching::continuous::Scheduler;
-use crate::engine::EmbeddingModel;
-use crate::engine::generation::GenerationModel;
-use crate::manifest::{Family, ModelRef};
+use crate::families::{ModelFamily, Serving};
+use crate::manifest::ModelRef;
 use crate::metrics::Metrics;
 
+/// Where a model version stands in this process's loader (the cluster-wide state of a model
+/// is the resource's `status.models[].state`, another thing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum ModelState {
+pub enum LoadState {
     Pending,
     Loading,
     Warming,
@@ -29,7 +29,7 @@ pub enum ModelState {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
-    pub state: ModelState,
+    pub state: LoadState,
     /// What it is doing now, e.g. "reading weights" or "warmup 2/3".
     pub step: String,
     /// Bytes of weights on disk for this model.
@@ -53,7 +53,7 @@ pub struct Progress {
 impl Default for Progress {
     fn default() -> Self {
         Progress {
-            state: ModelState::Pending,
+            state: LoadState::Pending,
             step: "waiting to load".to_string(),
             weight_bytes: 0,
             seconds: 0.0,
@@ -67,39 +67,7 @@ impl Default for Progress {
     }
 }
 
-/// A loaded, warm model and the worker that serves it.
-pub enum Runtime {
-    Embedding { model: Arc<EmbeddingModel>, batcher: Batcher },
-    Generation { model: Arc<GenerationModel>, scheduler: Scheduler },
-}
-
-impl Runtime {
-    /// Requests waiting in this model's queue.
-    pub fn depth(&self) -> usize {
-        match self {
-            Runtime::Embedding { batcher, .. } => batcher.depth(),
-            Runtime::Generation { scheduler, .. } => scheduler.depth(),
-        }
-    }
-
-    /// Why this model stopped serving (its worker died), once it has.
-    pub fn failure(&self) -> Option<String> {
-        match self {
-            Runtime::Embedding { batcher, .. } => batcher.failure(),
-            Runtime::Generation { scheduler, .. } => scheduler.failure(),
-        }
-    }
-
-    /// Refuse new requests; queued and running ones finish.
-    pub fn close(&self) {
-        match self {
-            Runtime::Embedding { batcher, .. } => batcher.close(),
-            Runtime::Generation { scheduler, .. } => scheduler.close(),
-        }
-    }
-}
-
-pub struct Slot {
+pub struct Slot<F: ModelFamily> {
     pub id: ModelRef,
     /// Listed to serve (false: present only as another model's fallback).
     pub serve: bool,
@@ -107,12 +75,12 @@ pub struct Slot {
     /// Text generation: the KV-cache budget the plan gives, if any.
     pub kv_cache_bytes: Option<u64>,
     pub progress: Mutex<Progress>,
-    pub runtime: OnceLock<Runtime>,
+    pub serving: OnceLock<F::Serving>,
     /// Where requests for this model go once decided: itself, or its fallback.
     pub route: OnceLock<ModelRef>,
 }
 
-impl Slot {
+impl<F: ModelFamily> Slot<F> {
     pub fn progress(&self) -> Progress {
         let mut p = self.lock().clone();
         if let Some(since) = p.since {
@@ -142,10 +110,9 @@ pub struct PlannedModel {
     pub kv_cache_bytes: Option<u64>,
 }
 
-pub struct AppState {
-    pub family: Family,
+pub struct AppState<F: ModelFamily> {
     /// Every model of the manifest, fallbacks included, by id.
-    pub slots: BTreeMap<ModelRef, Slot>,
+    pub slots: BTreeMap<ModelRef, Slot<F>>,
     /// Served ids in manifest order; a bare `name` resolves to the first match here.
     pub served: Vec<ModelRef>,
     pub metrics: Arc<Metrics>,
@@ -183,8 +150,8 @@ impl Default for Limits {
     }
 }
 
-impl AppState {
-    pub fn new(family: Family, models: &[PlannedModel], metrics: Arc<Metrics>, limits: Limits) -> Self {
+impl<F: ModelFamily> AppState<F> {
+    pub fn new(models: &[PlannedModel], metrics: Arc<Metrics>, limits: Limits) -> Self {
         let served = models.iter().filter(|m| m.serve).map(|m| m.id.clone()).collect();
         let slots = models
             .iter()
@@ -197,14 +164,13 @@ impl AppState {
                     fallback: m.fallback.clone(),
                     kv_cache_bytes: m.kv_cache_bytes,
                     progress: Mutex::new(Progress::default()),
-                    runtime: OnceLock::new(),
+                    serving: OnceLock::new(),
                     route: OnceLock::new(),
                 };
                 (id, slot)
             })
             .collect();
         AppState {
-            family,
             slots,
             served,
             metrics,
@@ -224,23 +190,23 @@ impl AppState {
         }
     }
 
-    /// The runtime answering for a served model, once it is ready (directly or via fallback).
-    pub fn runtime_for(&self, id: &ModelRef) -> Option<&Runtime> {
+    /// The model answering for a served one, once it is ready (directly or via fallback).
+    pub fn serving(&self, id: &ModelRef) -> Option<&F::Serving> {
         let target = self.slots.get(id)?.route.get()?;
-        self.slots.get(target)?.runtime.get()
+        self.slots.get(target)?.serving.get()
     }
 
     /// Ready when every served model answers (itself or through its fallback) and not draining.
     pub fn is_ready(&self) -> bool {
         !self.is_draining()
-            && self.served.iter().all(|id| self.runtime_for(id).is_some_and(|rt| rt.failure().is_none()))
+            && self.served.iter().all(|id| self.serving(id).is_some_and(|s| s.failure().is_none()))
     }
 
     /// A model's worker died: mark it Failed and ask the process to drain and exit.
     pub fn model_died(&self, id: &ModelRef, reason: &str) {
         if let Some(slot) = self.slots.get(id) {
             slot.update(|p| {
-                p.state = ModelState::Failed;
+                p.state = LoadState::Failed;
                 p.step = "failed".to_string();
                 p.error = Some(reason.to_string());
                 p.since = None;
@@ -258,7 +224,13 @@ impl AppState {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Requests waiting or running, all models.
     pub fn queue_depth(&self) -> usize {
-        self.slots.values().filter_map(|s| s.runtime.get()).map(Runtime::depth).sum()
+        self.slots.values().filter_map(|s| s.serving.get()).map(Serving::in_flight).sum()
+    }
+
+    /// Requests waiting for a worker, all models.
+    pub fn queue_waiting(&self) -> usize {
+        self.slots.values().filter_map(|s| s.serving.get()).map(Serving::waiting).sum()
     }
 }

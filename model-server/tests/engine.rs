@@ -6,9 +6,12 @@ mod common;
 
 use std::sync::Arc;
 
-use kiln_model_server::engine::candle_bert::CandleBert;
-use kiln_model_server::engine::packed_bert::{Isa, PackedBert, PackedOptions};
-use kiln_model_server::engine::{EmbeddingModel, Encoder, EncoderSettings, Pooling, cosine};
+use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings, cosine};
+use kiln_model_server::kernels::Isa;
+use kiln_model_server::models::bert::BertConfig;
+use kiln_model_server::models::bert::packed::{PackedBert, PackedOptions};
+use kiln_model_server::models::bert::reference::CandleBert;
+use kiln_model_server::models::{Architecture, Encoder, Pooling};
 
 fn assert_matches_golden(model: &EmbeddingModel) {
     assert_eq!(model.dimension(), 384);
@@ -39,7 +42,9 @@ fn candle_model() -> EmbeddingModel {
 
 fn packed(isa: Isa, threads: usize) -> PackedBert {
     let options = PackedOptions { threads: Some(threads), isa: Some(isa) };
-    PackedBert::load_with(&common::minilm_dir(), options).expect("load packed MiniLM")
+    let dir = common::minilm_dir();
+    let config = BertConfig::read(&dir, Architecture::Bert).expect("MiniLM config");
+    PackedBert::load_with(&dir, &config, options).expect("load packed MiniLM")
 }
 
 /// Texts of very different lengths: empty ([CLS][SEP] only), short, and one the tokenizer cuts

@@ -9,11 +9,11 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use kiln_model_server::engine::generation::{
+use kiln_model_server::families::text_generation::model::{
     ChatMessage, Delta, GenerationModel, SamplingParams, TextStream,
 };
-use kiln_model_server::engine::llama::Step;
 use kiln_model_server::manifest::Batching;
+use kiln_model_server::models::llama::Step;
 use serde_json::{Value, json};
 
 /// How far our logits may sit from the reference's. Our quantized matmul (like llama.cpp's)
@@ -382,11 +382,35 @@ async fn every_bad_request_gets_a_json_error() {
             "context_length_exceeded",
             "8192",
         ),
-        ("/v1/chat/completions", chat(json!({"max_tokens": -1})), 400, "invalid_parameter", "got -1"),
-        ("/v1/chat/completions", chat(json!({"max_tokens": 1e30})), 400, "invalid_parameter", "got 1e+30"),
-        ("/v1/chat/completions", chat(json!({"max_tokens": 2.5})), 400, "invalid_parameter", "got 2.5"),
-        ("/v1/chat/completions", chat(json!({"max_tokens": "10"})), 400, "invalid_parameter", "got \"10\""),
-        ("/v1/chat/completions", chat(json!({"seed": -5})), 400, "invalid_parameter", "got -5"),
+        ("/v1/chat/completions", chat(json!({"max_tokens": -1})), 400, "invalid_parameter", "integer `-1`"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 1e30})),
+            400,
+            "invalid_parameter",
+            "floating point `1",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 2.5})),
+            400,
+            "invalid_parameter",
+            "floating point `2.5`",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": "10"})),
+            400,
+            "invalid_parameter",
+            "string \"10\"",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"seed": -5})),
+            400,
+            "invalid_parameter",
+            "`seed` must be a non-negative integer",
+        ),
         // Stop strings are bounded, each and in total.
         (
             "/v1/chat/completions",
@@ -411,7 +435,13 @@ async fn every_bad_request_gets_a_json_error() {
         ),
         ("/v1/completions", json!({"prompt": ["a", "b"]}), 400, "invalid_prompt", "one string"),
         ("/v1/completions", json!({"max_tokens": 4}), 400, "missing_prompt", "`prompt` is required"),
-        ("/v1/embeddings", json!({"input": "hi"}), 400, "wrong_family", "/v1/chat/completions"),
+        (
+            "/v1/embeddings",
+            json!({"input": "hi"}),
+            404,
+            "unknown_path",
+            "is a text-embedding endpoint, but this pod serves the text-generation family",
+        ),
     ];
     for (path, body, status, code, message) in cases {
         let (got, err) = post(&server, path, body.clone()).await;
@@ -494,7 +524,8 @@ fn special_token_text_in_a_message_stays_text() {
 /// same greedy text they give alone.
 #[test]
 fn a_sequence_that_fails_in_a_batched_step_fails_alone() {
-    use kiln_model_server::batching::continuous::{Event, Request, Scheduler};
+    use kiln_model_server::families::StartContext;
+    use kiln_model_server::families::text_generation::scheduler::{Event, Request, Scheduler};
     use kiln_model_server::manifest::ModelRef;
     use kiln_model_server::metrics::Metrics;
     use std::sync::Arc;
@@ -507,16 +538,15 @@ fn a_sequence_that_fails_in_a_batched_step_fails_alone() {
         .iter()
         .map(|r| model.generate(&r.prompt_ids, &SamplingParams::greedy(), 24).expect("generate"))
         .collect();
-    let scheduler = Scheduler::spawn(
-        ModelRef::new("smollm2", "135m"),
-        model.clone(),
-        Batching { max_batch_size: 4, ..Batching::default() },
-        1 << 34,
-        1 << 20,
-        Arc::new(Metrics::new().expect("metrics")),
-        Arc::new(|_: &str| {}),
-    )
-    .expect("scheduler");
+    let ctx = StartContext {
+        batching: Batching { max_batch_size: 4, ..Batching::default() },
+        max_queued_tokens: 1 << 20,
+        memory_for_requests: 1 << 34,
+        metrics: Arc::new(Metrics::new().expect("metrics")),
+        on_failure: Arc::new(|_: &str| {}),
+    };
+    let scheduler =
+        Scheduler::spawn(ModelRef::new("smollm2", "135m"), model.clone(), ctx).expect("scheduler");
     let submit = |prompt: Vec<u32>| {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let request =
@@ -671,13 +701,15 @@ async fn a_disconnected_stream_frees_its_slot_and_a_full_queue_refuses() {
         || async { reqwest::get(server.url("/metrics")).await.expect("m").text().await.expect("t") };
     let mut waiting = false;
     for _ in 0..400 {
-        if metrics().await.lines().any(|l| l == "kiln_queue_depth 1") {
+        let m = metrics().await;
+        // One generating and one waiting: both are load for the HPA, one is waiting.
+        if m.lines().any(|l| l == "kiln_queue_waiting 1") && m.lines().any(|l| l == "kiln_queue_depth 2") {
             waiting = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(waiting, "the second request waits in the queue and is counted in kiln_queue_depth");
+    assert!(waiting, "the second request waits: kiln_queue_waiting 1, kiln_queue_depth 2 (running included)");
     let r = client
         .post(server.url("/v1/completions"))
         .json(&json!({"prompt": "Hi", "max_tokens": 1}))

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use kiln_model_server::engine::cosine;
+use kiln_model_server::families::text_embedding::cosine;
 use kiln_model_server::manifest::Batching;
 use serde_json::{Value, json};
 

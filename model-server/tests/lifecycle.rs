@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use kiln_model_server::engine::cosine;
+use kiln_model_server::families::text_embedding::cosine;
 use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelRef, ModelSource, Warmup};
 use kiln_model_server::pull::PullOptions;
 use kiln_model_server::serve::ServePlan;

@@ -1,9 +1,15 @@
-//! Row kernels: the element-wise work between matmuls (bias + GELU, softmax, bias + residual +
-//! LayerNorm). Each has a portable scalar version and an AVX2+FMA version; [`Isa`] picks one at
-//! run time, so one binary is fast on current x86-64 and still correct on any CPU or target.
+//! Kernels every architecture shares: [`gemm`] (float matmuls on packed and strided views),
+//! [`quant`] (matmuls on GGUF quantized blocks), and here the row kernels, the element-wise work
+//! between matmuls (bias + GELU, softmax, bias + residual + LayerNorm, attention over a short
+//! input). Each has a portable scalar version and an AVX2+FMA version; [`Isa`] picks one at run
+//! time, so one binary is fast on current x86-64 and still correct on any CPU or target, and a
+//! test can force either path.
 //!
 //! `exp` and `erf` are branch-free polynomials: libm's scalar versions (and `f32::round`, a libm
 //! call on baseline x86-64) cost more than the matmuls they sit between.
+
+pub mod gemm;
+pub mod quant;
 
 /// Which implementation the row kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,8 +17,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
-use super::EngineError;
-use super::packed_bert::kernels::Isa;
+use super::Isa;
+use crate::models::ModelError;
 
 /// Values per quantization block, in every format here.
 pub const BLOCK: usize = 32;
@@ -83,7 +83,7 @@ pub struct QWeight {
 
 impl QWeight {
     /// The weight in a native format, or None when it must stay with candle.
-    pub fn from_qtensor(t: &QTensor, device: &Device) -> Result<Option<QWeight>, EngineError> {
+    pub fn from_qtensor(t: &QTensor, device: &Device) -> Result<Option<QWeight>, ModelError> {
         let (rows, cols) = match t.shape().dims() {
             [rows, cols] => (*rows, *cols),
             _ => return Ok(None),
@@ -103,7 +103,7 @@ impl QWeight {
         let Some(format) = Format::of(t.dtype()) else { return Ok(None) };
         let data = t.data()?.into_owned();
         if data.len() != rows * cols / BLOCK * format.block_bytes() {
-            return Err(EngineError::Unsupported(format!(
+            return Err(ModelError::Unsupported(format!(
                 "{format:?} tensor of {rows}x{cols} holds {} bytes",
                 data.len()
             )));
@@ -245,7 +245,7 @@ pub enum Linear {
 }
 
 impl Linear {
-    pub fn new(t: QTensor, device: &Device) -> Result<Linear, EngineError> {
+    pub fn new(t: QTensor, device: &Device) -> Result<Linear, ModelError> {
         Ok(match QWeight::from_qtensor(&t, device)? {
             Some(w) => Linear::Native(Arc::new(w)),
             None => Linear::Candle(QMatMul::from_qtensor(t)?),
@@ -253,7 +253,7 @@ impl Linear {
     }
 
     /// `t` rows of inputs to `t` rows of outputs.
-    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>, EngineError> {
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>, ModelError> {
         match self {
             Linear::Native(w) => native_forward(w, x, t),
             Linear::Candle(m) => {
@@ -272,7 +272,7 @@ pub enum Projections {
 }
 
 impl Projections {
-    pub fn new(parts: Vec<QTensor>, device: &Device) -> Result<Projections, EngineError> {
+    pub fn new(parts: Vec<QTensor>, device: &Device) -> Result<Projections, ModelError> {
         let mut native = Vec::with_capacity(parts.len());
         for p in &parts {
             match QWeight::from_qtensor(p, device)? {
@@ -292,7 +292,7 @@ impl Projections {
     }
 
     /// `t` rows of outputs per projection, in order.
-    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>, ModelError> {
         match self {
             Projections::Separate(ls) => ls.iter().map(|l| l.forward(x, t)).collect(),
             Projections::Stacked { weight, outputs } => {
@@ -311,9 +311,9 @@ impl Projections {
     }
 }
 
-fn native_forward(w: &QWeight, x: &[f32], t: usize) -> Result<Vec<f32>, EngineError> {
+fn native_forward(w: &QWeight, x: &[f32], t: usize) -> Result<Vec<f32>, ModelError> {
     if x.len() != t * w.cols {
-        return Err(EngineError::Inference(format!(
+        return Err(ModelError::Inference(format!(
             "matmul of {} values in {t} rows against a weight of {} inputs",
             x.len(),
             w.cols
@@ -480,7 +480,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Acts, BLOCK, Q4_0, Q4_1, Q8_0};
-    use crate::engine::packed_bert::kernels::avx2::{hmax, hsum};
+    use crate::kernels::avx2::{hmax, hsum};
 
     /// Blocks per segment: the weight row's minimums are gathered for this many blocks, then
     /// applied to each activation row's `s` with vector arithmetic.

@@ -1,26 +1,19 @@
-//! Inference engines. One [`EmbeddingModel`] per loaded model version: tokenizer, encoder and the
-//! sentence-transformers post-processing (pooling, normalisation, sequence limit); for the
-//! text-generation family, one [`generation::GenerationModel`] (GGUF Llama, tokenizer, chat
-//! template).
+//! Model architectures: the forward passes, one folder each, chosen from what a checkpoint
+//! declares (`config.json`'s `model_type`, or a GGUF file's `general.architecture`) through one
+//! table. An architecture the build does not run is refused by name, with the ones it does.
 //!
-//! Encoders run on the batcher's dedicated OS threads, never on the async runtime.
+//! Architectures share [`crate::kernels`] (ISA dispatch, GEMM, quantized matmul, row loops) and
+//! [`crate::weights`] (safetensors, JSON configs, GGUF metadata); none imports another.
 
-pub mod candle_bert;
-pub mod generation;
-pub mod gguf_tokenizer;
-pub mod hf;
+pub mod bert;
 pub mod llama;
-pub mod packed_bert;
-pub mod quant;
-pub mod settings;
 
 use std::path::Path;
-use std::sync::Arc;
 
-pub use settings::{EncoderSettings, Pooling};
+use crate::manifest::Family;
 
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum ModelError {
     #[error("{path}: {message}")]
     Files { path: String, message: String },
     #[error("tokenizer: {0}")]
@@ -31,106 +24,123 @@ pub enum EngineError {
     Unsupported(String),
 }
 
-impl From<candle_core::Error> for EngineError {
+impl From<candle_core::Error> for ModelError {
     fn from(e: candle_core::Error) -> Self {
-        EngineError::Inference(e.to_string())
+        ModelError::Inference(e.to_string())
     }
 }
 
-/// Token ids of one input, with special tokens, already truncated to the model's limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tokens {
-    pub ids: Vec<u32>,
-    /// True when the input was longer than the limit and was cut.
-    pub truncated: bool,
+/// How an encoder turns its per-token outputs into one vector per input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean over real tokens (padding excluded).
+    Mean,
+    /// The first token ([CLS], or `<s>` for XLM-RoBERTa).
+    Cls,
 }
 
-/// The part that turns token ids into pooled vectors. Implementations must be thread-safe and
-/// deterministic; the batcher calls them from its own threads.
+/// What an encoder architecture gives the text-embedding family. Implementations must be
+/// thread-safe and deterministic; the batcher calls them from its own thread.
 pub trait Encoder: Send + Sync {
     /// One pooled (not normalised) vector per input, in input order.
-    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, EngineError>;
+    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, ModelError>;
     fn hidden_size(&self) -> usize;
-    /// Position embeddings available; inputs longer than this cannot be encoded.
+    /// Positions an input may use; longer inputs cannot be encoded.
     fn max_positions(&self) -> usize;
 }
 
-/// A loaded text-embedding model.
-pub struct EmbeddingModel {
-    tokenizer: tokenizers::Tokenizer,
-    encoder: Arc<dyn Encoder>,
-    settings: EncoderSettings,
+/// Every architecture this build runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// BERT and its kin (MiniLM, BGE, E5): the packed encoder.
+    Bert,
+    /// XLM-RoBERTa (BGE-M3, multilingual-e5): the packed encoder with RoBERTa positions.
+    XlmRoberta,
+    /// Llama and Mistral decoders.
+    Llama,
 }
 
-impl EmbeddingModel {
-    /// Load from a Hugging Face style directory (config.json, tokenizer.json, safetensors),
-    /// with the fast packed encoder ([`candle_bert`] stays as the reference).
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let encoder = packed_bert::PackedBert::load(dir)?;
-        let settings = EncoderSettings::read(dir, encoder.max_positions())?;
-        Self::with_encoder(dir, Arc::new(encoder), settings)
-    }
+/// The one table: the name a checkpoint declares, the architecture that runs it, and the
+/// family that serves it.
+const ARCHITECTURES: &[(&str, Architecture, Family)] = &[
+    ("bert", Architecture::Bert, Family::TextEmbedding),
+    ("xlm-roberta", Architecture::XlmRoberta, Family::TextEmbedding),
+    ("llama", Architecture::Llama, Family::TextGeneration),
+    ("mistral", Architecture::Llama, Family::TextGeneration),
+];
 
-    pub fn with_encoder(
-        dir: &Path,
-        encoder: Arc<dyn Encoder>,
-        settings: EncoderSettings,
-    ) -> Result<Self, EngineError> {
-        let path = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| EngineError::Files { path: path.display().to_string(), message: e.to_string() })?;
-        // tokenizer.json files often carry fixed padding/truncation (MiniLM: 128) that would
-        // pad every input and cut long ones short; we pad nothing and cut at max_seq_length.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: settings.max_seq_length,
-                ..Default::default()
-            }))
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(EmbeddingModel { tokenizer, encoder, settings })
-    }
-
-    pub fn dimension(&self) -> usize {
-        self.encoder.hidden_size()
-    }
-
-    pub fn settings(&self) -> &EncoderSettings {
-        &self.settings
-    }
-
-    pub fn tokenize(&self, text: &str) -> Result<Tokens, EngineError> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(Tokens { ids: enc.get_ids().to_vec(), truncated: !enc.get_overflowing().is_empty() })
-    }
-
-    /// Embeddings for already tokenized inputs, normalised when the model asks for it.
-    pub fn embed_tokens(&self, inputs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let mut out = self.encoder.encode(inputs, self.settings.pooling)?;
-        if self.settings.normalize {
-            out.iter_mut().for_each(|v| l2_normalize(v));
-        }
-        Ok(out)
-    }
-
-    /// Tokenize and embed; the convenience path for warmup and tests.
-    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let tokens = texts.iter().map(|t| self.tokenize(t)).collect::<Result<Vec<_>, _>>()?;
-        let ids: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
-        self.embed_tokens(&ids)
-    }
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArchitectureError {
+    #[error(
+        "{source_name} declares {kind} {found:?}, which this build does not run; the {family} family runs {supported}"
+    )]
+    Unknown { source_name: String, kind: &'static str, found: String, family: Family, supported: String },
+    #[error("{source_name} declares no {kind}; the {family} family runs {supported}")]
+    Undeclared { source_name: String, kind: &'static str, family: Family, supported: String },
 }
 
-pub fn l2_normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
+/// The names of the architectures a family serves, for messages.
+pub fn supported(family: Family) -> String {
+    let names: Vec<&str> =
+        ARCHITECTURES.iter().filter(|(_, _, f)| *f == family).map(|(n, _, _)| *n).collect();
+    if names.is_empty() { "nothing yet".to_string() } else { names.join(", ") }
 }
 
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (na * nb).max(f32::MIN_POSITIVE)
+/// The architecture for `declared` (a `model_type` or `general.architecture`) in `family`.
+/// `kind` names what was read ("model_type"), `source_name` where (a file), for the message.
+pub fn architecture(
+    family: Family,
+    declared: Option<&str>,
+    kind: &'static str,
+    source_name: &Path,
+) -> Result<Architecture, ArchitectureError> {
+    let source_name = source_name.display().to_string();
+    let Some(found) = declared else {
+        return Err(ArchitectureError::Undeclared {
+            source_name,
+            kind,
+            family,
+            supported: supported(family),
+        });
+    };
+    // Hugging Face writes `xlm-roberta`; some exports write `xlm_roberta`.
+    let normalized = found.replace('_', "-");
+    ARCHITECTURES
+        .iter()
+        .find(|(name, _, f)| *name == normalized && *f == family)
+        .map(|(_, a, _)| *a)
+        .ok_or_else(|| ArchitectureError::Unknown {
+            source_name,
+            kind,
+            found: found.to_string(),
+            family,
+            supported: supported(family),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_picks_the_architecture_and_names_what_it_refuses() {
+        let file = Path::new("m/config.json");
+        let arch = |t: &str| architecture(Family::TextEmbedding, Some(t), "model_type", file);
+        assert_eq!(arch("bert"), Ok(Architecture::Bert));
+        assert_eq!(arch("xlm-roberta"), Ok(Architecture::XlmRoberta));
+        assert_eq!(arch("xlm_roberta"), Ok(Architecture::XlmRoberta));
+        let err = arch("mpnet").expect_err("not run by this build").to_string();
+        assert!(
+            err.contains("\"mpnet\"") && err.contains("bert, xlm-roberta") && err.contains("m/config.json"),
+            "{err}"
+        );
+        // A decoder is not an embedding model, whatever the table knows.
+        let err = arch("llama").expect_err("wrong family").to_string();
+        assert!(err.contains("text-embedding family runs bert, xlm-roberta"), "{err}");
+        let gguf =
+            architecture(Family::TextGeneration, Some("llama"), "general.architecture", Path::new("m.gguf"));
+        assert_eq!(gguf, Ok(Architecture::Llama));
+        let none = architecture(Family::TextGeneration, None, "model_type", file).expect_err("undeclared");
+        assert!(none.to_string().contains("declares no model_type"), "{none}");
+    }
 }

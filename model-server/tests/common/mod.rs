@@ -1,5 +1,5 @@
 //! Shared by the integration tests: the real MiniLM weights (`make fixtures`) and the golden
-//! reference vectors from ../shared/bench.
+//! reference vectors sentence-transformers computed for them (tests/data/golden-minilm-sample.json).
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 pub mod faulty_http;
@@ -129,7 +129,7 @@ pub struct Golden {
 }
 
 pub fn golden() -> Vec<Golden> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/golden-minilm-sample.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-minilm-sample.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let json: serde_json::Value = serde_json::from_str(&text).expect("golden json");
     json["items"]
@@ -153,7 +153,7 @@ pub fn golden() -> Vec<Golden> {
 use std::time::Duration;
 
 use kiln_model_server::manifest::{Batching, Family, Warmup};
-use kiln_model_server::serve::{self, ServeOptions, ServePlan};
+use kiln_model_server::serve::{ServeOptions, ServePlan};
 use kiln_model_server::state::Limits;
 
 /// A server running in this process on 127.0.0.1; dropped → shut down.
@@ -172,7 +172,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve::run(plan, listener, options, async move {
+        let task = tokio::spawn(kiln_model_server::families::serve(plan, listener, options, async move {
             let _ = rx.await;
         }));
         TestServer { base, stop: Some(stop), task: Some(task) }

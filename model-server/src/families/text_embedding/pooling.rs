@@ -5,15 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::EngineError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    /// Mean over real tokens (padding excluded).
-    Mean,
-    /// The first ([CLS]) token.
-    Cls,
-}
+use crate::models::{ModelError, Pooling};
+use crate::weights::read_json_if_present;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncoderSettings {
@@ -48,42 +41,30 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, EngineError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(EngineError::Files { path: path.display().to_string(), message: e.to_string() });
-        }
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| EngineError::Files { path: path.display().to_string(), message: e.to_string() })
-}
-
 impl EncoderSettings {
     /// `model_limit` is the encoder's position-embedding count.
-    pub fn read(dir: &Path, model_limit: usize) -> Result<Self, EngineError> {
-        let modules: Vec<Module> = read_json(&dir.join("modules.json"))?.unwrap_or_default();
+    pub fn read(dir: &Path, model_limit: usize) -> Result<Self, ModelError> {
+        let modules: Vec<Module> = read_json_if_present(&dir.join("modules.json"))?.unwrap_or_default();
         let pooling_dir = modules
             .iter()
             .find(|m| m.kind.ends_with(".Pooling"))
             .map(|m| m.path.clone())
             .unwrap_or_else(|| "1_Pooling".to_string());
-        let pooling = match read_json::<PoolingConfig>(&dir.join(&pooling_dir).join("config.json"))? {
-            None => Pooling::Mean,
-            Some(p) if p.pooling_mode_cls_token => Pooling::Cls,
-            Some(p) if p.pooling_mode_mean_tokens => Pooling::Mean,
-            Some(p) if p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens => {
-                return Err(EngineError::Files {
-                    path: dir.join(&pooling_dir).display().to_string(),
-                    message: "only mean and CLS pooling are supported".to_string(),
-                });
-            }
-            Some(_) => Pooling::Mean,
-        };
+        let pooling =
+            match read_json_if_present::<PoolingConfig>(&dir.join(&pooling_dir).join("config.json"))? {
+                None => Pooling::Mean,
+                Some(p) if p.pooling_mode_cls_token => Pooling::Cls,
+                Some(p) if p.pooling_mode_mean_tokens => Pooling::Mean,
+                Some(p) if p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens => {
+                    return Err(ModelError::Files {
+                        path: dir.join(&pooling_dir).display().to_string(),
+                        message: "only mean and CLS pooling are supported".to_string(),
+                    });
+                }
+                Some(_) => Pooling::Mean,
+            };
         let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
-        let st: Option<SentenceBertConfig> = read_json(&dir.join("sentence_bert_config.json"))?;
+        let st: Option<SentenceBertConfig> = read_json_if_present(&dir.join("sentence_bert_config.json"))?;
         let max_seq_length = st.and_then(|c| c.max_seq_length).unwrap_or(model_limit).min(model_limit);
         Ok(EncoderSettings { pooling, normalize, max_seq_length })
     }

@@ -1,7 +1,8 @@
-//! The text-generation model: GGUF Llama weights ([`Llama`]), the tokenizer (tokenizer.json when
-//! present, else rebuilt from the GGUF metadata), the chat template from the GGUF metadata
-//! rendered with minijinja, the end-of-generation tokens, sampling settings, and the text stream
-//! that turns generated ids into safe-to-send text.
+//! The text-generation model: a decoder architecture (Llama, from the GGUF file's
+//! `general.architecture` or `config.json`'s `model_type`), the tokenizer (tokenizer.json when
+//! present, else rebuilt from the GGUF metadata), the chat template rendered with minijinja, the
+//! end-of-generation tokens, sampling settings, and the text stream that turns generated ids
+//! into safe-to-send text.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -12,9 +13,12 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::EngineError;
-use super::llama::{Llama, Step, metadata_u32};
-use super::{gguf_tokenizer, hf};
+use crate::manifest::Family;
+use crate::models::llama::{Llama, Step, hf};
+use crate::models::{Architecture, ModelError, architecture};
+use crate::weights::gguf::tokenizer as gguf_tokenizer;
+use crate::weights::gguf::{metadata_string, metadata_u32};
+use crate::weights::model_type;
 
 /// Names llama.cpp also treats as end of generation, whatever `eos_token_id` says.
 const END_TOKENS: &[&str] =
@@ -81,9 +85,15 @@ struct TextParts {
     end_ids: BTreeSet<u32>,
 }
 
+/// The decoder for what a checkpoint declares, through the architecture table.
+fn decoder(declared: Option<&str>, kind: &'static str, source: &Path) -> Result<Architecture, ModelError> {
+    architecture(Family::TextGeneration, declared, kind, source)
+        .map_err(|e| ModelError::Unsupported(e.to_string()))
+}
+
 /// The one `*.gguf` file in `dir`, if any.
-fn find_gguf(dir: &Path) -> Result<Option<PathBuf>, EngineError> {
-    let files_err = |message: String| EngineError::Files { path: dir.display().to_string(), message };
+fn find_gguf(dir: &Path) -> Result<Option<PathBuf>, ModelError> {
+    let files_err = |message: String| ModelError::Files { path: dir.display().to_string(), message };
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| files_err(e.to_string()))?
         .filter_map(Result::ok)
@@ -101,12 +111,15 @@ fn find_gguf(dir: &Path) -> Result<Option<PathBuf>, EngineError> {
 impl GenerationModel {
     /// Load the model in `dir`: one GGUF file (with a tokenizer.json beside it, when present),
     /// else a Hugging Face Llama checkpoint (config.json, *.safetensors, tokenizer.json).
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
         match find_gguf(dir)? {
             Some(file) => Self::load_gguf(dir, file),
             None => match hf::find(dir) {
-                Some((config, files)) => Self::load_checkpoint(dir, &config, &files),
-                None => Err(EngineError::Files {
+                Some((config, files)) => {
+                    decoder(model_type(&config)?.as_deref(), "model_type", &config)?;
+                    Self::load_checkpoint(dir, &config, &files)
+                }
+                None => Err(ModelError::Files {
                     path: dir.display().to_string(),
                     message: "no .gguf file and no config.json with .safetensors weights here; a \
                               text-generation model is one GGUF file or a Hugging Face Llama checkpoint"
@@ -116,18 +129,19 @@ impl GenerationModel {
         }
     }
 
-    fn load_gguf(dir: &Path, file: PathBuf) -> Result<Self, EngineError> {
-        let files_err = |message: String| EngineError::Files { path: file.display().to_string(), message };
+    fn load_gguf(dir: &Path, file: PathBuf) -> Result<Self, ModelError> {
+        let files_err = |message: String| ModelError::Files { path: file.display().to_string(), message };
         let mut reader =
             std::io::BufReader::new(std::fs::File::open(&file).map_err(|e| files_err(e.to_string()))?);
         let ct =
             gguf_file::Content::read(&mut reader).map_err(|e| files_err(format!("not a GGUF file: {e}")))?;
+        decoder(metadata_string(&ct, "general.architecture").ok().as_deref(), "general.architecture", &file)?;
         let llama = Llama::load(&ct, &mut reader, &Device::Cpu)?;
 
         let vocab = gguf_tokenizer::tokens(&ct)?;
         let json = dir.join("tokenizer.json");
         let (tokenizer, control) = if json.exists() {
-            let t = Tokenizer::from_file(&json).map_err(|e| EngineError::Files {
+            let t = Tokenizer::from_file(&json).map_err(|e| ModelError::Files {
                 path: json.display().to_string(),
                 message: e.to_string(),
             })?;
@@ -193,11 +207,11 @@ impl GenerationModel {
     }
 
     /// The chat template's rendering of `messages`, ending where the assistant's reply starts.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
         let env = self.chat.as_ref().ok_or_else(|| {
-            EngineError::Unsupported("this model has no chat template; use /v1/completions".into())
+            ModelError::Unsupported("this model has no chat template; use /v1/completions".into())
         })?;
-        let template = env.get_template("chat").map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let template = env.get_template("chat").map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -205,19 +219,19 @@ impl GenerationModel {
                 bos_token => self.bos.as_ref().map(|(_, s)| s.as_str()).unwrap_or(""),
                 eos_token => self.eos.as_deref().unwrap_or(""),
             })
-            .map_err(|e| EngineError::Tokenizer(format!("chat template: {e}")))
+            .map_err(|e| ModelError::Tokenizer(format!("chat template: {e}")))
     }
 
     /// Token ids of a prompt; special tokens written in the text (as chat templates do) are
     /// parsed as such. For text a client wrote, see [`Self::encode_chat`] and
     /// [`Self::encode_plain`].
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let ids = encode_with(&self.tokenizer, text)?;
         Ok(self.with_bos(ids))
     }
 
     /// Token ids of a client's raw prompt: special-token text in it stays text.
-    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let ids = encode_with(&self.plain, text)?;
         Ok(self.with_bos(ids))
     }
@@ -225,7 +239,7 @@ impl GenerationModel {
     /// Token ids of a chat: the template's text (role markers, BOS) with its special tokens,
     /// the messages' contents as plain text. The template is rendered with a placeholder for
     /// each content, so what a client wrote is never parsed as control tokens.
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
         let marked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
@@ -272,8 +286,8 @@ impl GenerationModel {
         self.llama.config().vocab_size
     }
 
-    pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
-        self.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.tokenizer.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// One sequence, start to end, without the scheduler: warmup and tests. Returns the
@@ -283,9 +297,9 @@ impl GenerationModel {
         prompt: &[u32],
         sampling: &SamplingParams,
         max_tokens: usize,
-    ) -> Result<Vec<u32>, EngineError> {
+    ) -> Result<Vec<u32>, ModelError> {
         if prompt.is_empty() {
-            return Err(EngineError::Inference("empty prompt".into()));
+            return Err(ModelError::Inference("empty prompt".into()));
         }
         let mut cache = self.llama.new_cache();
         let mut processor = sampling.processor();
@@ -295,7 +309,7 @@ impl GenerationModel {
             let logits = self
                 .llama
                 .forward(&mut [Step { tokens: &next, cache: &mut cache, logits: true }])?
-                .ok_or_else(|| EngineError::Inference("no logits".into()))?;
+                .ok_or_else(|| ModelError::Inference("no logits".into()))?;
             let token = processor.sample(&logits.get(0)?)?;
             out.push(token);
             if self.is_end(token) {
@@ -310,11 +324,11 @@ impl GenerationModel {
 /// Private-use character around each message's index in the placeholder rendering.
 const MARK: char = '\u{F8FF}';
 
-fn encode_with(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, EngineError> {
+fn encode_with(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    let enc = tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    let enc = tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     Ok(enc.get_ids().to_vec())
 }
 
@@ -324,7 +338,7 @@ fn plain_text_tokenizer(tokenizer: &Tokenizer) -> Tokenizer {
     plain
 }
 
-fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, EngineError> {
+fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, ModelError> {
     let mut env = minijinja::Environment::new();
     // Templates are written for Python's Jinja: str.strip(), dict.items() and friends.
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -332,7 +346,7 @@ fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, E
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
     });
     env.add_template_owned("chat", source)
-        .map_err(|e| EngineError::Unsupported(format!("the chat template does not compile: {e}")))?;
+        .map_err(|e| ModelError::Unsupported(format!("the chat template does not compile: {e}")))?;
     Ok(env)
 }
 
@@ -340,17 +354,17 @@ impl GenerationModel {
     /// A Hugging Face checkpoint: the tokenizer from tokenizer.json, the chat template and the
     /// BOS and EOS tokens from tokenizer_config.json, more end tokens from config.json and
     /// generation_config.json.
-    fn load_checkpoint(dir: &Path, config: &Path, files: &[PathBuf]) -> Result<Self, EngineError> {
+    fn load_checkpoint(dir: &Path, config: &Path, files: &[PathBuf]) -> Result<Self, ModelError> {
         let llama = hf::load(config, files, &Device::Cpu)?;
         let json_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&json_path).map_err(|e| EngineError::Files {
+        let tokenizer = Tokenizer::from_file(&json_path).map_err(|e| ModelError::Files {
             path: json_path.display().to_string(),
             message: format!("a safetensors checkpoint needs its tokenizer.json: {e}"),
         })?;
-        let read = |name: &str| -> Result<serde_json::Value, EngineError> {
+        let read = |name: &str| -> Result<serde_json::Value, ModelError> {
             let path = dir.join(name);
             match std::fs::read_to_string(&path) {
-                Ok(text) => serde_json::from_str(&text).map_err(|e| EngineError::Files {
+                Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Files {
                     path: path.display().to_string(),
                     message: e.to_string(),
                 }),
@@ -439,7 +453,7 @@ impl TextStream {
         }
     }
 
-    pub fn push(&mut self, model: &GenerationModel, id: u32) -> Result<Delta, EngineError> {
+    pub fn push(&mut self, model: &GenerationModel, id: u32) -> Result<Delta, ModelError> {
         self.ids.push(id);
         // A byte-level token can end inside a character: wait for the rest.
         self.decode_new(model, false)?;
@@ -451,7 +465,7 @@ impl TextStream {
 
     /// Appends the text of the ids since `read`, unless it ends inside a character (or
     /// `whole`: at the end, whatever it is).
-    fn decode_new(&mut self, model: &GenerationModel, whole: bool) -> Result<(), EngineError> {
+    fn decode_new(&mut self, model: &GenerationModel, whole: bool) -> Result<(), ModelError> {
         let before = model.decode(&self.ids[self.prefix..self.read])?;
         let now = model.decode(&self.ids[self.prefix..])?;
         if let Some(new) = now.get(before.len()..)
@@ -489,7 +503,7 @@ impl TextStream {
     }
 
     /// Everything not yet sent, at the end of the generation.
-    pub fn flush(&mut self, model: &GenerationModel) -> Result<String, EngineError> {
+    pub fn flush(&mut self, model: &GenerationModel) -> Result<String, ModelError> {
         self.decode_new(model, true)?;
         let delta = self.text.get(self.sent..).unwrap_or_default().to_string();
         self.sent = self.text.len();

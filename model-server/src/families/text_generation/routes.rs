@@ -9,19 +9,22 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{ApiError, Inference, Shared, counted, ready_runtime};
-use crate::batching::continuous::{Event, Request, Scheduler};
-use crate::engine::generation::{ChatMessage, FinishReason, SamplingParams};
+use super::TextGeneration;
+use super::model::{ChatMessage, FinishReason, SamplingParams};
+use super::scheduler::{Event, Request, Scheduler};
+use crate::api::{ApiError, Inference, RequestBody, WORKER_DEATH_GRACE, counted, ready, tokenize};
+use crate::families::Shared;
 use crate::manifest::ModelRef;
-use crate::state::Runtime;
 
 /// OpenAI's default `max_tokens` for `/v1/completions`; chat defaults to the rest of the context.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -31,10 +34,140 @@ const MAX_STOPS: usize = 4;
 const MAX_STOP_BYTES: usize = 256;
 const MAX_STOP_TOTAL_BYTES: usize = 512;
 
+pub fn routes() -> Router<Shared<TextGeneration>> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Chat,
     Completion,
+}
+
+/// The body of both endpoints (chat has `messages`, completions `prompt`). `model` is resolved
+/// by [`Inference`]; unknown fields are ignored, as OpenAI does.
+#[derive(Deserialize)]
+struct GenerationRequest {
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    prompt: Option<Strings>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    /// An extension: 0 means no top-k cut.
+    #[serde(default)]
+    top_k: Option<u64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(default)]
+    stop: Option<Strings>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    // Features this server does not have: refused when set, never silently ignored.
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: Role,
+    content: Content,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    /// Content parts: text only.
+    Parts(Vec<TextPart>),
+}
+
+#[derive(Deserialize)]
+struct TextPart {
+    #[serde(rename = "type")]
+    kind: PartKind,
+    text: String,
+}
+
+#[derive(Deserialize)]
+enum PartKind {
+    #[serde(rename = "text")]
+    Text,
+}
+
+/// One string or a list of them (`prompt`, `stop`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Strings {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+impl RequestBody for GenerationRequest {
+    fn field_error(field: &str, _missing: bool, detail: &str) -> ApiError {
+        let bad = |code, message: String| ApiError::bad_request(code, message);
+        match field {
+            "messages" => bad("invalid_messages", "`messages` must be an array of {role, content}".into()),
+            f if f.starts_with("messages") && f.ends_with(".content") => bad(
+                "invalid_messages",
+                format!(
+                    "{f} must be a string or text parts ({{\"type\": \"text\", \"text\": ...}}); only text parts are supported"
+                ),
+            ),
+            f if f.starts_with("messages") => bad("invalid_messages", format!("{f}: {detail}")),
+            "prompt" => bad("invalid_prompt", "`prompt` must be a string".into()),
+            f if f == "stop" || f.starts_with("stop[") => {
+                bad("invalid_stop", "`stop` must be a string or an array of strings".into())
+            }
+            "max_tokens" | "max_completion_tokens" | "top_k" | "seed" | "n" => bad(
+                "invalid_parameter",
+                format!("`{field}` must be a non-negative integer below 2^64 ({detail})"),
+            ),
+            "temperature" | "top_p" => {
+                bad("invalid_parameter", format!("`{field}` must be a number ({detail})"))
+            }
+            "stream" | "stream_options.include_usage" => {
+                bad("invalid_parameter", format!("`{field}` must be true or false"))
+            }
+            "stream_options" => bad("invalid_parameter", "`stream_options` must be an object".into()),
+            other => bad("invalid_parameter", format!("`{other}`: {detail}")),
+        }
+    }
 }
 
 /// A validated request, before tokenization.
@@ -52,44 +185,47 @@ enum PromptInput {
     Text(String),
 }
 
-pub async fn chat_completions(State(state): State<Shared>, request: Result<Inference, ApiError>) -> Response {
+async fn chat_completions(
+    State(state): State<Shared<TextGeneration>>,
+    request: Result<Inference<GenerationRequest>, ApiError>,
+) -> Response {
     handle(state, request, Kind::Chat).await
 }
 
-pub async fn completions(State(state): State<Shared>, request: Result<Inference, ApiError>) -> Response {
+async fn completions(
+    State(state): State<Shared<TextGeneration>>,
+    request: Result<Inference<GenerationRequest>, ApiError>,
+) -> Response {
     handle(state, request, Kind::Completion).await
 }
 
-async fn handle(state: Shared, request: Result<Inference, ApiError>, kind: Kind) -> Response {
+async fn handle(
+    state: Shared<TextGeneration>,
+    request: Result<Inference<GenerationRequest>, ApiError>,
+    kind: Kind,
+) -> Response {
     let Inference { body: req, id } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let (shared, model) = (state.clone(), id.clone());
-    counted(&state, &id, || async move { generate(shared, model, &req, kind).await }).await
+    counted(&state, &id, || async move { generate(shared, model, req, kind).await }).await
 }
 
 async fn generate(
-    state: Shared,
+    state: Shared<TextGeneration>,
     id: ModelRef,
-    req: &Map<String, Value>,
+    req: GenerationRequest,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let parsed = parse(req, kind)?;
-    let (model, scheduler) = match ready_runtime(&state, &id)? {
-        Runtime::Generation { model, scheduler } => (model.clone(), scheduler.clone()),
-        Runtime::Embedding { .. } => {
-            return Err(ApiError::bad_request(
-                "wrong_family",
-                format!("model {id} is an embedding model; use POST /v1/embeddings"),
-            ));
-        }
-    };
+    let parsed = validate(req, kind)?;
+    let serving = ready(&state, &id)?;
+    let (model, scheduler) = (serving.model.clone(), serving.scheduler.clone());
     // A queue place first: a full queue refuses before any tokenizing is done.
     let place = scheduler.reserve()?;
     let prompt_input = parsed.prompt;
     let tokenizing = model.clone();
-    let prompt = super::tokenize(&state, move || match prompt_input {
+    let prompt = tokenize(&state, move || match prompt_input {
         PromptInput::Messages(messages) => tokenizing.encode_chat(&messages),
         PromptInput::Text(text) => tokenizing.encode_plain(&text),
     })
@@ -154,7 +290,7 @@ fn max_tokens_for(asked: Option<u64>, prompt: usize, context: usize, kind: Kind)
 
 /// Why the scheduler stopped talking to a request: it died.
 async fn worker_gone(id: &str, scheduler: &Scheduler) -> String {
-    let reason = scheduler.failure_within(super::WORKER_DEATH_GRACE).await;
+    let reason = scheduler.failure_within(WORKER_DEATH_GRACE).await;
     format!("model {id} stopped serving: {}", reason.as_deref().unwrap_or("its worker thread stopped"))
 }
 
@@ -229,7 +365,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 }
 
 fn failed(message: String) -> ApiError {
-    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "server_error", "inference_failed", message)
+    ApiError::inference_failed(message)
 }
 
 async fn collect_response(
@@ -260,8 +396,8 @@ async fn collect_response(
             }
             // The worker unwound past this request: it died.
             None => {
-                let reason = scheduler.failure_within(super::WORKER_DEATH_GRACE).await;
-                return Err(super::model_failed(
+                let reason = scheduler.failure_within(WORKER_DEATH_GRACE).await;
+                return Err(ApiError::model_failed(
                     &meta.model_ref,
                     reason.as_deref().unwrap_or("its worker thread stopped"),
                 ));
@@ -317,94 +453,61 @@ fn stream_response(
     Sse::new(stream::iter(opening.into_iter().map(Ok)).chain(body))
 }
 
-fn parse(req: &Map<String, Value>, kind: Kind) -> Result<Parsed, ApiError> {
+/// The checks a type cannot express: what each endpoint requires, ranges, counts and lengths.
+fn validate(req: GenerationRequest, kind: Kind) -> Result<Parsed, ApiError> {
+    let bad = |code, message: String| ApiError::bad_request(code, message);
     let prompt = match kind {
-        Kind::Chat => PromptInput::Messages(parse_messages(req.get("messages"))?),
-        Kind::Completion => PromptInput::Text(match req.get("prompt") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-                items[0].as_str().unwrap_or_default().to_string()
+        Kind::Chat => {
+            let messages =
+                req.messages.ok_or_else(|| bad("missing_messages", "`messages` is required".into()))?;
+            if messages.is_empty() {
+                return Err(bad("invalid_messages", "`messages` must not be empty".into()));
             }
-            Some(Value::Array(_)) => {
+            PromptInput::Messages(messages.into_iter().map(chat_message).collect())
+        }
+        Kind::Completion => PromptInput::Text(match req.prompt {
+            Some(Strings::One(s)) => s,
+            Some(Strings::Many(mut items)) if items.len() == 1 => items.remove(0),
+            Some(Strings::Many(_)) => {
                 return Err(bad(
                     "invalid_prompt",
-                    "`prompt` must be one string (batches of prompts are not supported)",
+                    "`prompt` must be one string (batches of prompts are not supported)".into(),
                 ));
             }
-            Some(_) => return Err(bad("invalid_prompt", "`prompt` must be a string")),
-            None => return Err(bad("missing_prompt", "`prompt` is required")),
+            None => return Err(bad("missing_prompt", "`prompt` is required".into())),
         }),
     };
-    let number = |key: &str| -> Result<Option<f64>, ApiError> {
-        match req.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(_) => Err(bad("invalid_parameter", format!("`{key}` must be a number"))),
-        }
-    };
-    // Any JSON number or other value may arrive here; each is either a u64 or a 400 that
-    // quotes what was sent.
-    let integer = |key: &str| -> Result<Option<u64>, ApiError> {
-        match req.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
-                bad(
-                    "invalid_parameter",
-                    format!("`{key}` must be a non-negative integer below 2^64, got {n}"),
-                )
-            }),
-            Some(other) => {
-                let shown: String = other.to_string().chars().take(64).collect();
-                Err(bad("invalid_parameter", format!("`{key}` must be a non-negative integer, got {shown}")))
-            }
-        }
-    };
-    let max_tokens = match (integer("max_tokens")?, integer("max_completion_tokens")?) {
-        (Some(0), _) | (_, Some(0)) => {
-            return Err(bad("invalid_parameter", "`max_tokens` must be at least 1"));
-        }
-        (a, b) => a.or(b),
-    };
-    let temperature = number("temperature")?.unwrap_or(1.0);
+    if req.max_tokens == Some(0) || req.max_completion_tokens == Some(0) {
+        return Err(bad("invalid_parameter", "`max_tokens` must be at least 1".into()));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(bad(
             "invalid_parameter",
             format!("`temperature` must be between 0 and 2, got {temperature}"),
         ));
     }
-    let top_p = number("top_p")?.unwrap_or(1.0);
+    let top_p = req.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(bad(
             "invalid_parameter",
             format!("`top_p` must be greater than 0 and at most 1, got {top_p}"),
         ));
     }
-    let top_k = integer("top_k")?.unwrap_or(0).min(u32::MAX as u64) as usize;
-    let seed = integer("seed")?.unwrap_or_else(random_seed);
-    match integer("n")? {
-        None | Some(1) => {}
-        Some(n) => {
-            return Err(bad(
-                "unsupported_parameter",
-                format!("`n` must be 1 (got {n}); send separate requests"),
-            ));
-        }
+    let top_k = req.top_k.unwrap_or(0).min(u64::from(u32::MAX)) as usize;
+    if let Some(n) = req.n.filter(|&n| n != 1) {
+        return Err(bad("unsupported_parameter", format!("`n` must be 1 (got {n}); send separate requests")));
     }
-    let stop = match req.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("invalid_stop", "`stop` must be a string or an array of strings"))?,
-        Some(_) => return Err(bad("invalid_stop", "`stop` must be a string or an array of strings")),
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Strings::One(s)) => vec![s],
+        Some(Strings::Many(items)) => items,
     };
     if stop.len() > MAX_STOPS {
         return Err(bad("invalid_stop", format!("at most {MAX_STOPS} stop strings, got {}", stop.len())));
     }
     if stop.iter().any(String::is_empty) {
-        return Err(bad("invalid_stop", "stop strings must not be empty"));
+        return Err(bad("invalid_stop", "stop strings must not be empty".into()));
     }
     // Bounded so the per-token stop search stays cheap.
     if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
@@ -420,87 +523,45 @@ fn parse(req: &Map<String, Value>, kind: Kind) -> Result<Parsed, ApiError> {
             format!("stop strings may total at most {MAX_STOP_TOTAL_BYTES} bytes; these are {total}"),
         ));
     }
-    let stream = match req.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("invalid_parameter", "`stream` must be true or false")),
-    };
-    let include_usage = match req.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => match o.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(bad("invalid_parameter", "`stream_options.include_usage` must be true or false"));
-            }
-        },
-        Some(_) => return Err(bad("invalid_parameter", "`stream_options` must be an object")),
-    };
-    // Features this server does not have are refused, never silently ignored.
-    for key in ["tools", "functions", "logit_bias", "response_format"] {
-        if req.get(key).is_some_and(|v| !v.is_null()) {
-            return Err(bad("unsupported_parameter", format!("`{key}` is not supported by this server")));
-        }
+    let unsupported = [
+        ("tools", &req.tools),
+        ("functions", &req.functions),
+        ("logit_bias", &req.logit_bias),
+        ("response_format", &req.response_format),
+    ];
+    if let Some((key, _)) = unsupported.iter().find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null())) {
+        return Err(bad("unsupported_parameter", format!("`{key}` is not supported by this server")));
     }
-    if req.get("logprobs").is_some_and(|v| !(v.is_null() || *v == Value::Bool(false))) {
-        return Err(bad("unsupported_parameter", "`logprobs` is not supported by this server"));
+    if req.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == Value::Bool(false))) {
+        return Err(bad("unsupported_parameter", "`logprobs` is not supported by this server".into()));
     }
     Ok(Parsed {
         prompt,
-        max_tokens,
-        sampling: SamplingParams { temperature, top_p, top_k, seed },
+        max_tokens: req.max_tokens.or(req.max_completion_tokens),
+        sampling: SamplingParams { temperature, top_p, top_k, seed: req.seed.unwrap_or_else(random_seed) },
         stop,
-        stream,
-        include_usage,
+        stream: req.stream.unwrap_or(false),
+        include_usage: req.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
     })
 }
 
-fn parse_messages(messages: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
-    let items = match messages {
-        Some(Value::Array(items)) if !items.is_empty() => items,
-        Some(Value::Array(_)) => return Err(bad("invalid_messages", "`messages` must not be empty")),
-        Some(_) => return Err(bad("invalid_messages", "`messages` must be an array of {role, content}")),
-        None => return Err(bad("missing_messages", "`messages` is required")),
+/// A message as the chat template sees it: `developer` is the system role; parts are joined.
+fn chat_message(m: Message) -> ChatMessage {
+    let role = match m.role {
+        Role::System | Role::Developer => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = match m.get("role") {
-                Some(Value::String(r)) if ["system", "developer", "user", "assistant"].contains(&r.as_str()) => {
-                    r.clone()
-                }
-                Some(Value::String(r)) => {
-                    return Err(bad(
-                        "invalid_messages",
-                        format!("messages[{i}].role {r:?} is not one of system, developer, user, assistant"),
-                    ));
-                }
-                _ => return Err(bad("invalid_messages", format!("messages[{i}].role must be a string"))),
-            };
-            let content = match m.get("content") {
-                Some(Value::String(c)) => c.clone(),
-                // Content parts: text only.
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(t)) => Ok(t),
-                        _ => Err(bad(
-                            "invalid_messages",
-                            format!("messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .concat(),
-                _ => return Err(bad("invalid_messages", format!("messages[{i}].content must be a string"))),
-            };
-            Ok(ChatMessage { role: if role == "developer" { "system".into() } else { role }, content })
-        })
-        .collect()
-}
-
-fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::bad_request(code, message)
+    let content = match m.content {
+        Content::Text(t) => t,
+        Content::Parts(parts) => parts
+            .into_iter()
+            .map(|p| match p.kind {
+                PartKind::Text => p.text,
+            })
+            .collect(),
+    };
+    ChatMessage { role: role.to_string(), content }
 }
 
 /// A seed for requests that do not name one.

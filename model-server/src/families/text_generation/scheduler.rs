@@ -5,7 +5,7 @@
 //! to `maxBatchSize` active sequences and while the model's KV-cache budget has room for the
 //! next one's whole reservation (its prompt plus `max_tokens`, at most the context window), so
 //! the caches of admitted sequences can never outgrow the memory set aside for them. Each step is
-//! one [`Llama::forward`](crate::engine::llama::Llama::forward) over every active sequence: one
+//! one [`Llama::forward`](crate::models::llama::Llama::forward) over every active sequence: one
 //! token for each sequence that is decoding, plus prompt chunks for sequences still in prefill,
 //! capped so a long prompt delays running streams by one bounded chunk and never by a whole
 //! prefill. A sequence leaves as soon as it ends, fails or its caller goes away (the event channel
@@ -22,12 +22,13 @@ use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
 use tokio::sync::mpsc;
 
-use super::{FailureHook, RequestQueue, Reservation, SubmitError, Weigh, spawn_worker};
-use crate::engine::EngineError;
-use crate::engine::generation::{Delta, FinishReason, GenerationModel, SamplingParams, TextStream};
-use crate::engine::llama::{SequenceCache, Step};
-use crate::manifest::{Batching, ModelRef};
+use super::model::{Delta, FinishReason, GenerationModel, SamplingParams, TextStream};
+use crate::families::StartContext;
+use crate::manifest::ModelRef;
 use crate::metrics::Metrics;
+use crate::models::ModelError;
+use crate::models::llama::{SequenceCache, Step};
+use crate::queue::{InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
 
 /// Prompt tokens a step may prefill while other sequences are decoding. At 135M parameters on
 /// 2 cores a chunk this size costs running streams about three decode steps' time (90 ms).
@@ -154,21 +155,13 @@ pub fn reservation(prompt: usize, max_tokens: usize, context: usize) -> usize {
 }
 
 impl Scheduler {
-    pub fn spawn(
-        id: ModelRef,
-        model: Arc<GenerationModel>,
-        config: Batching,
-        kv_budget_bytes: u64,
-        max_queued_tokens: usize,
-        metrics: Arc<Metrics>,
-        on_failure: FailureHook,
-    ) -> std::io::Result<Self> {
-        let queue = Arc::new(RequestQueue::new(
-            id.clone(),
-            config.max_queue_depth as usize,
-            max_queued_tokens,
-            metrics.clone(),
-        ));
+    /// Start the scheduler thread for `model`, with `ctx.memory_for_requests` as its KV-cache
+    /// budget.
+    pub fn spawn(id: ModelRef, model: Arc<GenerationModel>, ctx: StartContext) -> std::io::Result<Self> {
+        let queue = ctx.queue(&id);
+        let StartContext {
+            batching: config, metrics, on_failure, memory_for_requests: kv_budget_bytes, ..
+        } = ctx;
         let kv = Arc::new(KvCache::new(kv_budget_bytes, model.llama().kv_bytes_per_token()));
         let labels = [id.name.as_str(), id.version.as_str()];
         metrics.kv_cache_budget_bytes.with_label_values(&labels).set(saturating_i64(kv_budget_bytes));
@@ -223,8 +216,13 @@ impl Scheduler {
     }
 
     /// Requests waiting to join the running batch.
-    pub fn depth(&self) -> usize {
-        self.queue.depth()
+    pub fn waiting(&self) -> usize {
+        self.queue.waiting()
+    }
+
+    /// Requests waiting or generating.
+    pub fn in_flight(&self) -> usize {
+        self.queue.in_flight()
     }
 
     /// Why the worker died, once it has.
@@ -262,6 +260,8 @@ struct Active {
     /// Positions taken from the budget, given back when the sequence leaves.
     reserved: usize,
     kv: Arc<KvCache>,
+    /// Counts the request in `kiln_queue_depth` until the sequence leaves.
+    _in_flight: InFlight,
 }
 
 impl Drop for Active {
@@ -359,13 +359,13 @@ impl Worker {
                                 "needs {needed} bytes of KV cache; the budget is {} bytes",
                                 self.kv.budget_bytes
                             );
-                            let _ = refused.request.events.send(Event::Failed(message));
+                            let _ = refused.job.request.events.send(Event::Failed(message));
                         }
                         continue;
                     }
                     break;
                 }
-                let Some(Queued { request, arrived }) = q.pop_front() else {
+                let Some(Tracked { job: Queued { request, arrived }, in_flight }) = q.pop_front() else {
                     self.kv.release(tokens);
                     break;
                 };
@@ -382,6 +382,7 @@ impl Worker {
                     request,
                     reserved: tokens,
                     kv: self.kv.clone(),
+                    _in_flight: in_flight,
                 });
             }
             if !active.is_empty() {
@@ -416,7 +417,7 @@ impl Worker {
     }
 
     /// One forward over `parts`: next-token logits, one row per yielding part, in order.
-    fn forward(&self, active: &mut [Active], parts: &[Part]) -> Result<Option<Tensor>, EngineError> {
+    fn forward(&self, active: &mut [Active], parts: &[Part]) -> Result<Option<Tensor>, ModelError> {
         let mut steps: Vec<Step<'_>> = Vec::with_capacity(parts.len());
         let mut remaining: &mut [Active] = active;
         let mut offset = 0;
@@ -424,7 +425,7 @@ impl Worker {
             // Parts are in increasing `seq` order: split off each one's sequence in turn.
             let (_, rest) = std::mem::take(&mut remaining).split_at_mut(part.seq - offset);
             let Some((a, rest)) = rest.split_first_mut() else {
-                return Err(EngineError::Inference("step plan names a missing sequence".into()));
+                return Err(ModelError::Inference("step plan names a missing sequence".into()));
             };
             remaining = rest;
             offset = part.seq + 1;
@@ -504,7 +505,7 @@ impl Worker {
             return Outcome::Running;
         }
         let Some(logits) = logits else { return Outcome::Failed("the step returned no logits".into()) };
-        let sampled = logits.get(*row).map_err(EngineError::from).and_then(|l| Ok(a.processor.sample(&l)?));
+        let sampled = logits.get(*row).map_err(ModelError::from).and_then(|l| Ok(a.processor.sample(&l)?));
         *row += 1;
         let token = match sampled {
             Ok(t) => t,
@@ -535,7 +536,7 @@ impl Worker {
     }
 
     /// Send the text `token` completes; Some when the generation ends here.
-    fn advance(&self, a: &mut Active, token: u32) -> Result<Option<FinishReason>, EngineError> {
+    fn advance(&self, a: &mut Active, token: u32) -> Result<Option<FinishReason>, ModelError> {
         if self.model.is_end(token) {
             let rest = a.text.flush(&self.model)?;
             if !rest.is_empty() {

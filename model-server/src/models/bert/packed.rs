@@ -1,20 +1,17 @@
-//! Fast CPU encoder for BERT-family models (BERT, MiniLM, BGE, E5: post-LayerNorm, absolute
+//! Fast CPU encoder for the BERT architecture and XLM-RoBERTa (post-LayerNorm, absolute
 //! positions, GELU (erf), token type 0).
 //!
-//! Where the reference [`CandleBert`](super::candle_bert::CandleBert) pads a batch to its
-//! longest input, this one packs: the real tokens of every input sit in one
-//! `[tokens, hidden]` matrix, positions restart at each input, and attention runs per
-//! (input, head) on strided views of the fused QKV matrix. So no work is spent on padding and no
-//! sorting is needed. The rest follows the measurements in `shared/notes/engine.md`:
+//! Where the reference [`CandleBert`](super::reference::CandleBert) pads a batch to its longest
+//! input, this one packs: the real tokens of every input sit in one `[tokens, hidden]` matrix,
+//! positions restart at each input, and attention runs per (input, head) on strided views of
+//! the fused QKV matrix. So no work is spent on padding and no sorting is needed. Measured on
+//! MiniLM (docs/benchmarks.md):
 //! - weights are converted once at load: Q, K, V fused into one matrix with 1/√d folded into Q,
 //!   all stored transposed (`[in, out]`), the layout gemm reads without packing;
 //! - matmuls write into their output with the bias or the residual already in it, and the
 //!   element-wise work after them is one fused pass (bias + GELU, bias + LayerNorm);
-//! - row kernels use AVX2+FMA when the CPU has it (`kernels`);
+//! - row kernels use AVX2+FMA when the CPU has it ([`crate::kernels`]);
 //! - buffers are kept between calls, so steady state allocates nothing large.
-
-pub(crate) mod kernels;
-mod matmul;
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -22,14 +19,13 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
-pub use kernels::Isa;
-use matmul::{SharedOut, View, Weight};
-
-use super::candle_bert::{read_config, weight_files};
-use super::{Encoder, EngineError, Pooling};
+use super::BertConfig;
+use crate::kernels::gemm::{self as matmul, SharedOut, View, Weight};
+use crate::kernels::{self, Isa};
+use crate::models::{Encoder, ModelError, Pooling};
+use crate::weights::safetensors_files;
 
 /// Tokens per feed-forward block: bounds the `[block, intermediate]` buffer (6 MB for MiniLM,
 /// which stays in L3 between the two matmuls) whatever the batch, while keeping gemm's per-call
@@ -69,6 +65,12 @@ struct Dims {
     head_dim: usize,
     intermediate: usize,
     vocab: usize,
+    /// Rows of the position table.
+    position_rows: usize,
+    /// Position of an input's first token in that table: 0 for BERT; RoBERTa models start
+    /// after the padding index (`pad_token_id + 1`).
+    first_position: usize,
+    /// Positions an input may use: the table's rows past `first_position`.
     max_positions: usize,
     token_types: usize,
     eps: f32,
@@ -150,24 +152,23 @@ pub struct PackedBert {
 }
 
 impl PackedBert {
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        Self::load_with(dir, PackedOptions::default())
+    pub fn load(dir: &Path, config: &BertConfig) -> Result<Self, ModelError> {
+        Self::load_with(dir, config, PackedOptions::default())
     }
 
-    pub fn load_with(dir: &Path, options: PackedOptions) -> Result<Self, EngineError> {
-        let config = read_config(dir)?;
-        let dims = check_config(dir, &config)?;
+    pub fn load_with(dir: &Path, config: &BertConfig, options: PackedOptions) -> Result<Self, ModelError> {
+        let dims = check_config(dir, config)?;
         let isa = options.isa();
         if !isa.is_supported() {
-            return Err(EngineError::Inference(format!("{isa:?} kernels are not supported by this CPU")));
+            return Err(ModelError::Inference(format!("{isa:?} kernels are not supported by this CPU")));
         }
         let threads = options.threads();
-        let files = weight_files(dir)?;
+        let files = safetensors_files(dir)?;
         // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
         // `pull` and never modified in place. The mapping is dropped once weights are copied.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
             .map_err(|e| files_error(dir, e))?;
-        let vb = model_root(vb, &config).ok_or_else(|| EngineError::Files {
+        let vb = model_root(vb, config).ok_or_else(|| ModelError::Files {
             path: dir.display().to_string(),
             message: "no embeddings.word_embeddings.weight tensor (with or without a model prefix)"
                 .to_string(),
@@ -178,7 +179,7 @@ impl PackedBert {
             .num_threads(threads)
             .thread_name(|i| format!("kiln-encoder-{i}"))
             .build()
-            .map_err(|e| EngineError::Inference(format!("thread pool: {e}")))?;
+            .map_err(|e| ModelError::Inference(format!("thread pool: {e}")))?;
         Ok(PackedBert { dims, embeddings, layers, isa, threads, pool, workspaces: Mutex::new(Vec::new()) })
     }
 
@@ -190,17 +191,17 @@ impl PackedBert {
         self.threads
     }
 
-    fn check_inputs(&self, inputs: &[&[u32]]) -> Result<(), EngineError> {
+    fn check_inputs(&self, inputs: &[&[u32]]) -> Result<(), ModelError> {
         for input in inputs {
             if input.len() > self.dims.max_positions {
-                return Err(EngineError::Inference(format!(
+                return Err(ModelError::Inference(format!(
                     "input of {} tokens is longer than the model's {} positions",
                     input.len(),
                     self.dims.max_positions
                 )));
             }
             if let Some(id) = input.iter().find(|&&id| id as usize >= self.dims.vocab) {
-                return Err(EngineError::Inference(format!(
+                return Err(ModelError::Inference(format!(
                     "token id {id} is outside the vocabulary of {}",
                     self.dims.vocab
                 )));
@@ -227,7 +228,7 @@ impl PackedBert {
             for (pos, &id) in input.iter().enumerate() {
                 let row = &mut x[(span.start + pos) * h..][..h];
                 let word = &e.word[id as usize * h..][..h];
-                let position = &e.position[pos * h..][..h];
+                let position = &e.position[(self.dims.first_position + pos) * h..][..h];
                 for ((r, w), p) in row.iter_mut().zip(word).zip(position) {
                     *r = w + p;
                 }
@@ -356,7 +357,7 @@ impl PackedBert {
 }
 
 impl Encoder for PackedBert {
-    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, ModelError> {
         self.check_inputs(inputs)?;
         let mut spans = Vec::with_capacity(inputs.len());
         let mut tokens = 0;
@@ -415,17 +416,23 @@ fn fill_rows(dst: &mut [f32], row: &[f32]) {
     }
 }
 
-fn files_error(dir: &Path, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Files { path: dir.display().to_string(), message: e.to_string() }
+fn files_error(dir: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Files { path: dir.display().to_string(), message: e.to_string() }
 }
 
-fn check_config(dir: &Path, c: &Config) -> Result<Dims, EngineError> {
-    let unsupported = |what: String| EngineError::Files {
+fn check_config(dir: &Path, c: &BertConfig) -> Result<Dims, ModelError> {
+    let unsupported = |what: String| ModelError::Files {
         path: dir.join("config.json").display().to_string(),
-        message: format!("unsupported by the packed BERT encoder: {what}"),
+        message: format!("unsupported by the packed encoder: {what}"),
     };
-    if c.hidden_act != HiddenAct::Gelu {
+    if c.hidden_act != "gelu" {
         return Err(unsupported(format!("hidden_act {:?} (only gelu)", c.hidden_act)));
+    }
+    if c.position_embedding_type.as_deref().is_some_and(|t| t != "absolute") {
+        return Err(unsupported(format!(
+            "position_embedding_type {:?} (only absolute)",
+            c.position_embedding_type.as_deref().unwrap_or_default()
+        )));
     }
     if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(unsupported(format!(
@@ -436,26 +443,36 @@ fn check_config(dir: &Path, c: &Config) -> Result<Dims, EngineError> {
     if c.type_vocab_size == 0 {
         return Err(unsupported("type_vocab_size 0 (token type 0 is always used)".to_string()));
     }
+    let first_position = c.first_position();
+    if first_position >= c.max_position_embeddings {
+        return Err(unsupported(format!(
+            "max_position_embeddings {} leaves no position after the padding index {}",
+            c.max_position_embeddings,
+            first_position.saturating_sub(1)
+        )));
+    }
     Ok(Dims {
         hidden: c.hidden_size,
         heads: c.num_attention_heads,
         head_dim: c.hidden_size / c.num_attention_heads,
         intermediate: c.intermediate_size,
         vocab: c.vocab_size,
-        max_positions: c.max_position_embeddings,
+        position_rows: c.max_position_embeddings,
+        first_position,
+        max_positions: c.max_position_embeddings - first_position,
         token_types: c.type_vocab_size,
         eps: c.layer_norm_eps as f32,
     })
 }
 
-/// The weights sit at the root (sentence-transformers exports), under `bert.` (BertModel
-/// checkpoints), or under the model type's name.
-fn model_root<'a>(vb: VarBuilder<'a>, config: &Config) -> Option<VarBuilder<'a>> {
+/// The weights sit at the root (sentence-transformers exports), or under the prefix a task
+/// model saves them with (`bert.`, `roberta.`, or the model type's name).
+fn model_root<'a>(vb: VarBuilder<'a>, config: &BertConfig) -> Option<VarBuilder<'a>> {
     let probe = "embeddings.word_embeddings.weight";
-    let prefixes = ["bert"].into_iter().map(String::from).chain(config.model_type.clone());
     if vb.contains_tensor(probe) {
         return Some(vb);
     }
+    let prefixes = ["bert", "roberta"].into_iter().map(String::from).chain(config.model_type.clone());
     prefixes.map(|p| vb.pp(p)).find(|v| v.contains_tensor(probe))
 }
 
@@ -509,7 +526,7 @@ fn load_weights(vb: &VarBuilder, d: &Dims, layers: usize) -> candle_core::Result
     let token_types = e.get((d.token_types, h), "token_type_embeddings.weight")?;
     let embeddings = Embeddings {
         word: to_vec(&e.get((d.vocab, h), "word_embeddings.weight")?)?,
-        position: to_vec(&e.get((d.max_positions, h), "position_embeddings.weight")?)?,
+        position: to_vec(&e.get((d.position_rows, h), "position_embeddings.weight")?)?,
         token_type: token_types.get(0)?.to_vec1()?,
         norm: load_norm(&e.pp("LayerNorm"), h)?,
     };

@@ -1,74 +1,36 @@
-//! Reference encoder: candle-transformers' stock `BertModel` over a padded batch.
-//! Slow but simple; it is the yardstick the fast encoder is checked against.
+//! Reference encoder: candle-transformers' stock `BertModel` over a padded batch (BERT only).
+//! Slow but simple; it is the yardstick the packed encoder is checked against.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 
-use super::{Encoder, EngineError, Pooling};
+use crate::models::{Encoder, ModelError, Pooling};
+use crate::weights::{read_json, safetensors_files};
 
 pub struct CandleBert {
     model: BertModel,
     config: Config,
 }
 
-/// The safetensors files of a model directory: `model.safetensors`, or every shard listed in
-/// `model.safetensors.index.json`.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|e| EngineError::Files {
-        path: dir.display().to_string(),
-        message: format!("neither model.safetensors nor model.safetensors.index.json is readable: {e}"),
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| EngineError::Files { path: index.display().to_string(), message: e.to_string() })?;
-    let mut files: Vec<PathBuf> = json["weight_map"]
-        .as_object()
-        .ok_or_else(|| EngineError::Files {
-            path: index.display().to_string(),
-            message: "no weight_map object".to_string(),
-        })?
-        .values()
-        .filter_map(|v| v.as_str())
-        .map(|f| dir.join(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
-}
-
-pub fn read_config(dir: &Path) -> Result<Config, EngineError> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| EngineError::Files { path: path.display().to_string(), message: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Files {
-        path: path.display().to_string(),
-        message: format!("not a BERT-family config: {e}"),
-    })
-}
-
 impl CandleBert {
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let config = read_config(dir)?;
-        let files = weight_files(dir)?;
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let config: Config = read_json(&dir.join("config.json"))?;
+        let files = safetensors_files(dir)?;
         // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
         // `pull` and never modified in place afterwards.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
-            .map_err(|e| EngineError::Files { path: dir.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| ModelError::Files { path: dir.display().to_string(), message: e.to_string() })?;
         let model = BertModel::load(vb, &config)
-            .map_err(|e| EngineError::Files { path: dir.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| ModelError::Files { path: dir.display().to_string(), message: e.to_string() })?;
         Ok(CandleBert { model, config })
     }
 }
 
 impl Encoder for CandleBert {
-    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn encode(&self, inputs: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, ModelError> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }

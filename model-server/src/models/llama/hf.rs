@@ -14,8 +14,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::EngineError;
-use super::llama::{Llama, LlamaConfig};
+use super::{Llama, LlamaConfig};
+use crate::models::ModelError;
+use crate::weights::read_json;
 
 /// The checkpoint's files in `dir`: config.json and at least one .safetensors file.
 pub fn find(dir: &Path) -> Option<(PathBuf, Vec<PathBuf>)> {
@@ -33,12 +34,6 @@ pub fn find(dir: &Path) -> Option<(PathBuf, Vec<PathBuf>)> {
     (!files.is_empty()).then_some((config, files))
 }
 
-fn read_json(path: &Path) -> Result<Value, EngineError> {
-    let files_err = |message: String| EngineError::Files { path: path.display().to_string(), message };
-    let text = std::fs::read_to_string(path).map_err(|e| files_err(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| files_err(format!("not JSON: {e}")))
-}
-
 /// What `config.json` says: the decoder's shape, Llama 3 rotary factors, tied embeddings.
 struct Checkpoint {
     cfg: LlamaConfig,
@@ -47,23 +42,19 @@ struct Checkpoint {
 }
 
 /// Reads `config.json` once. Refuses what the decoder does not do (rotary scaling other than
-/// Llama 3's, other architectures, odd attention shapes) rather than serving wrong text.
-fn config(path: &Path) -> Result<Checkpoint, EngineError> {
-    let json = read_json(path)?;
-    let unsupported = |message: String| EngineError::Files { path: path.display().to_string(), message };
-    let arch = json.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
-    if !matches!(arch.as_str(), "llama" | "mistral") {
-        return Err(unsupported(format!(
-            "model_type {arch:?}; this server runs the Llama family (llama, mistral)"
-        )));
-    }
-    let uint = |key: &str| -> Result<usize, EngineError> {
+/// Llama 3's, odd attention shapes) rather than serving wrong text.
+fn config(path: &Path) -> Result<Checkpoint, ModelError> {
+    let json: Value = read_json(path)?;
+    let unsupported = |message: String| ModelError::Files { path: path.display().to_string(), message };
+    // The table in `models` chose this decoder for the checkpoint's model_type.
+    let arch = json.get("model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
+    let uint = |key: &str| -> Result<usize, ModelError> {
         json.get(key)
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .ok_or_else(|| unsupported(format!("{key} is missing or not a whole number")))
     };
-    let float = |key: &str, default: f64| -> Result<f64, EngineError> {
+    let float = |key: &str, default: f64| -> Result<f64, ModelError> {
         match json.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_f64().ok_or_else(|| unsupported(format!("{key} is not a number"))),
@@ -161,22 +152,22 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Rows of a `[heads * head_dim, cols]` projection from rotate_half order to interleaved:
 /// row `(h, j, i)` (half `j`, index `i`) moves to `(h, i, j)`.
-fn interleave_rows(w: &Tensor, heads: usize) -> Result<Tensor, EngineError> {
+fn interleave_rows(w: &Tensor, heads: usize) -> Result<Tensor, ModelError> {
     let (rows, cols) = w.dims2()?;
     Ok(w.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }
 
 /// Load the model of a checkpoint.
-pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Llama, EngineError> {
+pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Llama, ModelError> {
     let Checkpoint { cfg, rope_factors: factors, tied } = config(config_path)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in files {
         let loaded = candle_core::safetensors::load(f, device)
-            .map_err(|e| EngineError::Files { path: f.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| ModelError::Files { path: f.display().to_string(), message: e.to_string() })?;
         tensors.extend(loaded);
     }
     let (heads, kv_heads) = (cfg.heads, cfg.kv_heads);
-    let mut weights = |name: &str| -> Result<Option<QTensor>, EngineError> {
+    let mut weights = |name: &str| -> Result<Option<QTensor>, ModelError> {
         // The decoder takes Llama 3 frequency factors as GGUF's rope_freqs tensor.
         if name == "rope_freqs.weight" {
             return match &factors {
@@ -258,7 +249,6 @@ mod tests {
         let cfg = config(&path).unwrap_or_else(|e| panic!("{e}")).cfg;
         assert_eq!((cfg.head_dim, cfg.kv_heads, cfg.rope_base), (16, 2, 10_000.0));
         for (key, value, says) in [
-            ("model_type", serde_json::json!("gpt2"), "model_type"),
             ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
             ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 0.5}), "rope_scaling"),
             ("num_key_value_heads", serde_json::json!(3), "attention shape"),

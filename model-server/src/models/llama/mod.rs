@@ -5,7 +5,7 @@
 //! all tokens of the step at once, so a decode step over eight streams reads the weights once;
 //! only attention, which depends on each sequence's history, runs per sequence.
 //!
-//! The matmuls run on the GGUF blocks as stored ([`super::quant`]: several activation rows per
+//! The matmuls run on the GGUF blocks as stored ([`crate::kernels::quant`]: several activation rows per
 //! pass over each weight block; Q, K and V, and gate and up, stacked into one matmul each).
 //! Everything between them (norms, rotary embeddings, attention over each sequence's cache) is
 //! plain loops over float rows: at one token per sequence a step is hundreds of tiny operations,
@@ -14,15 +14,18 @@
 //! interleaved ("normal") rotary embeddings, output weights tied to the token embeddings when
 //! `output.weight` is absent.
 
+pub mod hf;
+
 use std::sync::Arc;
 
 use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::EngineError;
-use super::packed_bert::kernels::{self, Isa};
-use super::quant::{Linear, Projections, QWeight};
+use crate::kernels::quant::{Linear, Projections, QWeight};
+use crate::kernels::{self, Isa};
+use crate::models::ModelError;
+use crate::weights::gguf::{metadata_f32, metadata_string, metadata_u32, tensor};
 
 /// Shape of a Llama-family model, from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,23 +43,18 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self, EngineError> {
+    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self, ModelError> {
+        // Which Llama variant (the table in `models` chose this decoder for it) prefixes the keys.
         let arch = metadata_string(ct, "general.architecture")?;
-        // llama.cpp's other interleaved-rope Llama variants share this tensor layout.
-        if !matches!(arch.as_str(), "llama" | "mistral") {
-            return Err(EngineError::Unsupported(format!(
-                "GGUF architecture {arch:?}; this server runs the Llama family (llama, mistral)"
-            )));
-        }
         let u = |key: &str| metadata_u32(ct, &format!("{arch}.{key}")).map(|v| v as usize);
         let heads = u("attention.head_count")?;
         let hidden = u("embedding_length")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        let head_dim = Self::head_dim_of(hidden, heads, kv_heads).map_err(EngineError::Unsupported)?;
+        let head_dim = Self::head_dim_of(hidden, heads, kv_heads).map_err(ModelError::Unsupported)?;
         if let Ok(rope_dim) = u("rope.dimension_count")
             && rope_dim != head_dim
         {
-            return Err(EngineError::Unsupported(format!(
+            return Err(ModelError::Unsupported(format!(
                 "partial rotary embeddings ({rope_dim} of {head_dim} dimensions)"
             )));
         }
@@ -66,7 +64,7 @@ impl LlamaConfig {
             metadata_string(ct, &format!("{arch}.rope.scaling.type")).unwrap_or_else(|_| "none".into());
         let linear = metadata_f32(ct, &format!("{arch}.rope.scale_linear")).unwrap_or(1.0);
         if scaling != "none" || linear != 1.0 {
-            return Err(EngineError::Unsupported(format!(
+            return Err(ModelError::Unsupported(format!(
                 "rotary scaling {scaling:?} (linear factor {linear}); only unscaled rotary embeddings and \
                  Llama 3 frequency factors are supported"
             )));
@@ -103,46 +101,6 @@ impl LlamaConfig {
     }
 }
 
-pub(crate) fn metadata_string(ct: &gguf_file::Content, key: &str) -> Result<String, EngineError> {
-    match ct.metadata.get(key) {
-        Some(gguf_file::Value::String(s)) => Ok(s.clone()),
-        Some(other) => {
-            Err(EngineError::Unsupported(format!("GGUF metadata {key} is {other:?}, not a string")))
-        }
-        None => Err(EngineError::Unsupported(format!("GGUF metadata has no {key}"))),
-    }
-}
-
-pub(crate) fn metadata_u32(ct: &gguf_file::Content, key: &str) -> Result<u32, EngineError> {
-    let v = ct
-        .metadata
-        .get(key)
-        .ok_or_else(|| EngineError::Unsupported(format!("GGUF metadata has no {key}")))?;
-    v.to_u32()
-        .or_else(|_| v.to_i32().map(|i| i.max(0) as u32))
-        .or_else(|_| v.to_u64().map(|i| i.min(u64::from(u32::MAX)) as u32))
-        .map_err(|_| EngineError::Unsupported(format!("GGUF metadata {key} is {v:?}, not an integer")))
-}
-
-fn metadata_f32(ct: &gguf_file::Content, key: &str) -> Result<f32, EngineError> {
-    let v = ct
-        .metadata
-        .get(key)
-        .ok_or_else(|| EngineError::Unsupported(format!("GGUF metadata has no {key}")))?;
-    v.to_f32()
-        .or_else(|_| v.to_f64().map(|f| f as f32))
-        .map_err(|_| EngineError::Unsupported(format!("GGUF metadata {key} is {v:?}, not a number")))
-}
-
-fn tensor<R: std::io::Read + std::io::Seek>(
-    ct: &gguf_file::Content,
-    reader: &mut R,
-    device: &Device,
-    name: &str,
-) -> Result<QTensor, EngineError> {
-    ct.tensor(reader, name, device).map_err(|e| EngineError::Unsupported(format!("GGUF tensor {name}: {e}")))
-}
-
 struct Layer {
     attn_norm: Vec<f32>,
     /// Q, K and V.
@@ -162,7 +120,7 @@ enum Embeddings {
 }
 
 impl Embeddings {
-    fn lookup(&self, ids: &[u32], hidden: usize) -> Result<Vec<f32>, EngineError> {
+    fn lookup(&self, ids: &[u32], hidden: usize) -> Result<Vec<f32>, ModelError> {
         let mut x = vec![0f32; ids.len() * hidden];
         for (id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
             let i = *id as usize;
@@ -172,8 +130,7 @@ impl Embeddings {
                     table.get(i * hidden..(i + 1) * hidden).map(|r| row.copy_from_slice(r))
                 }
             };
-            found
-                .ok_or_else(|| EngineError::Inference(format!("token id {id} is outside the vocabulary")))?;
+            found.ok_or_else(|| ModelError::Inference(format!("token id {id} is outside the vocabulary")))?;
         }
         Ok(x)
     }
@@ -250,9 +207,9 @@ impl Llama {
         ct: &gguf_file::Content,
         reader: &mut R,
         device: &Device,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_gguf(ct)?;
-        let mut weights = |name: &str| -> Result<Option<QTensor>, EngineError> {
+        let mut weights = |name: &str| -> Result<Option<QTensor>, ModelError> {
             if ct.tensor_infos.contains_key(name) {
                 tensor(ct, reader, device, name).map(Some)
             } else {
@@ -266,9 +223,9 @@ impl Llama {
     /// with Q and K rows in the interleaved rotary order GGUF uses. None: no such tensor.
     pub fn from_weights(
         cfg: LlamaConfig,
-        weights: &mut dyn FnMut(&str) -> Result<Option<QTensor>, EngineError>,
+        weights: &mut dyn FnMut(&str) -> Result<Option<QTensor>, ModelError>,
         device: &Device,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Self, ModelError> {
         let head = weights("output.weight")?;
         // Llama 3.1+: each rotary frequency divided by its factor (llama.cpp's rope_freqs).
         let rope_factors = match weights("rope_freqs.weight")? {
@@ -276,7 +233,7 @@ impl Llama {
             Some(q) => {
                 let f = q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
                 if f.len() != cfg.head_dim / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
-                    return Err(EngineError::Unsupported(format!(
+                    return Err(ModelError::Unsupported(format!(
                         "rope_freqs has {} factors for {} rotary frequencies, or one not positive",
                         f.len(),
                         cfg.head_dim / 2
@@ -286,15 +243,15 @@ impl Llama {
             }
         };
         let mut t = |name: &str| {
-            weights(name)?.ok_or_else(|| EngineError::Unsupported(format!("the weights have no {name}")))
+            weights(name)?.ok_or_else(|| ModelError::Unsupported(format!("the weights have no {name}")))
         };
-        let floats = |q: QTensor| -> Result<Vec<f32>, EngineError> {
+        let floats = |q: QTensor| -> Result<Vec<f32>, ModelError> {
             Ok(q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        let norm_of = |q: QTensor, name: &str| -> Result<Vec<f32>, EngineError> {
+        let norm_of = |q: QTensor, name: &str| -> Result<Vec<f32>, ModelError> {
             let v = floats(q)?;
             if v.len() != cfg.hidden {
-                return Err(EngineError::Unsupported(format!(
+                return Err(ModelError::Unsupported(format!(
                     "tensor {name} has {} values for a hidden size of {}",
                     v.len(),
                     cfg.hidden
@@ -342,7 +299,7 @@ impl Llama {
             .num_threads(rayon::current_num_threads())
             .thread_name(|i| format!("kiln-llama-{i}"))
             .build()
-            .map_err(|e| EngineError::Inference(format!("inference threads: {e}")))?;
+            .map_err(|e| ModelError::Inference(format!("inference threads: {e}")))?;
         Ok(Llama {
             cfg,
             embed,
@@ -388,11 +345,11 @@ impl Llama {
     /// The step runs on a worker of the model's own thread pool, so the work between matmuls
     /// and the matmuls' shares use the same threads: a caller thread waiting beside the pool
     /// would leave an idle worker spinning on the core that the step's serial part needs.
-    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, EngineError> {
+    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, ModelError> {
         self.pool.install(|| self.forward_here(steps))
     }
 
-    fn forward_here(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, EngineError> {
+    fn forward_here(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, ModelError> {
         let cfg = &self.cfg;
         let all: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if all.is_empty() {
@@ -400,14 +357,14 @@ impl Llama {
         }
         for s in steps.iter() {
             if s.cache.len + s.tokens.len() > cfg.context_length {
-                return Err(EngineError::Inference(format!(
+                return Err(ModelError::Inference(format!(
                     "sequence of {} tokens exceeds the context window of {}",
                     s.cache.len + s.tokens.len(),
                     cfg.context_length
                 )));
             }
             if s.cache.layers.len() != cfg.layers {
-                return Err(EngineError::Inference("sequence cache is not from this model".into()));
+                return Err(ModelError::Inference("sequence cache is not from this model".into()));
             }
         }
         let t = all.len();
@@ -418,7 +375,7 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32, &mut h);
             let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(layer.qkv.forward(&h, t)?)
-                .map_err(|_| EngineError::Inference("Q, K and V projections".into()))?;
+                .map_err(|_| ModelError::Inference("Q, K and V projections".into()))?;
             self.rope(&mut q, &positions);
             self.rope(&mut k, &positions);
             let kv = cfg.kv_heads * cfg.head_dim;
@@ -434,7 +391,7 @@ impl Llama {
             add(&mut x, &layer.wo.forward(&y, t)?);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32, &mut h);
             let [mut gate, up] = <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&h, t)?)
-                .map_err(|_| EngineError::Inference("gate and up projections".into()))?;
+                .map_err(|_| ModelError::Inference("gate and up projections".into()))?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
@@ -499,7 +456,8 @@ impl Llama {
             let s = &steps[si];
             let cache = &s.cache.layers[layer];
             let n = s.tokens.len();
-            attend_head(cfg, cache, s.cache.len, head, &q[row * qd..(row + n) * qd], self.isa)
+            let q = &q[row * qd..(row + n) * qd];
+            attend_head(HeadJob { cfg, cache, pos: s.cache.len, head, q }, self.isa)
         };
         let outs: Vec<Vec<f32>> = if work < PARALLEL_ATTENTION {
             jobs.iter().map(job).collect()
@@ -518,45 +476,36 @@ impl Llama {
 }
 
 /// One query head over one sequence: `n` query rows (of all heads, `heads * head_dim` each) at
-/// positions `pos..pos + n`, each seeing keys `0..=its position`. Returns `[n][head_dim]`.
-fn attend_head(
-    cfg: &LlamaConfig,
-    cache: &LayerCache,
+/// positions `pos..pos + n`, each seeing keys `0..=its position`.
+#[derive(Clone, Copy)]
+struct HeadJob<'a> {
+    cfg: &'a LlamaConfig,
+    cache: &'a LayerCache,
     pos: usize,
     head: usize,
-    q: &[f32],
-    isa: Isa,
-) -> Vec<f32> {
+    q: &'a [f32],
+}
+
+/// [`HeadJob`]'s output, `[n][head_dim]`, with the loops compiled for the ISA the CPU has.
+fn attend_head(job: HeadJob<'_>, isa: Isa) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2Fma {
         // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU has AVX2 and FMA.
-        return unsafe { attend_head_avx2(cfg, cache, pos, head, q) };
+        return unsafe { attend_head_avx2(job) };
     }
-    attend_head_with(cfg, cache, pos, head, q, isa)
+    attend_head_with(job, isa)
 }
 
 /// The same loops compiled for AVX2, where the compiler vectorizes them 8 wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_avx2(
-    cfg: &LlamaConfig,
-    cache: &LayerCache,
-    pos: usize,
-    head: usize,
-    q: &[f32],
-) -> Vec<f32> {
-    attend_head_with(cfg, cache, pos, head, q, Isa::Avx2Fma)
+unsafe fn attend_head_avx2(job: HeadJob<'_>) -> Vec<f32> {
+    attend_head_with(job, Isa::Avx2Fma)
 }
 
 #[inline(always)]
-fn attend_head_with(
-    cfg: &LlamaConfig,
-    cache: &LayerCache,
-    pos: usize,
-    head: usize,
-    q: &[f32],
-    isa: Isa,
-) -> Vec<f32> {
+fn attend_head_with(job: HeadJob<'_>, isa: Isa) -> Vec<f32> {
+    let HeadJob { cfg, cache, pos, head, q } = job;
     let hd = cfg.head_dim;
     let kv = cfg.kv_heads * hd;
     let group = head / (cfg.heads / cfg.kv_heads);
@@ -676,7 +625,7 @@ mod tests {
         let cache = LayerCache { k: vec![1.0, 0.0, 0.0, 1.0], v: vec![10.0, 20.0, 30.0, 40.0] };
         let q = [5.0, 0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 5.0]; // [token][head][dim]
         for head in 0..2 {
-            let out = attend_head(&cfg, &cache, 0, head, &q, Isa::Scalar);
+            let out = attend_head(HeadJob { cfg: &cfg, cache: &cache, pos: 0, head, q: &q }, Isa::Scalar);
             // The first token sees only the first key: its value exactly.
             assert_eq!(out[..2], [10.0, 20.0], "head {head}");
             // The second sees both, weighted towards the key its query matches.

@@ -17,8 +17,8 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use candle_core::quantized::gguf_file::{self, Value};
 
-use super::EngineError;
-use super::llama::metadata_string;
+use super::metadata_string;
+use crate::models::ModelError;
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_CONTROL: i32 = 3;
@@ -32,25 +32,25 @@ pub struct GgufVocab {
 }
 
 /// Token strings by id.
-pub fn tokens(ct: &gguf_file::Content) -> Result<Vec<String>, EngineError> {
+pub fn tokens(ct: &gguf_file::Content) -> Result<Vec<String>, ModelError> {
     strings(ct, "tokenizer.ggml.tokens")
 }
 
-fn strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>, EngineError> {
+fn strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>, ModelError> {
     match ct.metadata.get(key) {
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
-                other => Err(EngineError::Unsupported(format!("GGUF {key} holds {other:?}, not strings"))),
+                other => Err(ModelError::Unsupported(format!("GGUF {key} holds {other:?}, not strings"))),
             })
             .collect(),
-        Some(other) => Err(EngineError::Unsupported(format!("GGUF {key} is {other:?}, not an array"))),
-        None => Err(EngineError::Unsupported(format!("GGUF metadata has no {key}"))),
+        Some(other) => Err(ModelError::Unsupported(format!("GGUF {key} is {other:?}, not an array"))),
+        None => Err(ModelError::Unsupported(format!("GGUF metadata has no {key}"))),
     }
 }
 
-fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, EngineError> {
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
     let byte_level = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true));
     match pre {
         // SmolLM/SmolLM2's tokenizer.json: each digit on its own, then the GPT-2 byte-level split.
@@ -59,17 +59,17 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, EngineError> {
             byte_level(),
         ]))),
         "gpt2" | "gpt-2" => Ok(byte_level()),
-        other => Err(EngineError::Unsupported(format!(
+        other => Err(ModelError::Unsupported(format!(
             "GGUF pre-tokenizer {other:?} cannot be rebuilt from metadata here (supported: smollm, gpt2); \
              put the model's tokenizer.json beside the GGUF file"
         ))),
     }
 }
 
-pub fn from_gguf(ct: &gguf_file::Content) -> Result<GgufVocab, EngineError> {
+pub fn from_gguf(ct: &gguf_file::Content) -> Result<GgufVocab, ModelError> {
     let model = metadata_string(ct, "tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(EngineError::Unsupported(format!(
+        return Err(ModelError::Unsupported(format!(
             "GGUF tokenizer model {model:?}: only byte-level BPE (\"gpt2\") is rebuilt from metadata; \
              put the model's tokenizer.json beside the GGUF file"
         )));
@@ -81,7 +81,7 @@ pub fn from_gguf(ct: &gguf_file::Content) -> Result<GgufVocab, EngineError> {
         .map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| EngineError::Unsupported(format!("GGUF merge {m:?} is not two tokens")))
+                .ok_or_else(|| ModelError::Unsupported(format!("GGUF merge {m:?} is not two tokens")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
@@ -92,7 +92,7 @@ pub fn from_gguf(ct: &gguf_file::Content) -> Result<GgufVocab, EngineError> {
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| EngineError::Tokenizer(format!("building BPE from GGUF: {e}")))?;
+        .map_err(|e| ModelError::Tokenizer(format!("building BPE from GGUF: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));

@@ -1,0 +1,108 @@
+//! Model families: what a pod serves. Each family owns its folder: its routes and request
+//! types, its scheduling (the dynamic batcher, the continuous scheduler) and the handle to its
+//! loaded models. The server is generic over [`ModelFamily`]; [`serve`] is the registry, the
+//! one place a family is named. Adding a family is its folder and one line there.
+
+pub mod text_embedding;
+pub mod text_generation;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::manifest::{Batching, Family, ModelRef};
+use crate::metrics::Metrics;
+use crate::models::ModelError;
+use crate::queue::{FailureHook, RequestQueue, Weigh};
+use crate::serve::{ServeOptions, ServePlan};
+use crate::state::AppState;
+
+/// The state every handler of a family's pod shares.
+pub type Shared<F> = Arc<AppState<F>>;
+
+/// What a family provides; everything around it (loading with progress, readiness, fallback,
+/// status, metrics, draining) is the same for every family.
+pub trait ModelFamily: Sized + Send + Sync + 'static {
+    const FAMILY: Family;
+    /// A model version as loaded from its directory (weights, tokenizer, settings).
+    type Model: Send + Sync + 'static;
+    /// The model with its worker running: what requests go to.
+    type Serving: Serving;
+
+    /// Load `dir`: the architecture comes from what the checkpoint declares, through the table
+    /// in [`crate::models`].
+    fn load(dir: &Path) -> Result<Self::Model, ModelError>;
+    /// A few words for the log line that says the model loaded.
+    fn summary(model: &Self::Model) -> String;
+    /// One warmup pass over `inputs`.
+    fn warm(model: &Self::Model, inputs: &[String]) -> Result<(), ModelError>;
+    /// Start the model's worker.
+    fn start(id: &ModelRef, model: Arc<Self::Model>, ctx: StartContext) -> std::io::Result<Self::Serving>;
+    /// The family's inference routes.
+    fn routes() -> Router<Shared<Self>>;
+}
+
+/// What a worker starts with.
+pub struct StartContext {
+    pub batching: Batching,
+    /// Tokens that may wait in the model's queue.
+    pub max_queued_tokens: usize,
+    /// Memory the model may use for per-request state (text generation's KV cache): the plan's,
+    /// else what the pod can spare once loaded (`loader::spare_memory`).
+    pub memory_for_requests: u64,
+    pub metrics: Arc<Metrics>,
+    pub on_failure: FailureHook,
+}
+
+impl StartContext {
+    /// The bounded queue a model's worker takes its jobs from.
+    pub fn queue<J: Weigh>(&self, id: &ModelRef) -> Arc<RequestQueue<J>> {
+        Arc::new(RequestQueue::new(
+            id.clone(),
+            self.batching.max_queue_depth as usize,
+            self.max_queued_tokens,
+            self.metrics.clone(),
+        ))
+    }
+}
+
+/// A model being served: its queue and worker.
+pub trait Serving: Send + Sync + 'static {
+    /// Requests waiting in its queue for the worker.
+    fn waiting(&self) -> usize;
+    /// Requests waiting or running: what `kiln_queue_depth` counts.
+    fn in_flight(&self) -> usize;
+    /// Why its worker died, once it has.
+    fn failure(&self) -> Option<String>;
+    /// Refuse new requests; queued and running ones finish.
+    fn close(&self);
+    /// Its own fields of `/status` (dimension, context length, KV cache...).
+    fn status(&self) -> serde_json::Map<String, serde_json::Value>;
+}
+
+/// The endpoints of a family, as `METHOD /path`: for the 404 a request to another family's
+/// endpoint gets, naming the family this pod serves.
+pub fn endpoints(family: Family) -> &'static [&'static str] {
+    match family {
+        Family::TextEmbedding => text_embedding::ENDPOINTS,
+        Family::TextGeneration => text_generation::ENDPOINTS,
+    }
+}
+
+/// Serve `plan` until `shutdown`: the registry of families.
+pub async fn serve(
+    plan: ServePlan,
+    listener: tokio::net::TcpListener,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    match plan.family {
+        Family::TextEmbedding => {
+            crate::serve::run::<text_embedding::TextEmbedding>(plan, listener, options, shutdown).await
+        }
+        Family::TextGeneration => {
+            crate::serve::run::<text_generation::TextGeneration>(plan, listener, options, shutdown).await
+        }
+    }
+}

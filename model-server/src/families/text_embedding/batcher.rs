@@ -1,0 +1,198 @@
+//! Dynamic batching for the text-embedding family, one queue and one dedicated OS thread per
+//! model.
+//!
+//! Requests are tokenized before they get here; the worker closes a batch at `maxBatchSize`
+//! inputs or `maxDelayMilliseconds` after its oldest request arrived, orders the inputs by
+//! length, runs the encoder and scatters results back in the caller's order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::EmbeddingModel;
+use crate::families::StartContext;
+use crate::manifest::{Batching, ModelRef};
+use crate::metrics::Metrics;
+use crate::models::ModelError;
+use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
+
+pub type BatchResult = Result<Vec<Vec<f32>>, ModelError>;
+
+struct Job {
+    inputs: Vec<Vec<u32>>,
+    arrived: Instant,
+    reply: oneshot::Sender<BatchResult>,
+}
+
+impl Weigh for Job {
+    fn tokens(&self) -> usize {
+        self.inputs.iter().map(Vec::len).sum()
+    }
+}
+
+/// Handle to one embedding model's queue; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    queue: Arc<RequestQueue<Job>>,
+    config: Batching,
+    id: ModelRef,
+    metrics: Arc<Metrics>,
+}
+
+/// A place in an embedding model's queue, taken before tokenization.
+pub struct BatchSlot(Reservation<Job>);
+
+impl BatchSlot {
+    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
+    pub fn submit(self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.0.push(Job { inputs, arrived: Instant::now(), reply })?;
+        Ok(rx)
+    }
+}
+
+impl Batcher {
+    /// Start the worker thread for `model`.
+    pub fn spawn(id: ModelRef, model: Arc<EmbeddingModel>, ctx: StartContext) -> std::io::Result<Self> {
+        let queue = ctx.queue(&id);
+        let StartContext { batching: config, metrics, on_failure, .. } = ctx;
+        let batcher = Batcher { queue: queue.clone(), config, id: id.clone(), metrics };
+        let worker = batcher.clone();
+        let tell = |job: Job, reason: &str| {
+            let _ = job.reply.send(Err(ModelError::Inference(reason.to_string())));
+        };
+        spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || worker.run(&model))?;
+        Ok(batcher)
+    }
+
+    /// A place in the queue, or why there is none (full, closed, failed).
+    pub fn reserve(&self) -> Result<BatchSlot, SubmitError> {
+        self.queue.reserve().map(BatchSlot)
+    }
+
+    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
+    pub fn submit(&self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+        self.reserve()?.submit(inputs)
+    }
+
+    /// Requests waiting, not yet in a batch.
+    pub fn waiting(&self) -> usize {
+        self.queue.waiting()
+    }
+
+    /// Requests waiting or in the running batch.
+    pub fn in_flight(&self) -> usize {
+        self.queue.in_flight()
+    }
+
+    /// Tokens held by the waiting requests.
+    pub fn tokens_waiting(&self) -> usize {
+        self.queue.tokens_waiting()
+    }
+
+    /// Why the worker died, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.queue.lock().failed.clone()
+    }
+
+    /// Why the worker died, waiting up to `within` for the reason (see [`RequestQueue::failure_within`]).
+    pub async fn failure_within(&self, within: Duration) -> Option<String> {
+        self.queue.failure_within(within).await
+    }
+
+    /// Finish what is queued, then stop the worker.
+    pub fn close(&self) {
+        self.queue.close();
+    }
+
+    fn run(&self, model: &EmbeddingModel) {
+        while let Some(batch) = self.next_batch() {
+            if crate::failpoint::hit("batch-panic", &self.id) {
+                panic!("failpoint batch-panic");
+            }
+            self.execute(model, batch);
+        }
+    }
+
+    /// Block until a batch is due; None once closed and drained.
+    fn next_batch(&self) -> Option<Vec<Tracked<Job>>> {
+        let max_inputs = self.config.max_batch_size.max(1) as usize;
+        let max_delay = Duration::from_millis(u64::from(self.config.max_delay_milliseconds));
+        let mut q = self.queue.lock();
+        loop {
+            // Drop requests whose caller went away before they cost a batch slot.
+            let dropped = q.retain(|j| !j.reply.is_closed());
+            self.queue.taken(dropped);
+            if let Some(oldest) = q.front() {
+                let waiting: usize = q.iter().map(|j| j.inputs.len()).sum();
+                let due = oldest.arrived + max_delay;
+                let now = Instant::now();
+                if waiting >= max_inputs || now >= due || q.closed {
+                    let mut batch = Vec::new();
+                    let mut n = 0;
+                    while let Some(job) = q.front() {
+                        // Always take at least one job, even one larger than a batch.
+                        if !batch.is_empty() && n + job.inputs.len() > max_inputs {
+                            break;
+                        }
+                        n += job.inputs.len();
+                        if let Some(job) = q.pop_front() {
+                            batch.push(job);
+                        }
+                    }
+                    self.queue.taken(batch.len());
+                    return Some(batch);
+                }
+                q = self.queue.wait_timeout(q, due - now);
+            } else if q.closed {
+                return None;
+            } else {
+                q = self.queue.wait(q);
+            }
+        }
+    }
+
+    fn execute(&self, model: &EmbeddingModel, batch: Vec<Tracked<Job>>) {
+        let max_inputs = self.config.max_batch_size.max(1) as usize;
+        // Flatten, remembering where each input goes, and order by length.
+        let mut order: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(j, t)| (0..t.job.inputs.len()).map(move |i| (j, i)))
+            .collect();
+        order.sort_by_key(|&(j, i)| batch[j].job.inputs[i].len());
+        let mut results: Vec<Vec<Option<Vec<f32>>>> =
+            batch.iter().map(|t| vec![None; t.job.inputs.len()]).collect();
+        let mut failure: Option<ModelError> = None;
+        for chunk in order.chunks(max_inputs) {
+            let inputs: Vec<&[u32]> = chunk.iter().map(|&(j, i)| batch[j].job.inputs[i].as_slice()).collect();
+            self.metrics
+                .batch_size
+                .with_label_values(&[&self.id.name, &self.id.version])
+                .observe(inputs.len() as f64);
+            match model.embed_tokens(&inputs) {
+                Ok(vectors) => {
+                    for (&(j, i), v) in chunk.iter().zip(vectors) {
+                        results[j][i] = Some(v);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %self.id, error = %e, "batch failed");
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // Each request leaves the in-flight count as its answer goes out.
+        for (Tracked { job, in_flight: _in_flight }, slots) in batch.into_iter().zip(results) {
+            let reply = match (&failure, slots.into_iter().collect::<Option<Vec<_>>>()) {
+                (None, Some(vectors)) => Ok(vectors),
+                (Some(e), _) => Err(ModelError::Inference(e.to_string())),
+                (None, None) => Err(ModelError::Inference("batch produced no result".to_string())),
+            };
+            // The caller may have gone away; nothing to do then.
+            let _ = job.reply.send(reply);
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The text-embedding family: a tokenizer, an encoder architecture (BERT or XLM-RoBERTa, from
+//! `config.json`'s `model_type`) and the sentence-transformers post-processing (pooling,
+//! normalisation, sequence limit), served through a dynamic batcher at `/v1/embeddings` and
+//! `/embed/text`.
+
+pub mod batcher;
+pub mod pooling;
+mod routes;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use serde_json::{Value, json};
+
+use super::{ModelFamily, Serving, Shared, StartContext};
+use crate::manifest::{Family, ModelRef};
+use crate::models::bert::BertConfig;
+use crate::models::bert::packed::PackedBert;
+use crate::models::{Architecture, Encoder, ModelError, architecture};
+use crate::weights::model_type;
+use batcher::Batcher;
+pub use pooling::EncoderSettings;
+
+/// This family's endpoints.
+pub const ENDPOINTS: &[&str] = &["POST /v1/embeddings", "POST /embed/text"];
+
+pub struct TextEmbedding;
+
+impl ModelFamily for TextEmbedding {
+    const FAMILY: Family = Family::TextEmbedding;
+    type Model = EmbeddingModel;
+    type Serving = EmbeddingServing;
+
+    fn load(dir: &Path) -> Result<EmbeddingModel, ModelError> {
+        EmbeddingModel::load(dir)
+    }
+
+    fn summary(model: &EmbeddingModel) -> String {
+        format!("dimension {}", model.dimension())
+    }
+
+    fn warm(model: &EmbeddingModel, inputs: &[String]) -> Result<(), ModelError> {
+        if !inputs.is_empty() {
+            let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            model.embed(&inputs)?;
+        }
+        Ok(())
+    }
+
+    fn start(
+        id: &ModelRef,
+        model: Arc<EmbeddingModel>,
+        ctx: StartContext,
+    ) -> std::io::Result<EmbeddingServing> {
+        let batcher = Batcher::spawn(id.clone(), model.clone(), ctx)?;
+        Ok(EmbeddingServing { model, batcher })
+    }
+
+    fn routes() -> Router<Shared<Self>> {
+        routes::routes()
+    }
+}
+
+/// An embedding model with its batcher running.
+pub struct EmbeddingServing {
+    pub model: Arc<EmbeddingModel>,
+    pub batcher: Batcher,
+}
+
+impl Serving for EmbeddingServing {
+    fn waiting(&self) -> usize {
+        self.batcher.waiting()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.batcher.in_flight()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.batcher.failure()
+    }
+
+    fn close(&self) {
+        self.batcher.close();
+    }
+
+    fn status(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("dimension".into(), json!(self.model.dimension()));
+        m.insert("maxSeqLength".into(), json!(self.model.settings().max_seq_length));
+        m.insert("queuedTokens".into(), json!(self.batcher.tokens_waiting()));
+        m
+    }
+}
+
+/// Token ids of one input, with special tokens, already truncated to the model's limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    /// True when the input was longer than the limit and was cut.
+    pub truncated: bool,
+}
+
+/// A loaded text-embedding model.
+pub struct EmbeddingModel {
+    tokenizer: tokenizers::Tokenizer,
+    encoder: Arc<dyn Encoder>,
+    settings: EncoderSettings,
+}
+
+impl EmbeddingModel {
+    /// Load from a Hugging Face directory (config.json, tokenizer.json, safetensors and the
+    /// sentence-transformers files): the architecture from `model_type`, on the packed encoder.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let declared = model_type(&config_path)?;
+        let arch = architecture(Family::TextEmbedding, declared.as_deref(), "model_type", &config_path)
+            .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        let encoder: Arc<dyn Encoder> = match arch {
+            Architecture::Bert | Architecture::XlmRoberta => {
+                Arc::new(PackedBert::load(dir, &BertConfig::read(dir, arch)?)?)
+            }
+            Architecture::Llama => {
+                return Err(ModelError::Unsupported(format!("{arch:?} is not an encoder")));
+            }
+        };
+        let settings = EncoderSettings::read(dir, encoder.max_positions())?;
+        Self::with_encoder(dir, encoder, settings)
+    }
+
+    pub fn with_encoder(
+        dir: &Path,
+        encoder: Arc<dyn Encoder>,
+        settings: EncoderSettings,
+    ) -> Result<Self, ModelError> {
+        let path = dir.join("tokenizer.json");
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Files { path: path.display().to_string(), message: e.to_string() })?;
+        // tokenizer.json files often carry fixed padding/truncation (MiniLM: 128) that would
+        // pad every input and cut long ones short; we pad nothing and cut at max_seq_length.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: settings.max_seq_length,
+                ..Default::default()
+            }))
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(EmbeddingModel { tokenizer, encoder, settings })
+    }
+
+    pub fn dimension(&self) -> usize {
+        self.encoder.hidden_size()
+    }
+
+    pub fn settings(&self) -> &EncoderSettings {
+        &self.settings
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Tokens, ModelError> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(Tokens { ids: enc.get_ids().to_vec(), truncated: !enc.get_overflowing().is_empty() })
+    }
+
+    /// Embeddings for already tokenized inputs, normalised when the model asks for it.
+    pub fn embed_tokens(&self, inputs: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut out = self.encoder.encode(inputs, self.settings.pooling)?;
+        if self.settings.normalize {
+            out.iter_mut().for_each(|v| l2_normalize(v));
+        }
+        Ok(out)
+    }
+
+    /// Tokenize and embed; the convenience path for warmup and tests.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tokens = texts.iter().map(|t| self.tokenize(t)).collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+        self.embed_tokens(&ids)
+    }
+}
+
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb).max(f32::MIN_POSITIVE)
+}
