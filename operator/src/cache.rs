@@ -10,79 +10,84 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
+use crate::crd::ModelDeployment;
 use crate::resources::LABEL_MD;
-
-/// Read views of the caches, one per kind.
-#[derive(Clone)]
-pub struct Caches {
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub config_maps: Store<ConfigMap>,
-    pub pdbs: Store<PodDisruptionBudget>,
-    pub hpas: Store<HorizontalPodAutoscaler>,
-    pub pods: Store<Pod>,
-}
 
 /// A boxed stream of one kind's changed objects (applied or deleted), for the controller's
 /// owns triggers. The cache itself is kept current by its driver, whether or not this is polled.
 pub type Changes<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
 
-/// What the controller is handed: each owned kind's changes (applied or deleted) as triggers,
-/// and the tasks that run the watches. The watches run on their own, not inside the
-/// controller's trigger stream: the controller stops polling its triggers while its
-/// reconciles are all busy, and a cache starved that way would never finish its first listing.
-pub struct Watches {
-    pub deployments: Changes<Deployment>,
-    pub services: Changes<Service>,
-    pub config_maps: Changes<ConfigMap>,
-    pub pdbs: Changes<PodDisruptionBudget>,
-    pub hpas: Changes<HorizontalPodAutoscaler>,
-    /// Futures that keep every cache current; spawn each of them.
-    pub drivers: Vec<futures::future::BoxFuture<'static, ()>>,
+/// Futures that keep the caches current; spawn each of them.
+pub type Drivers = Vec<futures::future::BoxFuture<'static, ()>>;
+
+macro_rules! caches {
+    ($($field:ident: $kind:ty,)*) => {
+        /// Read views of the caches: one per owned kind, and the pods.
+        #[derive(Clone)]
+        pub struct Caches {
+            $(pub $field: Store<$kind>,)*
+            pub pods: Store<Pod>,
+        }
+
+        /// What the controller is handed: each owned kind's changes (applied or deleted) as
+        /// triggers, and the tasks that run the watches. The watches run on their own, not
+        /// inside the controller's trigger stream: the controller stops polling its triggers
+        /// while its reconciles are all busy, and a cache starved that way would never finish
+        /// its first listing.
+        pub struct Watches {
+            $(pub $field: Changes<$kind>,)*
+            pub drivers: Drivers,
+        }
+
+        impl Caches {
+            /// Caches over one namespace, or all of them, their change streams and their drivers.
+            pub fn watch(client: &Client, namespace: Option<&str>) -> (Caches, Watches) {
+                let mut drivers = Vec::new();
+                $(let $field = cached::<$kind>(scoped(client, namespace), &mut drivers);)*
+                // Pods only feed their cache (their changes reach us through the Deployment's status).
+                let (pods, _) = cached_with(scoped(client, namespace), &mut drivers, |pod: &mut Pod| {
+                    // Status reads only a pod's name, labels and status: the spec is most of its size.
+                    pod.spec = None;
+                    pod.metadata.annotations = None;
+                    pod.metadata.owner_references = None;
+                });
+                (
+                    Caches { $($field: $field.0,)* pods },
+                    Watches { $($field: $field.1,)* drivers },
+                )
+            }
+
+            /// Waits until every cache has completed its first listing; before that, an absent
+            /// object may only be not yet seen, and acting on it would re-apply what exists.
+            pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
+                $(self.$field.wait_until_ready().await?;)*
+                self.pods.wait_until_ready().await
+            }
+
+            /// Caches holding `objects` (each typed by its `kind`), as if the watches had listed
+            /// them: for tests of the reconciler.
+            #[cfg(test)]
+            pub fn listing(objects: &[serde_json::Value]) -> Caches {
+                Caches { $($field: testing::of_kind::<$kind>(objects),)* pods: testing::of_kind::<Pod>(objects) }
+            }
+        }
+
+        impl Watches {
+            /// `controller` triggered by every owned kind's changes, and the drivers to spawn.
+            pub fn own(self, controller: Controller<ModelDeployment>) -> (Controller<ModelDeployment>, Drivers) {
+                (controller$(.owns_stream(self.$field))*, self.drivers)
+            }
+        }
+    };
 }
 
-impl Caches {
-    /// Caches over one namespace, or all of them, their change streams and their drivers.
-    pub fn watch(client: &Client, namespace: Option<&str>) -> (Caches, Watches) {
-        let mut drivers = Vec::new();
-        let (deployments, d) = cached(scoped(client, namespace), &mut drivers);
-        let (services, s) = cached(scoped(client, namespace), &mut drivers);
-        let (config_maps, c) = cached(scoped(client, namespace), &mut drivers);
-        let (pdbs, p) = cached(scoped(client, namespace), &mut drivers);
-        let (hpas, h) = cached(scoped(client, namespace), &mut drivers);
-        // Pods only feed their cache (their changes reach us through the Deployment's status).
-        let (pods, _) = cached_with(scoped(client, namespace), &mut drivers, |pod: &mut Pod| {
-            // Status reads only a pod's name, labels and status: the spec is most of its size.
-            pod.spec = None;
-            pod.metadata.annotations = None;
-            pod.metadata.owner_references = None;
-        });
-        (
-            Caches { deployments, services, config_maps, pdbs, hpas, pods },
-            Watches { deployments: d, services: s, config_maps: c, pdbs: p, hpas: h, drivers },
-        )
-    }
-
-    /// Waits until every cache has completed its first listing; before that, an absent object
-    /// may only be not yet seen, and acting on it would re-apply what exists.
-    pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.deployments.wait_until_ready().await?;
-        self.services.wait_until_ready().await?;
-        self.config_maps.wait_until_ready().await?;
-        self.pdbs.wait_until_ready().await?;
-        self.hpas.wait_until_ready().await?;
-        self.pods.wait_until_ready().await
-    }
-}
+crate::owned::owned_kinds!(caches);
 
 /// The cached object `name` in `namespace`.
 pub fn get<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
@@ -104,8 +109,6 @@ where
             && labels.iter().all(|(k, v)| o.labels().get(*k).map(String::as_str) == Some(*v))
     })
 }
-
-type Drivers = Vec<futures::future::BoxFuture<'static, ()>>;
 
 fn cached<K>(api: Api<K>, drivers: &mut Drivers) -> (Store<K>, Changes<K>)
 where
@@ -169,6 +172,20 @@ where
 #[cfg(test)]
 pub mod testing {
     use super::*;
+
+    /// A store of the objects in `objects` whose `kind` is `K`'s.
+    pub fn of_kind<K>(objects: &[serde_json::Value]) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned,
+    {
+        let kind = K::kind(&());
+        store(
+            objects
+                .iter()
+                .filter(|o| o["kind"] == kind.as_ref())
+                .map(|o| serde_json::from_value(o.clone()).unwrap_or_else(|e| panic!("a {kind}: {e}"))),
+        )
+    }
 
     pub fn store<K>(objects: impl IntoIterator<Item = K>) -> Store<K>
     where

@@ -241,7 +241,8 @@ pub struct AutoscalingSpec {
     pub min_replicas: u32,
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: u32,
-    /// Average requests waiting per pod that the HPA aims for.
+    /// Average requests waiting or running per pod (`kiln_queue_depth`) that the HPA aims for;
+    /// about `batching.maxBatchSize` keeps each pod busy without a queue.
     #[schemars(range(min = 1, max = 100000))]
     pub target_queue_depth: u32,
     /// Seconds of lower recommendations the HPA waits for before removing pods (its
@@ -296,13 +297,14 @@ pub struct PoolStatus {
     pub memory_available: Option<String>,
 }
 
+/// A model version's state across the pools that serve it, from their Deployments and pods.
+/// (Whether a pod serves a failed version's fallback is per pod, in its `/status`.)
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub enum ModelState {
     Pending,
     Loading,
     Ready,
     Failed,
-    FallenBack,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod owned;
 /// Quantities as bytes, shared with the server (its memory flags parse the same way).
 pub use kiln_model_server::quantity;
 pub mod reconcile;

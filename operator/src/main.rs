@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kiln_operator::cache::{Caches, Watches};
+use kiln_operator::cache::Caches;
 use kiln_operator::crd::ModelDeployment;
 use kiln_operator::leader::{LeaderElector, Timing};
 use kiln_operator::metrics::OperatorMetrics;
@@ -81,7 +81,6 @@ async fn main() -> anyhow::Result<()> {
     // One label-selected watch per kind we own (only our children: small in a busy cluster)
     // fills a cache the reconciler reads and triggers reconciles of the owner.
     let (caches, watches) = Caches::watch(&client, children.as_deref());
-    let Watches { deployments, services, config_maps, pdbs, hpas, drivers } = watches;
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -126,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The watches start once this replica leads; reconciles start once every cache holds its
     // first listing, so a restarted operator never mistakes "not seen yet" for "absent".
+    let (controller, drivers) = watches.own(Controller::new(mds, watcher::Config::default()));
     let watch_tasks: Vec<_> = drivers.into_iter().map(tokio::spawn).collect();
     ctx.caches.ready().await.context("a watch cache stopped before its first listing")?;
     tracing::info!("caches filled");
@@ -136,20 +136,14 @@ async fn main() -> anyhow::Result<()> {
     let config = kube::runtime::controller::Config::default()
         .concurrency(args.concurrency)
         .debounce(Duration::from_millis(args.debounce_ms));
-    let controller = Controller::new(mds, watcher::Config::default())
-        .with_config(config)
-        .owns_stream(deployments)
-        .owns_stream(services)
-        .owns_stream(config_maps)
-        .owns_stream(pdbs)
-        .owns_stream(hpas)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile loop");
-            }
-        });
+    let controller =
+        controller.with_config(config).shutdown_on_signal().run(reconcile, error_policy, ctx).for_each(
+            |res| async move {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "reconcile loop");
+                }
+            },
+        );
     tokio::select! {
         () = controller => {}
         () = lost_lead => {

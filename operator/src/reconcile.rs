@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -231,14 +228,29 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
-/// The typed APIs of the kinds a pool is made of, in one namespace.
-struct PoolApis {
-    deployments: Api<Deployment>,
-    services: Api<Service>,
-    config_maps: Api<ConfigMap>,
-    pdbs: Api<PodDisruptionBudget>,
-    hpas: Api<HorizontalPodAutoscaler>,
+macro_rules! pool_apis {
+    ($($field:ident: $kind:ty,)*) => {
+        /// The typed APIs of the kinds a pool is made of, in one namespace.
+        struct PoolApis {
+            $($field: Api<$kind>,)*
+        }
+
+        impl PoolApis {
+            fn new(client: &Client, ns: &str) -> Self {
+                PoolApis { $($field: Api::namespaced(client.clone(), ns),)* }
+            }
+
+            /// Delete every cached object labelled for `md` whose pool the spec no longer names.
+            async fn prune(&self, caches: &Caches, md: &ModelDeployment, ns: &str, pools: &[String]) -> Result<Vec<String>, kube::Error> {
+                let mut removed = Vec::new();
+                $(removed.extend(prune(&self.$field, &caches.$field, md, ns, pools).await?);)*
+                Ok(removed)
+            }
+        }
+    };
 }
+
+crate::owned::owned_kinds!(pool_apis);
 
 /// One pool: apply what differs (when its models fit), then observe it from the caches.
 async fn reconcile_pool(
@@ -357,16 +369,8 @@ async fn conflicts(
 
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let ns = md.namespace().ok_or(Error::NoNamespace)?;
-    let caches = &ctx.caches;
     let client = ctx.client.clone();
-    let apis = PoolApis {
-        deployments: Api::namespaced(client.clone(), &ns),
-        services: Api::namespaced(client.clone(), &ns),
-        config_maps: Api::namespaced(client.clone(), &ns),
-        pdbs: Api::namespaced(client.clone(), &ns),
-        hpas: Api::namespaced(client.clone(), &ns),
-    };
-    let PoolApis { deployments, services, config_maps, pdbs, hpas } = &apis;
+    let apis = PoolApis::new(&client, &ns);
 
     let mut observations = Vec::new();
     for pool in &md.spec.pools {
@@ -375,11 +379,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     }
 
     let pools: Vec<String> = md.spec.pools.iter().map(|p| p.name.clone()).collect();
-    let mut removed = prune(deployments, &caches.deployments, md, &ns, &pools).await?;
-    removed.extend(prune(services, &caches.services, md, &ns, &pools).await?);
-    removed.extend(prune(config_maps, &caches.config_maps, md, &ns, &pools).await?);
-    removed.extend(prune(pdbs, &caches.pdbs, md, &ns, &pools).await?);
-    removed.extend(prune(hpas, &caches.hpas, md, &ns, &pools).await?);
+    let removed = apis.prune(&ctx.caches, md, &ns, &pools).await?;
     if !removed.is_empty() {
         event(ctx, md, EventType::Normal, "PoolRemoved", format!("deleted {}", removed.join(", "))).await;
     }

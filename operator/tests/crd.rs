@@ -193,6 +193,12 @@ fn each_rule_refuses_what_it_guards_with_an_actionable_message() {
     let pool_a100 = ab["spec"]["pools"][0].clone();
     let cases: Vec<(&str, Value, &str)> = vec![
         ("family enum", set("/spec/family", json!("image-generation")), "image-generation"),
+        // Refused until the server serves it, rather than accepted into crash-looping pods.
+        (
+            "a family the server does not serve",
+            set("/spec/family", json!("speech-to-text")),
+            "speech-to-text",
+        ),
         (
             "model name DNS-1123",
             set("/spec/models/0/name", json!("BGE_base")),

@@ -122,22 +122,9 @@ fn steady_world(md: &mut ModelDeployment) -> BTreeMap<String, Value> {
 /// The watch caches as they would be after listing `world`: like the real label-selected
 /// watches, they hold only objects labelled with a ModelDeployment.
 fn caches(world: &BTreeMap<String, Value>) -> Caches {
-    fn of<K: DeserializeOwned>(world: &BTreeMap<String, Value>, segment: &str) -> Vec<K> {
-        world
-            .iter()
-            .filter(|(path, v)| path.contains(segment) && !v["metadata"]["labels"][LABEL_MD].is_null())
-            .map(|(_, v)| serde_json::from_value(v.clone()).expect("typed object"))
-            .collect()
-    }
-    use crate::cache::testing::store;
-    Caches {
-        deployments: store(of(world, "/deployments/")),
-        services: store(of(world, "/services/")),
-        config_maps: store(of(world, "/configmaps/")),
-        pdbs: store(of(world, "/poddisruptionbudgets/")),
-        hpas: store(of(world, "/horizontalpodautoscalers/")),
-        pods: store(of(world, "/pods/")),
-    }
+    let labelled: Vec<Value> =
+        world.values().filter(|v| !v["metadata"]["labels"][LABEL_MD].is_null()).cloned().collect();
+    Caches::listing(&labelled)
 }
 
 /// Reconciles once; returns the writes, after asserting that nothing the caches hold was read
