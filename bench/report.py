@@ -127,6 +127,20 @@ def main():
             fb = '-' if b is None else f'{b:.1f}'
             print(f'| {name:38} | {fa:>9} | {fb:>9} | {ratio(a, b, invert=lower_better):>14} | {target:>8} |')
 
+    bg = load(os.path.join(out, 'bge-m3.json'))
+    if bg:
+        k, t = bg.get('kiln', {}), bg.get('torch', {})
+        print(f"\n{bg.get('shape')}: {bg.get('sentences')} short sentences, {bg.get('threads')} threads; "
+              f"worst cosine against sentence-transformers {bg.get('worst_cosine_vs_sentence_transformers', 0):.6f}")
+        print(f'| {"measure":38} | {"kiln":>9} | {"torch":>9} | {"kiln/torch":>10} |')
+        print(f'|{"-" * 40}|{"-" * 11}|{"-" * 11}|{"-" * 12}|')
+        for name, a, b, lower_better in (('sentences/s, batch 32', k.get('sentences_per_s'), t.get('sentences_per_s'), False),
+                                         ('batch-1 p50, ms', k.get('p50_ms'), t.get('p50_ms'), True),
+                                         ('load (kiln: start to ready), s', k.get('start_to_ready_s'), t.get('load_s'), True)):
+            fa = '-' if a is None else f'{a:.1f}'
+            fb = '-' if b is None else f'{b:.1f}'
+            print(f'| {name:38} | {fa:>9} | {fb:>9} | {ratio(a, b, invert=lower_better):>10} |')
+
 
 if __name__ == '__main__':
     main()

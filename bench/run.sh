@@ -3,7 +3,8 @@
 # Writes JSON under $OUT and prints the table that docs/benchmarks.md records.
 #   env: DURATION (wrk seconds per point, default 20), OUT (default target/bench), SKIP_BASELINE=1,
 #        SKIP_CLUSTER=1 (no operator-at-scale part), BENCH_MDS (default 1000),
-#        SKIP_GENERATION=1 (no text-generation part; it builds llama.cpp's llama-server once)
+#        SKIP_GENERATION=1 (no text-generation part; it builds llama.cpp's llama-server once),
+#        SKIP_BGE_M3=1 (no BGE-M3-shaped XLM-RoBERTa part; it writes a 1.1 GB checkpoint once)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -35,6 +36,12 @@ fi
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
   echo "== python baseline (sentence-transformers on torch, FastAPI/uvicorn)"
   OUT="$OUT/baseline" DURATION="${DURATION:-20}" bash "$SHARED/python-baseline/run.sh" all
+  if [ "${SKIP_BGE_M3:-0}" != 1 ]; then
+    # XLM-RoBERTa at BGE-M3's size (random weights), Kiln's server against sentence-transformers.
+    echo "== BGE-M3-shaped XLM-RoBERTa: kiln vs sentence-transformers"
+    python3 "$ROOT/bench/bge_m3.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$SHARED/corpus" \
+      "${KILN_CACHE:-$HOME/.cache/kiln}/python-baseline/venv/bin/python" "$OUT/bge-m3.json"
+  fi
 fi
 if [ "${SKIP_CLUSTER:-0}" != 1 ]; then
   echo "== the operator at scale on the local control plane"

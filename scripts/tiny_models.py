@@ -4,6 +4,7 @@ implementations (transformers, sentence-transformers, tokenizers), for the archi
 package ships weights of.
 
 usage: python3 scripts/tiny_models.py [--out model-server/tests/data/tiny] [--corpus FILE ...]
+       python3 scripts/tiny_models.py --bge-m3-shaped DIR     (bench/bge_m3.py runs this)
 
 Run it by hand in a virtual environment with the reference libraries:
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.15.0 transformers==5.23.0 \\
@@ -209,14 +210,41 @@ def randomize(model):
                 p.copy_(0.3 * torch.randn_like(p))
 
 
+def bge_m3_shaped(out, lines):
+    """For benchmarks, not committed: XLM-RoBERTa with BGE-M3's shape (1024 wide, 24 layers, 16
+    heads, 8194 positions, 250,002 ids) and random weights, its sentence-transformers files (CLS
+    pooling, normalized, 8192 tokens) and the small Unigram tokenizer (speed does not depend on
+    the values, and both sides of a comparison use the same tokenizer)."""
+    os.makedirs(out, exist_ok=True)
+    tok = unigram_tokenizer(lines)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    tokenizer_config(out, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                           "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"})
+    config = XLMRobertaConfig(
+        vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        intermediate_size=4096, hidden_act="gelu", max_position_embeddings=8194, type_vocab_size=1,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+    )
+    torch.manual_seed(SEED + 2)
+    model = XLMRobertaModel(config, add_pooling_layer=False)
+    model.half().save_pretrained(out, safe_serialization=True)
+    sentence_transformers_files(out, "cls", normalize=True)
+    write_json(os.path.join(out, "sentence_bert_config.json"), {"max_seq_length": 8192, "do_lower_case": False})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "model-server", "tests", "data", "tiny"))
     ap.add_argument("--corpus", nargs="*", default=sorted(glob.glob("/usr/share/common-licenses/*")))
+    ap.add_argument("--bge-m3-shaped", metavar="DIR", help="write only the full-size random checkpoint, to DIR")
     a = ap.parse_args()
     random.seed(SEED)
     lines = corpus_lines([p for p in a.corpus if os.path.isfile(p)])
     assert len(lines) > 1000, f"only {len(lines)} corpus lines"
+    if a.bge_m3_shaped:
+        bge_m3_shaped(a.bge_m3_shaped, lines)
+        print(f"wrote {a.bge_m3_shaped}")
+        return
     xlm_roberta(os.path.join(a.out, "xlm-roberta"), lines)
     bert(os.path.join(a.out, "bert"), lines)
     print(f"wrote {a.out}")
