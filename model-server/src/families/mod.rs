@@ -81,28 +81,35 @@ pub trait Serving: Send + Sync + 'static {
     fn status(&self) -> serde_json::Map<String, serde_json::Value>;
 }
 
-/// The endpoints of a family, as `METHOD /path`: for the 404 a request to another family's
-/// endpoint gets, naming the family this pod serves.
-pub fn endpoints(family: Family) -> &'static [&'static str] {
-    match family {
-        Family::TextEmbedding => text_embedding::ENDPOINTS,
-        Family::TextGeneration => text_generation::ENDPOINTS,
-    }
+/// The registry: each family this build serves, by its `Family` value. Adding a family is its
+/// folder and one line here (and its `Family` value, which the CRD then accepts).
+macro_rules! registry {
+    ($($family:ident => $module:ident::$implementation:ident,)*) => {
+        /// The endpoints of a family, as `METHOD /path`: for the 404 a request to another
+        /// family's endpoint gets, naming the family this pod serves.
+        pub fn endpoints(family: Family) -> &'static [&'static str] {
+            match family {
+                $(Family::$family => $module::ENDPOINTS,)*
+            }
+        }
+
+        /// Serve `plan` until `shutdown`, as the family it names.
+        pub async fn serve(
+            plan: ServePlan,
+            listener: tokio::net::TcpListener,
+            options: ServeOptions,
+            shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+        ) -> anyhow::Result<()> {
+            match plan.family {
+                $(Family::$family => {
+                    crate::serve::run::<$module::$implementation>(plan, listener, options, shutdown).await
+                })*
+            }
+        }
+    };
 }
 
-/// Serve `plan` until `shutdown`: the registry of families.
-pub async fn serve(
-    plan: ServePlan,
-    listener: tokio::net::TcpListener,
-    options: ServeOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    match plan.family {
-        Family::TextEmbedding => {
-            crate::serve::run::<text_embedding::TextEmbedding>(plan, listener, options, shutdown).await
-        }
-        Family::TextGeneration => {
-            crate::serve::run::<text_generation::TextGeneration>(plan, listener, options, shutdown).await
-        }
-    }
+registry! {
+    TextEmbedding => text_embedding::TextEmbedding,
+    TextGeneration => text_generation::TextGeneration,
 }
