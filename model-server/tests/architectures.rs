@@ -16,6 +16,7 @@ use kiln_model_server::loader::{ModelDir, ModelDirs};
 use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
 use kiln_model_server::serve::ServePlan;
 use kiln_model_server::state::PlannedModel;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{Value, json};
 
 /// Cosine between our vectors and the reference's: float16 weights, float32 arithmetic on both
@@ -60,15 +61,20 @@ fn reference(dir: &Path) -> Reference {
     }
 }
 
-/// A copy of `dir` with its sentence-transformers pooling switched to `pooling`.
-fn with_pooling(dir: &Path, pooling: &str) -> common::Scratch {
-    let copy = common::scratch("pooling");
+/// A scratch copy of the checkpoint `dir`.
+fn copy_of(dir: &Path, name: &str) -> common::Scratch {
+    let copy = common::scratch(name);
     for entry in walk(dir) {
-        let rel = entry.strip_prefix(dir).expect("inside");
-        let target = copy.join(rel);
+        let target = copy.join(entry.strip_prefix(dir).expect("inside"));
         std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
         std::fs::copy(&entry, &target).expect("copy");
     }
+    copy
+}
+
+/// A copy of `dir` with its sentence-transformers pooling switched to `pooling`.
+fn with_pooling(dir: &Path, pooling: &str) -> common::Scratch {
+    let copy = copy_of(dir, "pooling");
     let config = json!({
         "word_embedding_dimension": 64,
         "pooling_mode_cls_token": pooling == "cls",
@@ -194,16 +200,67 @@ async fn xlm_roberta_is_served_through_the_openai_endpoint() {
     server.shutdown().await;
 }
 
+/// The tiny BERT with its weights rewritten by `edit` (name, dtype, shape, bytes of each
+/// tensor).
+fn with_tensors(edit: impl Fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> common::Scratch {
+    let copy = copy_of(&tiny("bert"), "tensors");
+    let bytes = std::fs::read(copy.join("model.safetensors")).expect("read");
+    let file = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut tensors: Vec<_> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            (name.clone(), TensorView::new(*dtype, shape.clone(), data).expect("view"))
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &copy.join("model.safetensors")).expect("write");
+    copy
+}
+
+/// A checkpoint whose tensors do not fit its config is refused at load, naming the tensor and
+/// what is wrong with it.
+#[test]
+fn a_missing_misshapen_or_integer_tensor_is_refused_by_name() {
+    let up = "encoder.layer.1.intermediate.dense.weight";
+    let load_error = |dir: &Path| match EmbeddingModel::load(dir) {
+        Ok(_) => panic!("loaded a broken checkpoint"),
+        Err(e) => e.to_string(),
+    };
+    let missing = with_tensors(|t| t.retain(|(name, ..)| name != up));
+    let e = load_error(&missing);
+    assert!(e.contains(&format!("no tensor {up}")), "{e}");
+
+    let transposed = with_tensors(|t| {
+        for (name, _, shape, _) in t.iter_mut() {
+            if name == up {
+                shape.reverse();
+            }
+        }
+    });
+    let e = load_error(&transposed);
+    assert!(e.contains(up) && e.contains("expected [128, 64]"), "{e}");
+
+    let integer = with_tensors(|t| {
+        for (name, dtype, ..) in t.iter_mut() {
+            if name == up {
+                *dtype = Dtype::I16;
+            }
+        }
+    });
+    let e = load_error(&integer);
+    assert!(e.contains(up) && e.contains("I16") && e.contains("F16"), "{e}");
+}
+
 /// A checkpoint whose `model_type` the build does not run is refused at load, naming what it
 /// found and what it runs; the model goes Failed with that message, and its fallback serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_model_type_is_refused_by_name_and_the_fallback_serves() {
-    let unknown = common::scratch("mpnet");
-    for entry in walk(&tiny("bert")) {
-        let target = unknown.join(entry.strip_prefix(tiny("bert")).expect("inside"));
-        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(&entry, &target).expect("copy");
-    }
+    let unknown = copy_of(&tiny("bert"), "mpnet");
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(unknown.join("config.json")).expect("config"))
             .expect("json");

@@ -122,14 +122,45 @@ impl Weight {
     /// From a dense row-major `[rows, cols]` matrix.
     pub fn new(dense: &[f32], rows: usize, cols: usize) -> Weight {
         assert_eq!(dense.len(), rows * cols, "weight shape");
-        const LINE: usize = 16; // f32 per 64-byte cache line
-        let lines = cols.div_ceil(LINE);
-        let stride = (lines | 1) * LINE;
-        let mut data = vec![0.0; rows * stride + LINE];
-        let offset = data.as_ptr().align_offset(64).min(LINE);
-        for (dst, src) in data[offset..].chunks_mut(stride).zip(dense.chunks_exact(cols)) {
+        let mut weight = Weight::zeroed(rows, cols);
+        let (offset, stride) = (weight.offset, weight.stride);
+        for (dst, src) in weight.data[offset..].chunks_mut(stride).zip(dense.chunks_exact(cols)) {
             dst[..cols].copy_from_slice(src);
         }
+        weight
+    }
+
+    /// `[inputs, outputs]` from PyTorch's `[outputs, inputs]` layout, read one output at a time:
+    /// `read(o, row)` fills `row` with output `o`'s weights. The transpose goes 16 outputs at a
+    /// time, so each write fills a cache line and the rows being read stay in L2.
+    pub fn from_output_rows(
+        inputs: usize,
+        outputs: usize,
+        mut read: impl FnMut(usize, &mut [f32]),
+    ) -> Weight {
+        const TILE: usize = LINE;
+        let mut weight = Weight::zeroed(inputs, outputs);
+        let (offset, stride) = (weight.offset, weight.stride);
+        let mut tile = vec![0.0; TILE * inputs];
+        for first in (0..outputs).step_by(TILE) {
+            let n = TILE.min(outputs - first);
+            for (r, row) in tile.chunks_exact_mut(inputs).take(n).enumerate() {
+                read(first + r, row);
+            }
+            for (i, dst) in weight.data[offset..].chunks_mut(stride).take(inputs).enumerate() {
+                for (r, d) in dst[first..first + n].iter_mut().enumerate() {
+                    *d = tile[r * inputs + i];
+                }
+            }
+        }
+        weight
+    }
+
+    fn zeroed(rows: usize, cols: usize) -> Weight {
+        let lines = cols.div_ceil(LINE);
+        let stride = (lines | 1) * LINE;
+        let data = vec![0.0; rows * stride + LINE];
+        let offset = data.as_ptr().align_offset(64).min(LINE);
         Weight { data, offset, rows, cols, stride }
     }
 
@@ -137,6 +168,9 @@ impl Weight {
         View { offset: self.offset, rows: self.rows, cols: self.cols, row_stride: self.stride, col_stride: 1 }
     }
 }
+
+/// f32 per 64-byte cache line.
+const LINE: usize = 16;
 
 /// Above this many tokens [`linear`] makes one gemm call, which packs the weights once and
 /// splits the work itself. gemm packs its LHS (here: the weights) when a call has more than 16
@@ -238,6 +272,17 @@ mod tests {
         let want = naive(&x, View::dense(0, t, i), &w, View::dense(0, i, o));
         let weight = Weight::new(&w, i, o);
         assert_eq!(weight.stride % 32, 16, "odd number of cache lines");
+        // The same matrix read from PyTorch's [out, in] layout, one output at a time.
+        let transposed = Weight::from_output_rows(i, o, |out, row| {
+            for (inp, r) in row.iter_mut().enumerate() {
+                *r = w[inp * o + out];
+            }
+        });
+        let dense = |w: &Weight| -> Vec<f32> {
+            w.data[w.offset..].chunks(w.stride).take(w.rows).flat_map(|r| r[..w.cols].to_vec()).collect()
+        };
+        assert_eq!(dense(&transposed), w);
+        assert_eq!(dense(&weight), w);
         let mut dst = vec![0.0; t * o];
         linear(&mut dst, &x, &weight, false, 1);
         assert_eq!(dst, want);

@@ -2,6 +2,7 @@
 //! metadata and the tokenizer a GGUF file carries.
 
 pub mod gguf;
+pub mod tensors;
 
 use std::path::{Path, PathBuf};
 

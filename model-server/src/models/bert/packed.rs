@@ -17,15 +17,13 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::BertConfig;
 use crate::kernels::gemm::{self as matmul, SharedOut, View, Weight};
 use crate::kernels::{self, Isa};
 use crate::models::{Encoder, ModelError, Pooling};
-use crate::weights::safetensors_files;
+use crate::weights::tensors::{Scope, Tensors};
 
 /// Tokens per feed-forward block: bounds the `[block, intermediate]` buffer (6 MB for MiniLM,
 /// which stays in L3 between the two matmuls) whatever the batch, while keeping gemm's per-call
@@ -163,23 +161,18 @@ impl PackedBert {
             return Err(ModelError::Inference(format!("{isa:?} kernels are not supported by this CPU")));
         }
         let threads = options.threads();
-        let files = safetensors_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
-        // `pull` and never modified in place. The mapping is dropped once weights are copied.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
-            .map_err(|e| files_error(dir, e))?;
-        let vb = model_root(vb, config).ok_or_else(|| ModelError::Files {
+        let tensors = Tensors::open(dir)?;
+        let root = model_root(&tensors, config).ok_or_else(|| ModelError::Files {
             path: dir.display().to_string(),
             message: "no embeddings.word_embeddings.weight tensor (with or without a model prefix)"
                 .to_string(),
         })?;
-        let (embeddings, layers) =
-            load_weights(&vb, &dims, config.num_hidden_layers).map_err(|e| files_error(dir, e))?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("kiln-encoder-{i}"))
             .build()
             .map_err(|e| ModelError::Inference(format!("thread pool: {e}")))?;
+        let (embeddings, layers) = pool.install(|| load_weights(&root, &dims, config.num_hidden_layers))?;
         Ok(PackedBert { dims, embeddings, layers, isa, threads, pool, workspaces: Mutex::new(Vec::new()) })
     }
 
@@ -416,10 +409,6 @@ fn fill_rows(dst: &mut [f32], row: &[f32]) {
     }
 }
 
-fn files_error(dir: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Files { path: dir.display().to_string(), message: e.to_string() }
-}
-
 fn check_config(dir: &Path, c: &BertConfig) -> Result<Dims, ModelError> {
     let unsupported = |what: String| ModelError::Files {
         path: dir.join("config.json").display().to_string(),
@@ -467,71 +456,82 @@ fn check_config(dir: &Path, c: &BertConfig) -> Result<Dims, ModelError> {
 
 /// The weights sit at the root (sentence-transformers exports), or under the prefix a task
 /// model saves them with (`bert.`, `roberta.`, or the model type's name).
-fn model_root<'a>(vb: VarBuilder<'a>, config: &BertConfig) -> Option<VarBuilder<'a>> {
+fn model_root<'a>(tensors: &'a Tensors, config: &BertConfig) -> Option<Scope<'a>> {
     let probe = "embeddings.word_embeddings.weight";
-    if vb.contains_tensor(probe) {
-        return Some(vb);
-    }
-    let prefixes = ["bert", "roberta"].into_iter().map(String::from).chain(config.model_type.clone());
-    prefixes.map(|p| vb.pp(p)).find(|v| v.contains_tensor(probe))
+    let prefixes = ["", "bert", "roberta"].into_iter().map(String::from).chain(config.model_type.clone());
+    prefixes.map(|p| tensors.scope(&p)).find(|s| s.contains(probe))
 }
 
-fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
-/// `[in, out]` from a `[out, in]` PyTorch weight.
-fn transposed(w: &Tensor) -> candle_core::Result<Weight> {
-    let (out, inp) = w.dims2()?;
-    Ok(Weight::new(&to_vec(&w.t()?.contiguous()?)?, inp, out))
-}
-
-fn load_linear(vb: &VarBuilder, (out, inp): (usize, usize)) -> candle_core::Result<Linear> {
-    Ok(Linear { weight: transposed(&vb.get((out, inp), "weight")?)?, bias: vb.get(out, "bias")?.to_vec1()? })
-}
-
-fn load_norm(vb: &VarBuilder, h: usize) -> candle_core::Result<Norm> {
-    Ok(Norm { gamma: vb.get(h, "weight")?.to_vec1()?, beta: vb.get(h, "bias")?.to_vec1()? })
-}
-
-/// Q, K and V as one linear layer, with attention's 1/√d folded into Q.
-fn load_qkv(vb: &VarBuilder, d: &Dims) -> candle_core::Result<Linear> {
-    let h = d.hidden;
-    let scale = 1.0 / (d.head_dim as f64).sqrt();
-    let part = |name: &str, s: f64| -> candle_core::Result<(Tensor, Tensor)> {
-        let vb = vb.pp(name);
-        Ok(((vb.get((h, h), "weight")? * s)?, (vb.get(h, "bias")? * s)?))
-    };
-    let (q, k, v) = (part("query", scale)?, part("key", 1.0)?, part("value", 1.0)?);
-    let weight = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?; // [3h, h]
-    let bias = Tensor::cat(&[&q.1, &k.1, &v.1], 0)?;
-    Ok(Linear { weight: transposed(&weight)?, bias: bias.to_vec1()? })
-}
-
-fn load_layer(vb: &VarBuilder, d: &Dims) -> candle_core::Result<Layer> {
-    let (h, i) = (d.hidden, d.intermediate);
-    Ok(Layer {
-        qkv: load_qkv(&vb.pp("attention.self"), d)?,
-        attn_out: load_linear(&vb.pp("attention.output.dense"), (h, h))?,
-        attn_norm: load_norm(&vb.pp("attention.output.LayerNorm"), h)?,
-        ffn_up: load_linear(&vb.pp("intermediate.dense"), (i, h))?,
-        ffn_down: load_linear(&vb.pp("output.dense"), (h, i))?,
-        ffn_norm: load_norm(&vb.pp("output.LayerNorm"), h)?,
+/// A linear layer from `weight` (`[out, in]`) and `bias`.
+fn load_linear(s: &Scope, (out, inp): (usize, usize)) -> Result<Linear, ModelError> {
+    let w = s.get("weight", &[out, inp])?;
+    Ok(Linear {
+        weight: Weight::from_output_rows(inp, out, |o, row| w.read_row(o, row)),
+        bias: s.get("bias", &[out])?.to_vec(),
     })
 }
 
-fn load_weights(vb: &VarBuilder, d: &Dims, layers: usize) -> candle_core::Result<(Embeddings, Vec<Layer>)> {
-    let e = vb.pp("embeddings");
+fn load_norm(s: &Scope, h: usize) -> Result<Norm, ModelError> {
+    Ok(Norm { gamma: s.get("weight", &[h])?.to_vec(), beta: s.get("bias", &[h])?.to_vec() })
+}
+
+/// Q, K and V as one linear layer (`[hidden, 3·hidden]`), with attention's 1/√d folded into Q.
+fn load_qkv(s: &Scope, d: &Dims) -> Result<Linear, ModelError> {
     let h = d.hidden;
-    let token_types = e.get((d.token_types, h), "token_type_embeddings.weight")?;
-    let embeddings = Embeddings {
-        word: to_vec(&e.get((d.vocab, h), "word_embeddings.weight")?)?,
-        position: to_vec(&e.get((d.position_rows, h), "position_embeddings.weight")?)?,
-        token_type: token_types.get(0)?.to_vec1()?,
-        norm: load_norm(&e.pp("LayerNorm"), h)?,
+    let scale = (1.0 / (d.head_dim as f64).sqrt()) as f32;
+    let parts = ["query", "key", "value"].map(|p| s.scope(p));
+    let mut qkv = Vec::with_capacity(3);
+    for part in &parts {
+        qkv.push(part.get("weight", &[h, h])?);
+    }
+    let weight = Weight::from_output_rows(h, 3 * h, |o, row| {
+        qkv[o / h].read_row(o % h, row);
+        if o < h {
+            row.iter_mut().for_each(|w| *w *= scale);
+        }
+    });
+    let mut bias = Vec::with_capacity(3 * h);
+    for (i, part) in parts.iter().enumerate() {
+        let b = part.get("bias", &[h])?.to_vec();
+        bias.extend(b.into_iter().map(|b| if i == 0 { b * scale } else { b }));
+    }
+    Ok(Linear { weight, bias })
+}
+
+fn load_layer(s: &Scope, d: &Dims) -> Result<Layer, ModelError> {
+    let (h, i) = (d.hidden, d.intermediate);
+    Ok(Layer {
+        qkv: load_qkv(&s.scope("attention.self"), d)?,
+        attn_out: load_linear(&s.scope("attention.output.dense"), (h, h))?,
+        attn_norm: load_norm(&s.scope("attention.output.LayerNorm"), h)?,
+        ffn_up: load_linear(&s.scope("intermediate.dense"), (i, h))?,
+        ffn_down: load_linear(&s.scope("output.dense"), (h, i))?,
+        ffn_norm: load_norm(&s.scope("output.LayerNorm"), h)?,
+    })
+}
+
+/// Layers load in parallel on the calling thread pool; each weight is converted straight into
+/// its final layout (see [`Tensors`]).
+fn load_weights(root: &Scope, d: &Dims, layers: usize) -> Result<(Embeddings, Vec<Layer>), ModelError> {
+    let load_embeddings = || -> Result<Embeddings, ModelError> {
+        let e = root.scope("embeddings");
+        let h = d.hidden;
+        let mut token_type = vec![0.0; h];
+        e.get("token_type_embeddings.weight", &[d.token_types, h])?.read_row(0, &mut token_type);
+        Ok(Embeddings {
+            word: e.get("word_embeddings.weight", &[d.vocab, h])?.to_vec(),
+            position: e.get("position_embeddings.weight", &[d.position_rows, h])?.to_vec(),
+            token_type,
+            norm: load_norm(&e.scope("LayerNorm"), h)?,
+        })
     };
-    let layers = (0..layers)
-        .map(|l| load_layer(&vb.pp(format!("encoder.layer.{l}")), d))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let load_layers = || {
+        (0..layers)
+            .into_par_iter()
+            .map(|l| load_layer(&root.scope(&format!("encoder.layer.{l}")), d))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (embeddings, layers) = rayon::join(load_embeddings, load_layers);
+    let (embeddings, layers) = (embeddings?, layers?);
     Ok((embeddings, layers))
 }
