@@ -18,6 +18,7 @@ help: ## list the targets
 .PHONY: test
 test: ## every test: formatting, clippy, unit, integration and end-to-end tests
 	@# The Go builds for e2e run at low priority beside the cargo builds (e2e/cluster/prebuild.sh).
+	bash scripts/prune-target.sh
 	bash e2e/cluster/prebuild.sh start
 	$(MAKE) --no-print-directory lint fixtures unit image-check
 	bash e2e/cluster/prebuild.sh wait
