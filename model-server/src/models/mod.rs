@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod llama;
+pub mod whisper;
 
 use std::path::Path;
 

@@ -1,6 +1,7 @@
 //! Reading checkpoints, for every architecture: safetensors files, JSON configs, GGUF
 //! metadata and the tokenizer a GGUF file carries.
 
+pub mod ctranslate2;
 pub mod gguf;
 pub mod tensors;
 

@@ -14,12 +14,14 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use super::safetensors_files;
 use crate::models::ModelError;
 
-/// Element types read: what checkpoints of the encoder architectures are saved in.
-#[derive(Debug, Clone, Copy)]
-enum Element {
+/// Element types read: what checkpoints of the encoder architectures are saved in, and
+/// CTranslate2's int8 weights (with one scale per row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Element {
     F32,
     F16,
     BF16,
+    I8,
 }
 
 impl Element {
@@ -32,10 +34,11 @@ impl Element {
         }
     }
 
-    fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         match self {
             Element::F32 => 4,
             Element::F16 | Element::BF16 => 2,
+            Element::I8 => 1,
         }
     }
 }
@@ -107,7 +110,7 @@ impl Tensors {
         let data = data
             .filter(|d| rows.checked_mul(cols).and_then(|n| n.checked_mul(element.bytes())) == Some(d.len()))
             .ok_or_else(|| err(format!("tensor {name}: its byte range does not match its shape")))?;
-        Ok(Tensor { data, element, rows, cols })
+        Ok(Tensor { data, element, rows, cols, row_scales: None })
     }
 
     /// Names under `prefix.`, as [`Scope::get`] reads them.
@@ -146,9 +149,28 @@ pub struct Tensor<'a> {
     element: Element,
     rows: usize,
     cols: usize,
+    /// For int8 rows: the value is `q / scale` (CTranslate2's quantization).
+    row_scales: Option<Vec<f32>>,
 }
 
-impl Tensor<'_> {
+impl<'a> Tensor<'a> {
+    /// `data` must hold exactly `rows × cols` elements; int8 needs one scale per row.
+    pub(crate) fn new(
+        data: &'a [u8],
+        element: Element,
+        rows: usize,
+        cols: usize,
+        row_scales: Option<Vec<f32>>,
+    ) -> Option<Tensor<'a>> {
+        let len = rows.checked_mul(cols)?.checked_mul(element.bytes())?;
+        let scales_fit = match (&row_scales, element) {
+            (Some(s), Element::I8) => s.len() == rows,
+            (None, Element::I8) | (Some(_), _) => false,
+            (None, _) => true,
+        };
+        (data.len() == len && scales_fit).then_some(Tensor { data, element, rows, cols, row_scales })
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -162,11 +184,22 @@ impl Tensor<'_> {
         let width = self.cols * self.element.bytes();
         let bytes = &self.data[row * width..(row + 1) * width];
         convert(bytes, self.element, &mut out[..self.cols]);
+        if let Some(scales) = &self.row_scales {
+            let inv = 1.0 / scales[row];
+            out[..self.cols].iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    /// Rows `first..first + out.len() / cols` as f32 into `out`.
+    pub fn read_rows(&self, first: usize, out: &mut [f32]) {
+        for (i, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.read_row(first + i, row);
+        }
     }
 
     pub fn to_vec(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
-        convert(self.data, self.element, &mut out);
+        self.read_rows(0, &mut out);
         out
     }
 }
@@ -178,6 +211,11 @@ fn convert(src: &[u8], element: Element, out: &mut [f32]) {
         Element::F32 => {
             for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Element::I8 => {
+            for (o, &b) in out.iter_mut().zip(src) {
+                *o = f32::from(b as i8);
             }
         }
         Element::F16 | Element::BF16 => {

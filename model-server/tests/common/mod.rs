@@ -242,3 +242,85 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// Whisper tiny.en in CTranslate2's layout (`make fixtures`).
+pub fn whisper_tiny_en_dir() -> PathBuf {
+    let dir = fixtures_root().join("whisper-tiny-en");
+    assert!(
+        dir.join("model.bin").is_file(),
+        "Whisper fixture missing at {}: run `make fixtures`",
+        dir.display()
+    );
+    dir
+}
+
+/// One clip of the faster-whisper reference (scripts/whisper_reference.py, run by `make fixtures`).
+pub struct SpeechCase {
+    pub name: String,
+    pub spoken: String,
+    /// 16 kHz mono samples, as faster-whisper decoded them (16-bit PCM / 32768).
+    pub samples: Vec<f32>,
+    pub prompt: Vec<u32>,
+    /// faster-whisper's greedy tokens for the first window.
+    pub tokens: Vec<u32>,
+    pub transcript: String,
+    pub language: String,
+    pub language_probability: f32,
+}
+
+/// Whisper base (multilingual) in CTranslate2's layout (`make fixtures`).
+pub fn whisper_base_dir() -> PathBuf {
+    let dir = fixtures_root().join("whisper-base");
+    assert!(
+        dir.join("model.bin").is_file(),
+        "Whisper fixture missing at {}: run `make fixtures`",
+        dir.display()
+    );
+    dir
+}
+
+/// tiny.en's reference.
+pub fn speech_reference() -> Vec<SpeechCase> {
+    speech_reference_of("whisper-reference")
+}
+
+pub fn speech_reference_of(link: &str) -> Vec<SpeechCase> {
+    let dir = fixtures_root().join(link);
+    let path = dir.join("reference.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("reference json");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().expect("ids").iter().map(|t| t.as_u64().expect("id") as u32).collect()
+    };
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| SpeechCase {
+            name: c["name"].as_str().expect("name").to_string(),
+            spoken: c["spoken"].as_str().expect("spoken").to_string(),
+            samples: read_wav_16k_pcm16(&dir.join(c["wav"].as_str().expect("wav"))),
+            prompt: ids(&c["prompt"]),
+            tokens: ids(&c["tokens"]),
+            transcript: c["transcript"].as_str().expect("transcript").to_string(),
+            language: c["language"].as_str().expect("language").to_string(),
+            language_probability: c["language_probability"].as_f64().expect("language_probability") as f32,
+        })
+        .collect()
+}
+
+/// The reference's clips: canonical 44-byte-header WAV, 16 kHz mono 16-bit PCM.
+fn read_wav_16k_pcm16(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(&bytes[..4] == b"RIFF" && &bytes[8..12] == b"WAVE", "{} is not a WAV file", path.display());
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    assert_eq!((u16_at(20), u16_at(22), u32_at(24), u16_at(34)), (1, 1, 16_000, 16), "{}", path.display());
+    assert_eq!(&bytes[36..40], b"data", "{}", path.display());
+    let len = u32_at(40) as usize;
+    bytes[44..44 + len]
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect()
+}

@@ -1,0 +1,208 @@
+//! Whisper (speech to text): an encoder over 30-second windows of log-mel features and a
+//! decoder that writes text and timestamp tokens. Read from CTranslate2's layout (`model.bin`,
+//! `config.json`, `tokenizer.json`), the one faster-whisper loads and the package registries
+//! ship.
+
+pub mod decoding;
+pub mod mel;
+pub mod network;
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use self::decoding::{Decoded, Rules, Specials};
+use self::mel::MelExtractor;
+use self::network::{Audio, Network};
+use crate::models::ModelError;
+use crate::weights::ctranslate2::Ct2Model;
+use crate::weights::read_json_if_present;
+
+/// The spec name CTranslate2 writes for Whisper.
+pub const CT2_SPEC: &str = "WhisperSpec";
+
+/// Frames per 30-second window.
+pub const WINDOW_FRAMES: usize = 3000;
+
+/// CTranslate2's `config.json` beside a Whisper `model.bin`.
+#[derive(Debug, Default, Deserialize)]
+struct Ct2Config {
+    #[serde(default)]
+    suppress_ids: Vec<u32>,
+    #[serde(default)]
+    suppress_ids_begin: Vec<u32>,
+    #[serde(default)]
+    lang_ids: Vec<u32>,
+}
+
+/// What a multilingual model is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Transcribe,
+    /// Into English.
+    Translate,
+}
+
+pub struct Whisper {
+    network: Network,
+    mel: MelExtractor,
+    tokenizer: Tokenizer,
+    rules: Rules,
+    lang_ids: Vec<u32>,
+}
+
+impl Whisper {
+    /// Loads a CTranslate2 Whisper directory.
+    pub fn load(dir: &Path) -> Result<Whisper, ModelError> {
+        let bin = dir.join("model.bin");
+        let model = Ct2Model::open(&bin)?;
+        if model.spec() != CT2_SPEC {
+            return Err(ModelError::Unsupported(format!(
+                "{} holds a {:?}; the speech-to-text family runs {CT2_SPEC}",
+                bin.display(),
+                model.spec()
+            )));
+        }
+        let network = Network::from_ctranslate2(&model)?;
+        drop(model);
+        let config: Ct2Config = read_json_if_present(&dir.join("config.json"))?.unwrap_or_default();
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+        let id = |token: &str| {
+            tokenizer.token_to_id(token).ok_or_else(|| {
+                ModelError::Tokenizer(format!(
+                    "{} has no {token}; not a Whisper tokenizer",
+                    tokenizer_path.display()
+                ))
+            })
+        };
+        let no_timestamps = id("<|notimestamps|>")?;
+        let specials = Specials {
+            eot: id("<|endoftext|>")?,
+            sot: id("<|startoftranscript|>")?,
+            transcribe: id("<|transcribe|>")?,
+            translate: id("<|translate|>")?,
+            sot_prev: id("<|startofprev|>")?,
+            no_timestamps,
+            timestamp_begin: no_timestamps + 1,
+        };
+        let vocab = network.dims.vocab as u32;
+        if specials.timestamp_begin >= vocab {
+            return Err(ModelError::Tokenizer(format!(
+                "<|notimestamps|> is token {no_timestamps} but the model has {vocab}; tokenizer and weights differ"
+            )));
+        }
+        let no_speech =
+            tokenizer.token_to_id("<|nospeech|>").or_else(|| tokenizer.token_to_id("<|nocaptions|>"));
+        let suppress_begin = if config.suppress_ids_begin.is_empty() {
+            vec![id("Ġ")?, specials.eot]
+        } else {
+            config.suppress_ids_begin
+        };
+        let rules =
+            Rules { specials, suppress: config.suppress_ids, suppress_begin, no_speech, timestamps: true };
+        let mel = MelExtractor::new(network.dims.mels);
+        Ok(Whisper { network, mel, tokenizer, rules, lang_ids: config.lang_ids })
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// Whether the model knows languages other than English (and can translate). English-only
+    /// vocabularies have 51864 tokens, multilingual ones at least 51865 (as CTranslate2 tells).
+    pub fn is_multilingual(&self) -> bool {
+        self.network.dims.vocab >= 51_865
+    }
+
+    /// Features of a whole clip of 16 kHz mono samples: `[mels × frames]`.
+    pub fn features(&self, samples: &[f32]) -> Vec<f32> {
+        self.mel.features(samples)
+    }
+
+    /// The window of `frames_total`-frame features starting at frame `seek`, `content` frames
+    /// of it real, zero-padded to 3000 (as faster-whisper pads).
+    pub fn window(&self, features: &[f32], frames_total: usize, seek: usize, content: usize) -> Vec<f32> {
+        let mels = self.mel.mels();
+        let mut out = vec![0.0; mels * WINDOW_FRAMES];
+        let take = content.min(WINDOW_FRAMES).min(frames_total.saturating_sub(seek));
+        for (dst, src) in out.chunks_exact_mut(WINDOW_FRAMES).zip(features.chunks_exact(frames_total)) {
+            dst[..take].copy_from_slice(&src[seek..seek + take]);
+        }
+        out
+    }
+
+    /// The start-of-transcript sequence: `<|startoftranscript|>`, then for multilingual models
+    /// the language and the task.
+    pub fn sot_sequence(&self, language: Option<u32>, task: Task) -> Vec<u32> {
+        let s = self.rules.specials;
+        let mut out = vec![s.sot];
+        if self.is_multilingual() {
+            if let Some(lang) = language {
+                out.push(lang);
+            }
+            out.push(match task {
+                Task::Transcribe => s.transcribe,
+                Task::Translate => s.translate,
+            });
+        }
+        out
+    }
+
+    /// Runs the encoder over one window (`[mels × 3000]`).
+    pub fn encode(&self, window: &[f32]) -> Result<Audio, ModelError> {
+        self.network.encode(window)
+    }
+
+    /// Greedy decoding of an encoded window after `prompt`.
+    pub fn decode(&self, audio: &Audio, prompt: &[u32]) -> Result<Decoded, ModelError> {
+        decoding::greedy(&self.network, audio, &self.rules, prompt)
+    }
+
+    /// The likeliest spoken language of an encoded window and its probability among the
+    /// languages: the decoder's next token after `<|startoftranscript|>`, restricted to the
+    /// language tokens (as Whisper and CTranslate2 detect it).
+    pub fn detect_language(&self, audio: &Audio) -> Result<(u32, f32), ModelError> {
+        if !self.is_multilingual() || self.lang_ids.is_empty() {
+            return Err(ModelError::Unsupported(
+                "an English-only model does not detect languages".to_string(),
+            ));
+        }
+        let mut seq = self.network.sequence();
+        let logits = self.network.decode(audio, &mut seq, &[self.rules.specials.sot])?;
+        let langs: Vec<(u32, f32)> =
+            self.lang_ids.iter().filter_map(|&t| logits.get(t as usize).map(|&l| (t, l))).collect();
+        let max = langs.iter().map(|&(_, l)| l).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = langs.iter().map(|&(_, l)| (l - max).exp()).sum();
+        let (token, best) = langs
+            .iter()
+            .copied()
+            .fold((0, f32::NEG_INFINITY), |(bt, bl), (t, l)| if l > bl { (t, l) } else { (bt, bl) });
+        Ok((token, (best - max).exp() / total))
+    }
+
+    /// The language token for a code (`de` → `<|de|>`), if this model knows it.
+    pub fn language_token(&self, code: &str) -> Option<u32> {
+        let token = self.tokenizer.token_to_id(&format!("<|{code}|>"))?;
+        self.lang_ids.contains(&token).then_some(token)
+    }
+
+    /// The code of a language token (`<|de|>` → `de`).
+    pub fn language_code(&self, token: u32) -> Option<String> {
+        let text = self.tokenizer.id_to_token(token)?;
+        Some(text.strip_prefix("<|")?.strip_suffix("|>")?.to_string())
+    }
+
+    pub fn specials(&self) -> Specials {
+        self.rules.specials
+    }
+
+    /// The text of `tokens`, timestamps and other special tokens left out.
+    pub fn text(&self, tokens: &[u32]) -> Result<String, ModelError> {
+        let eot = self.rules.specials.eot;
+        let text: Vec<u32> = tokens.iter().copied().filter(|&t| t < eot).collect();
+        self.tokenizer.decode(&text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+}
