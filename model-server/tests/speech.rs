@@ -5,6 +5,7 @@
 
 mod common;
 
+use kiln_model_server::models::whisper::transcribe::{Options, OptionsError};
 use kiln_model_server::models::whisper::{Task, WINDOW_FRAMES, Whisper};
 
 #[test]
@@ -40,6 +41,45 @@ fn greedy_tokens_of_the_first_window_equal_faster_whisper_s() {
         assert!(decoded.no_speech_prob < 0.5, "{}: speech taken for silence", case.name);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_clip_of_over_90_seconds_is_transcribed_whole_as_faster_whisper_does() {
+    let whisper = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
+    let case = common::speech_reference().into_iter().find(|c| c.name == "long").expect("the long clip");
+    assert!(case.samples.len() >= 90 * 16_000, "the long clip is {} samples", case.samples.len());
+    let options = Options { language: None, task: Task::Transcribe, prompt: None };
+    let mut reported = Vec::new();
+    let transcript = whisper.transcribe(&case.samples, &options, |s| reported.push(s)).expect("transcribe");
+    let got: Vec<(f64, f64, String)> =
+        transcript.segments.iter().map(|s| (s.start, s.end, s.text.clone())).collect();
+    for (g, w) in got.iter().zip(&case.segments) {
+        eprintln!("{:7.2} {:7.2} {:?}\n{:7.2} {:7.2} {:?}", g.0, g.1, g.2, w.0, w.1, w.2);
+    }
+    assert_eq!(got.len(), case.segments.len(), "segment count");
+    for (g, w) in got.iter().zip(&case.segments) {
+        assert_eq!(g.2, w.2, "segment text");
+        assert!((g.0 - w.0).abs() < 1e-6 && (g.1 - w.1).abs() < 1e-6, "segment times {g:?} vs {w:?}");
+    }
+    assert_eq!(transcript.text(), case.transcript);
+    // Monotonic, inside the clip, and progress reported up to the end.
+    assert!(got.windows(2).all(|p| p[0].1 <= p[1].0 + 1e-9 && p[0].0 < p[0].1));
+    assert!(got.last().is_some_and(|s| s.1 <= transcript.duration + 0.02));
+    assert!(reported.windows(2).all(|p| p[0] < p[1]) && reported.len() >= 4, "{reported:?}");
+    assert!((reported.last().copied().unwrap_or(0.0) - transcript.duration).abs() < 0.02);
+}
+
+#[test]
+fn options_the_model_cannot_honour_are_refused_before_any_work() {
+    let en = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
+    let translate = Options { language: None, task: Task::Translate, prompt: None };
+    assert_eq!(en.check_options(&translate), Err(OptionsError::EnglishOnly("translate".into())));
+    let german = Options { language: Some("de".into()), task: Task::Transcribe, prompt: None };
+    assert_eq!(en.check_options(&german), Err(OptionsError::EnglishOnly("de".into())));
+    let base = Whisper::load(&common::whisper_base_dir()).expect("load base");
+    assert_eq!(base.check_options(&german), Ok(()));
+    let klingon = Options { language: Some("tlh".into()), task: Task::Transcribe, prompt: None };
+    assert_eq!(base.check_options(&klingon), Err(OptionsError::UnknownLanguage("tlh".into())));
 }
 
 #[test]

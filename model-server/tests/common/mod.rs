@@ -266,6 +266,8 @@ pub struct SpeechCase {
     pub transcript: String,
     pub language: String,
     pub language_probability: f32,
+    /// faster-whisper's segments of the whole clip: (start, end, text).
+    pub segments: Vec<(f64, f64, String)>,
 }
 
 /// Whisper base (multilingual) in CTranslate2's layout (`make fixtures`).
@@ -306,6 +308,15 @@ pub fn speech_reference_of(link: &str) -> Vec<SpeechCase> {
             transcript: c["transcript"].as_str().expect("transcript").to_string(),
             language: c["language"].as_str().expect("language").to_string(),
             language_probability: c["language_probability"].as_f64().expect("language_probability") as f32,
+            segments: c["segments"]
+                .as_array()
+                .expect("segments")
+                .iter()
+                .map(|s| {
+                    let t = |k: &str| s[k].as_f64().expect("time");
+                    (t("start"), t("end"), s["text"].as_str().expect("text").to_string())
+                })
+                .collect(),
         })
         .collect()
 }

@@ -6,6 +6,7 @@
 pub mod decoding;
 pub mod mel;
 pub mod network;
+pub mod transcribe;
 
 use std::path::Path;
 
@@ -197,6 +198,12 @@ impl Whisper {
 
     pub fn specials(&self) -> Specials {
         self.rules.specials
+    }
+
+    /// Token ids of plain text (no special tokens), as a prompt is fed.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// The text of `tokens`, timestamps and other special tokens left out.
