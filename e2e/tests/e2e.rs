@@ -561,6 +561,83 @@ async fn a_text_generation_pool_becomes_ready_after_warmup_and_chats() {
     );
 }
 
+fn speech_md(ns: &str, name: &str) -> Value {
+    let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
+    let dir = root.join("whisper-tiny-en");
+    let files = ["model.bin", "config.json", "tokenizer.json", "vocabulary.txt"];
+    assert!(files.iter().all(|f| dir.join(f).is_file()), "run `make fixtures` first");
+    let sha256: serde_json::Map<String, Value> =
+        files.iter().map(|f| (f.to_string(), json!(sha256_file(&dir.join(f))))).collect();
+    json!({
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "family": "speech-to-text",
+            "models": [{
+                "name": "whisper", "version": "tiny-en",
+                "source": {"uri": format!("file://{}/", dir.display()), "sha256": sha256},
+                "memory": "400Mi"
+            }],
+            "pools": [{
+                "name": "cpu",
+                "nodeSelector": {"kiln.dev/pool": "cpu", "kiln.dev/harness": "real"},
+                "gpus": 0,
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+                "serve": ["whisper:tiny-en"],
+                "replicas": 1
+            }],
+            "warmup": {"iterations": 1, "timeoutSeconds": 120},
+            "batching": {"maxQueueDepth": 16}
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speech_to_text_pool_becomes_ready_after_warmup_and_transcribes() {
+    let client = admin().await;
+    install_crd().await;
+    mark_real_node(&client).await;
+    let ns = TestNamespace::create(&client, "e2e-speech").await;
+    let n = ns.name.as_str();
+    let _operator = Operator::start(n).await;
+    apply_json(&client, n, &speech_md(n, "asr")).await.expect("apply md");
+
+    wait_md_ready(&client, n, "asr", Duration::from_secs(300)).await;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), n);
+    let endpoint = first_ready_endpoint(&slices, "asr-cpu", Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let ready: Value =
+        http.get(format!("http://{endpoint}:8080/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["models"]["whisper:tiny-en"]["state"], "Ready", "{ready}");
+    assert!(ready["models"]["whisper:tiny-en"]["warmupSeconds"].as_f64().is_some(), "{ready}");
+
+    // A clip espeak-ng spoke (make fixtures), through the Service's endpoint: the text is what
+    // faster-whisper gives on the same weights and samples.
+    let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(root.join("whisper-reference/reference.json")).unwrap())
+            .unwrap();
+    let clip = reference["cases"].as_array().unwrap().iter().find(|c| c["name"] == "fox").unwrap().clone();
+    let wav = std::fs::read(root.join("whisper-reference").join(clip["wav"].as_str().unwrap())).unwrap();
+    use base64::Engine as _;
+    let resp: Value = http
+        .post(format!("http://{endpoint}:8080/asr/transcribe"))
+        .json(
+            &json!({"audio_base64": base64::engine::general_purpose::STANDARD.encode(wav), "language": "en"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["text"], clip["transcript"], "{resp}");
+    assert_eq!(resp["model"], "whisper:tiny-en", "{resp}");
+    let table = kubectl(&["get", "md", "-n", n]).unwrap();
+    assert!(table.contains("speech-to-text") && table.contains("1/1"), "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_pools_place_pods_roll_only_the_changed_pool_and_report_misfits() {
     let client = admin().await;

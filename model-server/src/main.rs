@@ -109,6 +109,12 @@ struct ServeArgs {
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Largest uploaded file in bytes (an audio file, multipart or base64); larger ones get 413.
+    #[arg(long, default_value_t = 25 << 20)]
+    max_upload_bytes: usize,
+    /// Longest audio a transcription request may carry, in seconds; longer gets 413.
+    #[arg(long, default_value_t = 3600.0)]
+    max_audio_seconds: f64,
     /// Most inputs in one embeddings request; more get 413.
     #[arg(long, default_value_t = 2048)]
     max_inputs: usize,
@@ -265,6 +271,8 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
             body_read_timeout: seconds(args.body_read_timeout_seconds),
             max_queued_tokens: args.max_queued_tokens,
             tokenize_concurrency: args.tokenize_concurrency.unwrap_or(threads * 2).max(1),
+            max_upload_bytes: args.max_upload_bytes,
+            max_audio_seconds: args.max_audio_seconds,
         },
         connections: ConnectionLimits {
             max_connections: args.max_connections.max(1),

@@ -25,17 +25,19 @@ pub const CACHE_MARKER: &str = ".kiln-complete.json";
 pub enum Family {
     TextEmbedding,
     TextGeneration,
+    SpeechToText,
 }
 
 impl Family {
     /// Every family this build serves: the CRD accepts exactly these, so a resource naming a
     /// family the server cannot serve is refused at apply instead of crash-looping its pods.
-    pub const ALL: [Family; 2] = [Family::TextEmbedding, Family::TextGeneration];
+    pub const ALL: [Family; 3] = [Family::TextEmbedding, Family::TextGeneration, Family::SpeechToText];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Family::TextEmbedding => "text-embedding",
             Family::TextGeneration => "text-generation",
+            Family::SpeechToText => "speech-to-text",
         }
     }
 }

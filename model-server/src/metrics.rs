@@ -2,8 +2,8 @@
 //! and the HPA scales on `kiln_queue_depth`.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::manifest::ModelRef;
@@ -35,6 +35,9 @@ pub struct Metrics {
     pub kv_cache_used_bytes: IntGaugeVec,
     /// Open HTTP connections.
     pub open_connections: IntGauge,
+    /// Speech to text: seconds of audio transcribed, and compute seconds per audio second.
+    pub audio_seconds: CounterVec,
+    pub real_time_factor: HistogramVec,
 }
 
 impl Metrics {
@@ -106,6 +109,18 @@ impl Metrics {
             "Text generation: KV-cache bytes the admitted sequences hold",
         )?;
         let open_connections = IntGauge::new("kiln_open_connections", "HTTP connections open now")?;
+        let audio_seconds = CounterVec::new(
+            Opts::new("kiln_audio_seconds_total", "Speech to text: seconds of audio transcribed"),
+            MODEL,
+        )?;
+        let real_time_factor = HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_real_time_factor",
+                "Speech to text: seconds spent per second of audio, per request (below 1 is faster than real time)",
+            )
+            .buckets(vec![0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
+            MODEL,
+        )?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(model_queue_depth.clone()))?;
         registry.register(Box::new(queue_waiting.clone()))?;
@@ -123,6 +138,8 @@ impl Metrics {
         registry.register(Box::new(kv_cache_reserved_bytes.clone()))?;
         registry.register(Box::new(kv_cache_used_bytes.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(audio_seconds.clone()))?;
+        registry.register(Box::new(real_time_factor.clone()))?;
         Ok(Metrics {
             registry,
             queue_depth,
@@ -142,6 +159,8 @@ impl Metrics {
             kv_cache_reserved_bytes,
             kv_cache_used_bytes,
             open_connections,
+            audio_seconds,
+            real_time_factor,
         })
     }
 

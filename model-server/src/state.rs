@@ -136,6 +136,10 @@ pub struct Limits {
     pub max_queued_tokens: usize,
     /// Requests tokenizing at once.
     pub tokenize_concurrency: usize,
+    /// Largest uploaded file (multipart `file`, or base64 in JSON, decoded).
+    pub max_upload_bytes: usize,
+    /// Longest audio a speech-to-text request may carry.
+    pub max_audio_seconds: f64,
 }
 
 impl Default for Limits {
@@ -146,6 +150,8 @@ impl Default for Limits {
             body_read_timeout: std::time::Duration::from_secs(30),
             max_queued_tokens: 1 << 20,
             tokenize_concurrency: 8,
+            max_upload_bytes: 25 << 20,
+            max_audio_seconds: 3600.0,
         }
     }
 }

@@ -38,7 +38,13 @@ fn greedy_tokens_of_the_first_window_equal_faster_whisper_s() {
                 case.name, decoded.tokens, case.tokens
             ));
         }
-        assert!(decoded.no_speech_prob < 0.5, "{}: speech taken for silence", case.name);
+        assert!(
+            (decoded.no_speech_prob - case.no_speech_prob).abs() < 0.01,
+            "{}: no-speech probability {} vs faster-whisper's {}",
+            case.name,
+            decoded.no_speech_prob,
+            case.no_speech_prob
+        );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

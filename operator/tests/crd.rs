@@ -196,8 +196,8 @@ fn each_rule_refuses_what_it_guards_with_an_actionable_message() {
         // Refused until the server serves it, rather than accepted into crash-looping pods.
         (
             "a family the server does not serve",
-            set("/spec/family", json!("speech-to-text")),
-            "speech-to-text",
+            set("/spec/family", json!("face-detection")),
+            "face-detection",
         ),
         (
             "model name DNS-1123",

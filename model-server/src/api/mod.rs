@@ -20,6 +20,9 @@ use crate::manifest::{Family, ModelRef};
 use crate::queue::SubmitError;
 use crate::state::AppState;
 
+mod upload;
+pub use upload::Upload;
+
 #[derive(Debug)]
 pub struct ApiError {
     pub(crate) status: StatusCode,
@@ -205,6 +208,10 @@ async fn models<F: ModelFamily>(State(state): State<Shared<F>>) -> Json<Value> {
 /// A request body as a typed struct. A field that is missing, of the wrong type or of a value
 /// out of its type's range is named in the error, with the status and code its endpoint uses.
 pub trait RequestBody: DeserializeOwned + Send + 'static {
+    /// Whether the body carries a file as base64 (`audio_base64`): then it may be as large as
+    /// an upload, not only `--max-body-bytes`.
+    const CARRIES_FILE: bool = false;
+
     /// The error for `field` (a path such as `messages[0].role`): missing, or invalid with
     /// serde's `detail`.
     fn field_error(field: &str, missing: bool, detail: &str) -> ApiError;
@@ -225,8 +232,14 @@ impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for I
 
     async fn from_request(req: axum::extract::Request, state: &Shared<F>) -> Result<Self, ApiError> {
         require_json(req.headers())?;
-        let bytes =
-            read_body(req.into_body(), state.limits.max_body_bytes, state.limits.body_read_timeout).await?;
+        let limits = &state.limits;
+        let limit = if T::CARRIES_FILE {
+            // Base64 is 4 bytes per 3, plus the other fields.
+            limits.max_body_bytes.max(limits.max_upload_bytes.saturating_mul(4) / 3 + (64 << 10))
+        } else {
+            limits.max_body_bytes
+        };
+        let bytes = read_body(req.into_body(), limit, limits.body_read_timeout).await?;
         let object = parse_object(&bytes)?;
         let id = resolve(state, object.get("model"))?;
         if let Err(e) = ready(state, &id) {
@@ -361,6 +374,28 @@ pub(crate) fn ready<'a, F: ModelFamily>(
         ),
         _ => ApiError::unavailable("model_loading", format!("model {id} is still loading; retry shortly")),
     })
+}
+
+/// What a model's worker answered through `rx`: its result, its error, or (when it died
+/// without answering) the reason `queue` recorded, waited for briefly.
+pub(crate) async fn worker_answer<T, J: crate::queue::Weigh>(
+    rx: tokio::sync::oneshot::Receiver<Result<T, crate::models::ModelError>>,
+    queue: &crate::queue::RequestQueue<J>,
+    id: &ModelRef,
+) -> Result<T, ApiError> {
+    match rx.await {
+        Ok(Ok(value)) => Ok(value),
+        // The worker answered with an error: its own, or that it died.
+        Ok(Err(e)) => Err(match queue.lock().failed.clone() {
+            Some(reason) => ApiError::model_failed(id, &reason),
+            None => ApiError::inference_failed(e.to_string()),
+        }),
+        // The worker unwound past this request: it died.
+        Err(_) => {
+            let reason = queue.failure_within(WORKER_DEATH_GRACE).await;
+            Err(ApiError::model_failed(id, reason.as_deref().unwrap_or("its worker thread stopped")))
+        }
+    }
 }
 
 /// Run `work` on the blocking pool, at most `tokenize_concurrency` at once: tokenizing is CPU

@@ -3,6 +3,7 @@
 //! loaded models. The server is generic over [`ModelFamily`]; [`serve`] is the registry, the
 //! one place a family is named. Adding a family is its folder and one line there.
 
+pub mod speech_to_text;
 pub mod text_embedding;
 pub mod text_generation;
 
@@ -112,4 +113,5 @@ macro_rules! registry {
 registry! {
     TextEmbedding => text_embedding::TextEmbedding,
     TextGeneration => text_generation::TextGeneration,
+    SpeechToText => speech_to_text::SpeechToText,
 }

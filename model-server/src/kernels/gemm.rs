@@ -169,6 +169,12 @@ impl Weight {
     }
 }
 
+/// A linear layer: the weight transposed (`[in, out]`, see [`Weight`]) and the bias.
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Vec<f32>,
+}
+
 /// f32 per 64-byte cache line.
 const LINE: usize = 16;
 

@@ -133,6 +133,12 @@ unsafe fn small_attention_body(qkv: &[f32], h: HeadView, scores: &mut [f32], out
     }
 }
 
+/// A LayerNorm's scale and shift.
+pub struct Norm {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+}
+
 /// `x[r] = LayerNorm(x[r] + bias)` for every row `r` (rows of `bias.len()`). The residual is
 /// already in `x`: the matmul before it accumulated onto the layer's input.
 pub fn bias_layer_norm(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32, isa: Isa) {

@@ -59,6 +59,8 @@ pub enum Architecture {
     XlmRoberta,
     /// Llama and Mistral decoders.
     Llama,
+    /// Whisper encoder-decoder (speech to text), from CTranslate2's `WhisperSpec`.
+    Whisper,
 }
 
 /// The one table: the name a checkpoint declares, the architecture that runs it, and the
@@ -68,6 +70,7 @@ const ARCHITECTURES: &[(&str, Architecture, Family)] = &[
     ("xlm-roberta", Architecture::XlmRoberta, Family::TextEmbedding),
     ("llama", Architecture::Llama, Family::TextGeneration),
     ("mistral", Architecture::Llama, Family::TextGeneration),
+    ("WhisperSpec", Architecture::Whisper, Family::SpeechToText),
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

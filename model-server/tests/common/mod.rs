@@ -208,6 +208,18 @@ impl TestServer {
         Self::start(plan, Limits { max_body_bytes: 256 << 10, max_inputs: 16, ..Limits::default() }).await
     }
 
+    /// Whisper tiny.en as `whisper:tiny-en`, audio limited to `max_audio_seconds`.
+    pub async fn whisper(max_audio_seconds: f64) -> Self {
+        let plan = ServePlan::from_args(
+            Family::SpeechToText,
+            &[format!("whisper:tiny-en={}", whisper_tiny_en_dir().display())],
+            Warmup { iterations: 1, ..Warmup::default() },
+            Batching::default(),
+        )
+        .expect("plan");
+        Self::start(plan, Limits { max_audio_seconds, max_upload_bytes: 4 << 20, ..Limits::default() }).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -261,13 +273,16 @@ pub struct SpeechCase {
     /// 16 kHz mono samples, as faster-whisper decoded them (16-bit PCM / 32768).
     pub samples: Vec<f32>,
     pub prompt: Vec<u32>,
-    /// faster-whisper's greedy tokens for the first window.
+    /// faster-whisper's greedy tokens for the first window, and its no-speech probability.
     pub tokens: Vec<u32>,
+    pub no_speech_prob: f32,
     pub transcript: String,
     pub language: String,
     pub language_probability: f32,
     /// faster-whisper's segments of the whole clip: (start, end, text).
     pub segments: Vec<(f64, f64, String)>,
+    /// The clip in other encodings (file in the reference directory, faster-whisper's text).
+    pub encodings: Vec<(PathBuf, String)>,
 }
 
 /// Whisper base (multilingual) in CTranslate2's layout (`make fixtures`).
@@ -284,6 +299,11 @@ pub fn whisper_base_dir() -> PathBuf {
 /// tiny.en's reference.
 pub fn speech_reference() -> Vec<SpeechCase> {
     speech_reference_of("whisper-reference")
+}
+
+/// tiny.en's reference directory (the clips as files).
+pub fn speech_reference_dir() -> PathBuf {
+    fixtures_root().join("whisper-reference")
 }
 
 pub fn speech_reference_of(link: &str) -> Vec<SpeechCase> {
@@ -305,6 +325,7 @@ pub fn speech_reference_of(link: &str) -> Vec<SpeechCase> {
             samples: read_wav_16k_pcm16(&dir.join(c["wav"].as_str().expect("wav"))),
             prompt: ids(&c["prompt"]),
             tokens: ids(&c["tokens"]),
+            no_speech_prob: c["no_speech_prob"].as_f64().expect("no_speech_prob") as f32,
             transcript: c["transcript"].as_str().expect("transcript").to_string(),
             language: c["language"].as_str().expect("language").to_string(),
             language_probability: c["language_probability"].as_f64().expect("language_probability") as f32,
@@ -317,8 +338,21 @@ pub fn speech_reference_of(link: &str) -> Vec<SpeechCase> {
                     (t("start"), t("end"), s["text"].as_str().expect("text").to_string())
                 })
                 .collect(),
+            encodings: c["encodings"]
+                .as_object()
+                .map(|m| {
+                    m.iter().map(|(k, v)| (dir.join(k), v.as_str().expect("text").to_string())).collect()
+                })
+                .unwrap_or_default(),
         })
         .collect()
+}
+
+/// The Python with faster-whisper and the OpenAI SDK (`make fixtures`).
+pub fn reference_python() -> PathBuf {
+    let python = fixtures_root().join("whisper-reference-venv/bin/python");
+    assert!(python.exists(), "{} missing: run `make fixtures`", python.display());
+    python
 }
 
 /// The reference's clips: canonical 44-byte-header WAV, 16 kHz mono 16-bit PCM.

@@ -19,7 +19,7 @@ use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn
 
 pub type BatchResult = Result<Vec<Vec<f32>>, ModelError>;
 
-struct Job {
+pub struct Job {
     inputs: Vec<Vec<u32>>,
     arrived: Instant,
     reply: oneshot::Sender<BatchResult>,
@@ -96,9 +96,9 @@ impl Batcher {
         self.queue.lock().failed.clone()
     }
 
-    /// Why the worker died, waiting up to `within` for the reason (see [`RequestQueue::failure_within`]).
-    pub async fn failure_within(&self, within: Duration) -> Option<String> {
-        self.queue.failure_within(within).await
+    /// The queue, for callers waiting on an answer ([`crate::api::worker_answer`]).
+    pub fn queue(&self) -> &RequestQueue<Job> {
+        &self.queue
     }
 
     /// Finish what is queued, then stop the worker.

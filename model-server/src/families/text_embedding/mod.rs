@@ -121,7 +121,7 @@ impl EmbeddingModel {
             Architecture::Bert | Architecture::XlmRoberta => {
                 Arc::new(PackedBert::load(dir, &BertConfig::read(dir, arch)?)?)
             }
-            Architecture::Llama => {
+            Architecture::Llama | Architecture::Whisper => {
                 return Err(ModelError::Unsupported(format!("{arch:?} is not an encoder")));
             }
         };

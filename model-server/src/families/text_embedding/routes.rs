@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::TextEmbedding;
-use crate::api::{ApiError, Inference, RequestBody, WORKER_DEATH_GRACE, counted, ready, tokenize};
+use crate::api::{ApiError, Inference, RequestBody, counted, ready, tokenize, worker_answer};
 use crate::families::Shared;
 use crate::manifest::ModelRef;
 
@@ -100,21 +100,7 @@ async fn embed_texts(
     let counts = tokens.iter().map(|t| t.ids.len()).collect();
     let truncated = tokens.iter().map(|t| t.truncated).collect();
     let rx = place.submit(tokens.into_iter().map(|t| t.ids).collect()).map_err(ApiError::from)?;
-    let vectors = match rx.await {
-        Ok(Ok(vectors)) => vectors,
-        // The worker answered with an error: its own, or that it died.
-        Ok(Err(e)) => {
-            return Err(match batcher.failure() {
-                Some(reason) => ApiError::model_failed(id, &reason),
-                None => ApiError::inference_failed(e.to_string()),
-            });
-        }
-        // The worker unwound past this request: it died.
-        Err(_) => {
-            let reason = batcher.failure_within(WORKER_DEATH_GRACE).await;
-            return Err(ApiError::model_failed(id, reason.as_deref().unwrap_or("its worker thread stopped")));
-        }
-    };
+    let vectors = worker_answer(rx, batcher.queue(), id).await?;
     Ok(Embedded { vectors, tokens: counts, truncated })
 }
 

@@ -20,8 +20,8 @@ use std::sync::{Mutex, PoisonError};
 use rayon::prelude::*;
 
 use super::BertConfig;
-use crate::kernels::gemm::{self as matmul, SharedOut, View, Weight};
-use crate::kernels::{self, Isa};
+use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
+use crate::kernels::{self, Isa, Norm};
 use crate::models::{Encoder, ModelError, Pooling};
 use crate::weights::tensors::{Scope, Tensors};
 
@@ -72,17 +72,6 @@ struct Dims {
     max_positions: usize,
     token_types: usize,
     eps: f32,
-}
-
-struct Norm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-}
-
-/// A linear layer; the weight is stored transposed (`[in, out]`), see [`Weight`].
-struct Linear {
-    weight: Weight,
-    bias: Vec<f32>,
 }
 
 struct Layer {

@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use crate::kernels::attention::{Mask, attend_head};
-use crate::kernels::gemm::{self as matmul, SharedOut, View, Weight};
-use crate::kernels::{self, Isa};
+use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
+use crate::kernels::{self, Isa, Norm};
 use crate::models::ModelError;
 use crate::weights::ctranslate2::Ct2Model;
 use crate::weights::tensors::Tensor;
@@ -30,16 +30,6 @@ pub struct Dims {
     pub text_ctx: usize,
     pub decoder_heads: usize,
     pub decoder_layers: usize,
-}
-
-struct Norm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-}
-
-struct Linear {
-    weight: Weight,
-    bias: Vec<f32>,
 }
 
 struct EncoderLayer {

@@ -1,0 +1,112 @@
+//! The speech-to-text family: Whisper (from CTranslate2's layout, the one faster-whisper loads)
+//! behind OpenAI's `/v1/audio/transcriptions` and `/v1/audio/translations` (multipart uploads)
+//! and the product's `/asr/transcribe` (JSON with base64 audio). Audio is decoded and resampled
+//! on the request's side (`audio`), transcribed whole by the model's worker (`worker`).
+
+pub mod audio;
+mod routes;
+pub mod worker;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use serde_json::{Value, json};
+
+use super::{ModelFamily, Serving, Shared, StartContext};
+use crate::manifest::{Family, ModelRef};
+use crate::models::whisper::transcribe::Options;
+use crate::models::whisper::{CT2_SPEC, Task, Whisper};
+use crate::models::{ModelError, architecture};
+use crate::weights::ctranslate2::Ct2Model;
+use worker::Worker;
+
+/// This family's endpoints.
+pub const ENDPOINTS: &[&str] =
+    &["POST /v1/audio/transcriptions", "POST /v1/audio/translations", "POST /asr/transcribe"];
+
+pub struct SpeechToText;
+
+impl ModelFamily for SpeechToText {
+    const FAMILY: Family = Family::SpeechToText;
+    type Model = Whisper;
+    type Serving = SpeechServing;
+
+    /// A CTranslate2 directory; the architecture from `model.bin`'s spec name.
+    fn load(dir: &Path) -> Result<Whisper, ModelError> {
+        let bin = dir.join("model.bin");
+        if !bin.is_file() {
+            return Err(ModelError::Files {
+                path: dir.display().to_string(),
+                message: format!(
+                    "no model.bin: the speech-to-text family reads CTranslate2 Whisper directories ({CT2_SPEC})"
+                ),
+            });
+        }
+        let spec = Ct2Model::open(&bin)?.spec().to_string();
+        architecture(Family::SpeechToText, Some(&spec), "a CTranslate2 spec", &bin)
+            .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        Whisper::load(dir)
+    }
+
+    fn summary(model: &Whisper) -> String {
+        let d = model.network().dims;
+        let kind = if model.is_multilingual() { "multilingual" } else { "English-only" };
+        format!(
+            "Whisper {kind}, {} encoder and {} decoder layers of {}",
+            d.encoder_layers, d.decoder_layers, d.hidden
+        )
+    }
+
+    /// One window through encoder and decoder: two seconds of a quiet tone (the inputs are
+    /// text, which this family has no use for).
+    fn warm(model: &Whisper, _inputs: &[String]) -> Result<(), ModelError> {
+        let tone: Vec<f32> = (0..2 * audio::RATE as usize)
+            .map(|i| 0.05 * (2.0 * std::f32::consts::PI * 220.0 * i as f32 / audio::RATE as f32).sin())
+            .collect();
+        let options = Options { language: None, task: Task::Transcribe, prompt: None };
+        model.transcribe(&tone, &options, |_| {})?;
+        Ok(())
+    }
+
+    fn start(id: &ModelRef, model: Arc<Whisper>, ctx: StartContext) -> std::io::Result<SpeechServing> {
+        let worker = Worker::spawn(id.clone(), model.clone(), ctx)?;
+        Ok(SpeechServing { model, worker })
+    }
+
+    fn routes() -> Router<Shared<Self>> {
+        routes::routes()
+    }
+}
+
+/// A Whisper model with its worker running.
+pub struct SpeechServing {
+    pub model: Arc<Whisper>,
+    pub worker: Worker,
+}
+
+impl Serving for SpeechServing {
+    fn waiting(&self) -> usize {
+        self.worker.waiting()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.worker.in_flight()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.worker.queue().lock().failed.clone()
+    }
+
+    fn close(&self) {
+        self.worker.queue().close();
+    }
+
+    fn status(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("multilingual".into(), json!(self.model.is_multilingual()));
+        m.insert("melBins".into(), json!(self.model.network().dims.mels));
+        m.insert("queuedAudioSeconds".into(), json!(self.worker.seconds_waiting()));
+        m
+    }
+}
