@@ -4,7 +4,8 @@
 #   env: DURATION (wrk seconds per point, default 20), OUT (default target/bench), SKIP_BASELINE=1,
 #        SKIP_CLUSTER=1 (no operator-at-scale part), BENCH_MDS (default 1000),
 #        SKIP_GENERATION=1 (no text-generation part; it builds llama.cpp's llama-server once),
-#        SKIP_BGE_M3=1 (no BGE-M3-shaped XLM-RoBERTa part; it writes a 1.1 GB checkpoint once)
+#        SKIP_BGE_M3=1 (no BGE-M3-shaped XLM-RoBERTa part; it writes a 1.1 GB checkpoint once),
+#        SKIP_SPEECH=1 (no speech-to-text part: Kiln against faster-whisper)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -31,6 +32,15 @@ python3 "$ROOT/bench/kiln_http.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/ki
 if [ "${SKIP_GENERATION:-0}" != 1 ]; then
   # Kiln's text-generation server and llama.cpp's llama-server, same GGUF and threads.
   bash "$ROOT/bench/generation.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$OUT"
+fi
+
+if [ "${SKIP_SPEECH:-0}" != 1 ]; then
+  # Whisper tiny.en (CTranslate2 files from make fixtures): Kiln against faster-whisper float32
+  # and int8, same clips and threads.
+  echo "== speech to text: kiln vs faster-whisper"
+  python3 "$ROOT/bench/speech.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" \
+    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-tiny-en" \
+    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-reference-venv/bin/python" "$OUT/speech.json"
 fi
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then

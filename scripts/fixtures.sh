@@ -177,6 +177,21 @@ whisper_reference() {
 whisper_reference whisper-tiny-en 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a \
   speech-cases.json whisper-reference
 whisper_reference whisper-base "$WHISPER_BASE_SHA256" speech-cases-multilingual.json whisper-base-reference
+# The same tiny.en weights as a Hugging Face checkpoint (scripts/whisper_to_hf.py), so the
+# tests hold the safetensors path to faster-whisper's tokens too.
+whisper_hf_key=$(cat "$ROOT/scripts/whisper_to_hf.py" <(echo 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a) \
+  | sha256sum | cut -c1-12)
+whisper_hf="$DEST/whisper-tiny-en-hf-$whisper_hf_key"
+if [ -f "$whisper_hf/config.json" ]; then
+  echo "fixtures: Whisper Hugging Face checkpoint ready at $whisper_hf"
+else
+  echo "fixtures: writing tiny.en as a Hugging Face checkpoint"
+  rm -rf "$whisper_hf.partial"
+  "$whisper_venv/bin/python" "$ROOT/scripts/whisper_to_hf.py" "$DEST/whisper-tiny-en" "$whisper_hf.partial"
+  mv "$whisper_hf.partial" "$whisper_hf"
+  find "$DEST" -maxdepth 1 -name 'whisper-tiny-en-hf-*' ! -name "$(basename "$whisper_hf")" -exec rm -rf {} +
+fi
+ln -sfn "$(basename "$whisper_hf")" "$DEST/whisper-tiny-en-hf"
 # The OpenAI Python SDK (in the same environment) is the client of the speech HTTP tests.
 ln -sfn "$whisper_venv" "$DEST/whisper-reference-venv"
 

@@ -10,7 +10,17 @@ use kiln_model_server::models::whisper::{Task, WINDOW_FRAMES, Whisper};
 
 #[test]
 fn greedy_tokens_of_the_first_window_equal_faster_whisper_s() {
-    let whisper = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
+    first_windows_equal_the_reference(&common::whisper_tiny_en_dir());
+}
+
+/// The same weights written as a Hugging Face checkpoint decode to the same tokens.
+#[test]
+fn a_hugging_face_checkpoint_of_the_same_weights_decodes_the_same_tokens() {
+    first_windows_equal_the_reference(&common::whisper_tiny_en_hf_dir());
+}
+
+fn first_windows_equal_the_reference(dir: &std::path::Path) {
+    let whisper = Whisper::load(dir).expect("load tiny.en");
     let cases = common::speech_reference();
     assert!(cases.len() >= 4, "the reference has {} clips", cases.len());
     let mut failures = Vec::new();

@@ -160,7 +160,7 @@ fn samples_are_accepted_and_parse() {
         md.validate_cel().expect("derived CEL check agrees");
         n += 1;
     }
-    assert_eq!(n, 3, "three samples: CPU embeddings, A/B GPU, text generation from PVC");
+    assert_eq!(n, 4, "four samples: CPU embeddings, A/B GPU, text generation from PVC, speech to text");
 }
 
 /// Set `pointer` in `obj` (creating nothing: the parent must exist) or remove it with `None`.

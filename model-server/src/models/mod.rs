@@ -59,7 +59,8 @@ pub enum Architecture {
     XlmRoberta,
     /// Llama and Mistral decoders.
     Llama,
-    /// Whisper encoder-decoder (speech to text), from CTranslate2's `WhisperSpec`.
+    /// Whisper encoder-decoder (speech to text), from CTranslate2's `WhisperSpec` or a Hugging
+    /// Face `whisper` checkpoint.
     Whisper,
 }
 
@@ -71,6 +72,7 @@ const ARCHITECTURES: &[(&str, Architecture, Family)] = &[
     ("llama", Architecture::Llama, Family::TextGeneration),
     ("mistral", Architecture::Llama, Family::TextGeneration),
     ("WhisperSpec", Architecture::Whisper, Family::SpeechToText),
+    ("whisper", Architecture::Whisper, Family::SpeechToText),
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -144,6 +146,11 @@ mod tests {
         let gguf =
             architecture(Family::TextGeneration, Some("llama"), "general.architecture", Path::new("m.gguf"));
         assert_eq!(gguf, Ok(Architecture::Llama));
+        let whisper = |t: &str| architecture(Family::SpeechToText, Some(t), "model_type", file);
+        assert_eq!(whisper("whisper"), Ok(Architecture::Whisper));
+        assert_eq!(whisper("WhisperSpec"), Ok(Architecture::Whisper));
+        let err = whisper("TransformerSpec").expect_err("not Whisper").to_string();
+        assert!(err.contains("speech-to-text family runs WhisperSpec, whisper"), "{err}");
         let none = architecture(Family::TextGeneration, None, "model_type", file).expect_err("undeclared");
         assert!(none.to_string().contains("declares no model_type"), "{none}");
     }

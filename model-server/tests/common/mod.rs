@@ -285,6 +285,17 @@ pub struct SpeechCase {
     pub encodings: Vec<(PathBuf, String)>,
 }
 
+/// The same tiny.en weights as a Hugging Face checkpoint (scripts/whisper_to_hf.py).
+pub fn whisper_tiny_en_hf_dir() -> PathBuf {
+    let dir = fixtures_root().join("whisper-tiny-en-hf");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "Whisper fixture missing at {}: run `make fixtures`",
+        dir.display()
+    );
+    dir
+}
+
 /// Whisper base (multilingual) in CTranslate2's layout (`make fixtures`).
 pub fn whisper_base_dir() -> PathBuf {
     let dir = fixtures_root().join("whisper-base");

@@ -1,4 +1,5 @@
-//! The speech-to-text family: Whisper (from CTranslate2's layout, the one faster-whisper loads)
+//! The speech-to-text family: Whisper (CTranslate2's layout, the one faster-whisper loads, or a
+//! Hugging Face checkpoint)
 //! behind OpenAI's `/v1/audio/transcriptions` and `/v1/audio/translations` (multipart uploads)
 //! and the product's `/asr/transcribe` (JSON with base64 audio). Audio is decoded and resampled
 //! on the request's side (`audio`), transcribed whole by the model's worker (`worker`).
@@ -16,9 +17,10 @@ use serde_json::{Value, json};
 use super::{ModelFamily, Serving, Shared, StartContext};
 use crate::manifest::{Family, ModelRef};
 use crate::models::whisper::transcribe::Options;
-use crate::models::whisper::{CT2_SPEC, Task, Whisper};
+use crate::models::whisper::{Task, Whisper};
 use crate::models::{ModelError, architecture};
 use crate::weights::ctranslate2::Ct2Model;
+use crate::weights::model_type;
 use worker::Worker;
 
 /// This family's endpoints.
@@ -32,19 +34,17 @@ impl ModelFamily for SpeechToText {
     type Model = Whisper;
     type Serving = SpeechServing;
 
-    /// A CTranslate2 directory; the architecture from `model.bin`'s spec name.
+    /// A CTranslate2 directory (the architecture from `model.bin`'s spec name) or a Hugging
+    /// Face checkpoint (from `config.json`'s `model_type`).
     fn load(dir: &Path) -> Result<Whisper, ModelError> {
         let bin = dir.join("model.bin");
-        if !bin.is_file() {
-            return Err(ModelError::Files {
-                path: dir.display().to_string(),
-                message: format!(
-                    "no model.bin: the speech-to-text family reads CTranslate2 Whisper directories ({CT2_SPEC})"
-                ),
-            });
-        }
-        let spec = Ct2Model::open(&bin)?.spec().to_string();
-        architecture(Family::SpeechToText, Some(&spec), "a CTranslate2 spec", &bin)
+        let (declared, kind, file) = if bin.is_file() {
+            (Some(Ct2Model::open(&bin)?.spec().to_string()), "a CTranslate2 spec", bin)
+        } else {
+            let config = dir.join("config.json");
+            (model_type(&config)?, "model_type", config)
+        };
+        architecture(Family::SpeechToText, declared.as_deref(), kind, &file)
             .map_err(|e| ModelError::Unsupported(e.to_string()))?;
         Whisper::load(dir)
     }

@@ -1,7 +1,8 @@
 //! Whisper (speech to text): an encoder over 30-second windows of log-mel features and a
 //! decoder that writes text and timestamp tokens. Read from CTranslate2's layout (`model.bin`,
 //! `config.json`, `tokenizer.json`), the one faster-whisper loads and the package registries
-//! ship.
+//! ship, or from a Hugging Face checkpoint (`config.json` with `model_type` whisper,
+//! `model.safetensors`, `generation_config.json`, `tokenizer.json`).
 
 pub mod decoding;
 pub mod mel;
@@ -15,10 +16,11 @@ use tokenizers::Tokenizer;
 
 use self::decoding::{Decoded, Rules, Specials};
 use self::mel::MelExtractor;
-use self::network::{Audio, Network};
+use self::network::{Audio, Layout, Network};
 use crate::models::ModelError;
 use crate::weights::ctranslate2::Ct2Model;
-use crate::weights::read_json_if_present;
+use crate::weights::tensors::Tensors;
+use crate::weights::{read_json, read_json_if_present};
 
 /// The spec name CTranslate2 writes for Whisper.
 pub const CT2_SPEC: &str = "WhisperSpec";
@@ -35,6 +37,33 @@ struct Ct2Config {
     suppress_ids_begin: Vec<u32>,
     #[serde(default)]
     lang_ids: Vec<u32>,
+}
+
+/// A Hugging Face Whisper `config.json` (the fields that give the shape).
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    d_model: usize,
+    encoder_layers: usize,
+    decoder_layers: usize,
+    encoder_attention_heads: usize,
+    decoder_attention_heads: usize,
+    encoder_ffn_dim: usize,
+    decoder_ffn_dim: usize,
+    num_mel_bins: usize,
+    vocab_size: usize,
+    max_source_positions: usize,
+    max_target_positions: usize,
+}
+
+/// Its `generation_config.json`: the same token lists CTranslate2 keeps in its config.
+#[derive(Debug, Default, Deserialize)]
+struct HfGeneration {
+    #[serde(default)]
+    suppress_tokens: Vec<u32>,
+    #[serde(default)]
+    begin_suppress_tokens: Vec<u32>,
+    #[serde(default)]
+    lang_to_id: std::collections::BTreeMap<String, u32>,
 }
 
 /// What a multilingual model is asked to do.
@@ -54,20 +83,13 @@ pub struct Whisper {
 }
 
 impl Whisper {
-    /// Loads a CTranslate2 Whisper directory.
+    /// Loads a CTranslate2 Whisper directory (`model.bin`) or a Hugging Face checkpoint.
     pub fn load(dir: &Path) -> Result<Whisper, ModelError> {
-        let bin = dir.join("model.bin");
-        let model = Ct2Model::open(&bin)?;
-        if model.spec() != CT2_SPEC {
-            return Err(ModelError::Unsupported(format!(
-                "{} holds a {:?}; the speech-to-text family runs {CT2_SPEC}",
-                bin.display(),
-                model.spec()
-            )));
-        }
-        let network = Network::from_ctranslate2(&model)?;
-        drop(model);
-        let config: Ct2Config = read_json_if_present(&dir.join("config.json"))?.unwrap_or_default();
+        let (network, config) = if dir.join("model.bin").is_file() {
+            Self::load_ctranslate2(dir)?
+        } else {
+            Self::load_hugging_face(dir)?
+        };
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
@@ -106,6 +128,52 @@ impl Whisper {
             Rules { specials, suppress: config.suppress_ids, suppress_begin, no_speech, timestamps: true };
         let mel = MelExtractor::new(network.dims.mels);
         Ok(Whisper { network, mel, tokenizer, rules, lang_ids: config.lang_ids })
+    }
+
+    fn load_ctranslate2(dir: &Path) -> Result<(Network, Ct2Config), ModelError> {
+        let bin = dir.join("model.bin");
+        let model = Ct2Model::open(&bin)?;
+        if model.spec() != CT2_SPEC {
+            return Err(ModelError::Unsupported(format!(
+                "{} holds a {:?}; the speech-to-text family runs {CT2_SPEC}",
+                bin.display(),
+                model.spec()
+            )));
+        }
+        let network = Network::from_ctranslate2(&model)?;
+        let config: Ct2Config = read_json_if_present(&dir.join("config.json"))?.unwrap_or_default();
+        Ok((network, config))
+    }
+
+    fn load_hugging_face(dir: &Path) -> Result<(Network, Ct2Config), ModelError> {
+        let c: HfConfig = read_json(&dir.join("config.json"))?;
+        if c.encoder_ffn_dim != c.decoder_ffn_dim {
+            return Err(ModelError::Unsupported(format!(
+                "encoder_ffn_dim {} differs from decoder_ffn_dim {}; Whisper uses one width",
+                c.encoder_ffn_dim, c.decoder_ffn_dim
+            )));
+        }
+        let dims = network::Dims {
+            mels: c.num_mel_bins,
+            audio_ctx: c.max_source_positions,
+            hidden: c.d_model,
+            encoder_heads: c.encoder_attention_heads,
+            encoder_layers: c.encoder_layers,
+            ffn: c.encoder_ffn_dim,
+            vocab: c.vocab_size,
+            text_ctx: c.max_target_positions,
+            decoder_heads: c.decoder_attention_heads,
+            decoder_layers: c.decoder_layers,
+        };
+        let tensors = Tensors::open(dir)?;
+        let network = Network::load(&tensors, Layout::HuggingFace, dims)?;
+        let g: HfGeneration = read_json_if_present(&dir.join("generation_config.json"))?.unwrap_or_default();
+        let config = Ct2Config {
+            suppress_ids: g.suppress_tokens,
+            suppress_ids_begin: g.begin_suppress_tokens,
+            lang_ids: g.lang_to_id.into_values().collect(),
+        };
+        Ok((network, config))
     }
 
     pub fn network(&self) -> &Network {

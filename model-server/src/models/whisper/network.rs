@@ -10,7 +10,7 @@ use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
 use crate::kernels::{self, Isa, Norm};
 use crate::models::ModelError;
 use crate::weights::ctranslate2::Ct2Model;
-use crate::weights::tensors::Tensor;
+use crate::weights::tensors::{Tensor, Tensors};
 
 /// Whisper's LayerNorm epsilon.
 const EPS: f32 = 1e-5;
@@ -97,161 +97,310 @@ impl Sequence {
     }
 }
 
-/// Reads the weights of CTranslate2's `WhisperSpec`.
-struct Ct2<'a> {
-    model: &'a Ct2Model,
+/// A checkpoint's tensors, whatever file holds them.
+pub trait Source: Sync {
+    fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError>;
+    fn contains(&self, name: &str) -> bool;
 }
 
-impl Ct2<'_> {
+impl Source for Ct2Model {
+    fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError> {
+        Ct2Model::get(self, name, dims)
+    }
+    fn contains(&self, name: &str) -> bool {
+        Ct2Model::contains(self, name)
+    }
+}
+
+impl Source for Tensors {
+    fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError> {
+        Tensors::get(self, name, dims)
+    }
+    fn contains(&self, name: &str) -> bool {
+        Tensors::contains(self, name)
+    }
+}
+
+/// Where a checkpoint layout keeps each weight: CTranslate2 stacks Q, K, V (and the
+/// cross-attention K, V) in one matrix; Hugging Face keeps one per projection, K without a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Ctranslate2,
+    HuggingFace,
+}
+
+/// The projections of one attention or feed-forward site.
+enum Site {
+    SelfQkv,
+    SelfOut,
+    CrossQ,
+    CrossKv,
+    CrossOut,
+    Fc1,
+    Fc2,
+}
+
+enum NormSite {
+    SelfAttention,
+    CrossAttention,
+    Ffn,
+}
+
+impl Layout {
+    fn layer(self, side: &str, i: usize) -> String {
+        match self {
+            Layout::Ctranslate2 => format!("{side}/layer_{i}"),
+            Layout::HuggingFace => format!("model.{side}.layers.{i}"),
+        }
+    }
+
+    /// The matrices stacked for a site (their outputs concatenated in this order).
+    fn parts(self, layer: &str, site: Site) -> Vec<String> {
+        let names: &[&str] = match (self, site) {
+            (Layout::Ctranslate2, Site::SelfQkv) => &["self_attention/linear_0"],
+            (Layout::Ctranslate2, Site::SelfOut) => &["self_attention/linear_1"],
+            (Layout::Ctranslate2, Site::CrossQ) => &["attention/linear_0"],
+            (Layout::Ctranslate2, Site::CrossKv) => &["attention/linear_1"],
+            (Layout::Ctranslate2, Site::CrossOut) => &["attention/linear_2"],
+            (Layout::Ctranslate2, Site::Fc1) => &["ffn/linear_0"],
+            (Layout::Ctranslate2, Site::Fc2) => &["ffn/linear_1"],
+            (Layout::HuggingFace, Site::SelfQkv) => {
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+            }
+            (Layout::HuggingFace, Site::SelfOut) => &["self_attn.out_proj"],
+            (Layout::HuggingFace, Site::CrossQ) => &["encoder_attn.q_proj"],
+            (Layout::HuggingFace, Site::CrossKv) => &["encoder_attn.k_proj", "encoder_attn.v_proj"],
+            (Layout::HuggingFace, Site::CrossOut) => &["encoder_attn.out_proj"],
+            (Layout::HuggingFace, Site::Fc1) => &["fc1"],
+            (Layout::HuggingFace, Site::Fc2) => &["fc2"],
+        };
+        names.iter().map(|n| self.join(layer, n)).collect()
+    }
+
+    fn norm_site(self, layer: &str, site: NormSite) -> String {
+        let name = match (self, site) {
+            (Layout::Ctranslate2, NormSite::SelfAttention) => "self_attention/layer_norm",
+            (Layout::Ctranslate2, NormSite::CrossAttention) => "attention/layer_norm",
+            (Layout::Ctranslate2, NormSite::Ffn) => "ffn/layer_norm",
+            (Layout::HuggingFace, NormSite::SelfAttention) => "self_attn_layer_norm",
+            (Layout::HuggingFace, NormSite::CrossAttention) => "encoder_attn_layer_norm",
+            (Layout::HuggingFace, NormSite::Ffn) => "final_layer_norm",
+        };
+        self.join(layer, name)
+    }
+
+    fn join(self, prefix: &str, name: &str) -> String {
+        match self {
+            Layout::Ctranslate2 => format!("{prefix}/{name}"),
+            Layout::HuggingFace => format!("{prefix}.{name}"),
+        }
+    }
+
+    /// `encoder` or `decoder`-level names: conv1, layer_norm, positions, embeddings.
+    fn top(self, side: &str, what: &str) -> String {
+        match (self, what) {
+            (Layout::Ctranslate2, "positions") => format!("{side}/position_encodings/encodings"),
+            (Layout::Ctranslate2, "embeddings") => format!("{side}/embeddings/weight"),
+            (Layout::Ctranslate2, _) => format!("{side}/{what}"),
+            (Layout::HuggingFace, "positions") => format!("model.{side}.embed_positions.weight"),
+            (Layout::HuggingFace, "embeddings") => format!("model.{side}.embed_tokens.weight"),
+            (Layout::HuggingFace, _) => format!("model.{side}.{what}"),
+        }
+    }
+
+    fn weight(self, prefix: &str) -> String {
+        self.join(prefix, "weight")
+    }
+
+    fn bias(self, prefix: &str) -> String {
+        self.join(prefix, "bias")
+    }
+
+    fn gamma_beta(self, prefix: &str) -> (String, String) {
+        match self {
+            Layout::Ctranslate2 => (self.join(prefix, "gamma"), self.join(prefix, "beta")),
+            Layout::HuggingFace => (self.join(prefix, "weight"), self.join(prefix, "bias")),
+        }
+    }
+
+    /// How many layers a side has: the first index without a feed-forward weight.
+    pub(super) fn count_layers(self, source: &dyn Source, side: &str) -> usize {
+        (0..)
+            .take_while(|&i| source.contains(&self.weight(&self.parts(&self.layer(side, i), Site::Fc1)[0])))
+            .count()
+    }
+}
+
+/// Reads one layout's weights into the packed forms.
+struct Reader<'a> {
+    source: &'a dyn Source,
+    layout: Layout,
+}
+
+impl Reader<'_> {
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        Ok(self.model.get(name, &[len])?.to_vec())
+        Ok(self.source.get(name, &[len])?.to_vec())
     }
 
     fn norm(&self, prefix: &str, hidden: usize) -> Result<Norm, ModelError> {
-        Ok(Norm {
-            gamma: self.vector(&format!("{prefix}/gamma"), hidden)?,
-            beta: self.vector(&format!("{prefix}/beta"), hidden)?,
-        })
+        let (gamma, beta) = self.layout.gamma_beta(prefix);
+        Ok(Norm { gamma: self.vector(&gamma, hidden)?, beta: self.vector(&beta, hidden)? })
     }
 
-    /// `prefix/weight` (`[outputs, inputs]`) and `prefix/bias`, the first `scaled` outputs
-    /// multiplied by `scale` (how 1/√d is folded into Q).
+    /// The stacked `parts` (each `[outputs / parts, inputs]`); a part without a bias (K) adds
+    /// zeros. The first `scaled` outputs are multiplied by `scale` (1/√d folded into Q).
     fn linear(
         &self,
-        prefix: &str,
+        parts: &[String],
         inputs: usize,
         outputs: usize,
         scaled: usize,
         scale: f32,
     ) -> Result<Linear, ModelError> {
-        let w = self.model.get(&format!("{prefix}/weight"), &[outputs, inputs])?;
-        let mut bias = self.vector(&format!("{prefix}/bias"), outputs)?;
+        let each = outputs / parts.len().max(1);
+        let weights = parts
+            .iter()
+            .map(|p| self.source.get(&self.layout.weight(p), &[each, inputs]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut bias = Vec::with_capacity(outputs);
+        for p in parts {
+            let name = self.layout.bias(p);
+            if self.source.contains(&name) {
+                bias.extend(self.vector(&name, each)?);
+            } else {
+                bias.extend(std::iter::repeat_n(0.0, each));
+            }
+        }
         bias[..scaled].iter_mut().for_each(|b| *b *= scale);
-        Ok(Linear { weight: rows_to_weight(&w, inputs, outputs, scaled, scale), bias })
+        let weight = Weight::from_output_rows(inputs, outputs, |o, row| {
+            weights[o / each].read_row(o % each, row);
+            if o < scaled {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        });
+        Ok(Linear { weight, bias })
+    }
+
+    /// PyTorch's `[out, in, 3]` convolution into rows over three frames, frame-major: input
+    /// `k·in + c`.
+    fn conv(&self, prefix: &str, channels: usize, hidden: usize) -> Result<Linear, ModelError> {
+        let w = self.source.get(&self.layout.weight(prefix), &[hidden, channels, 3])?;
+        let weight = Weight::from_output_rows(3 * channels, hidden, |o, row| {
+            let mut raw = vec![0.0; channels * 3];
+            w.read_rows(o * channels, &mut raw);
+            for c in 0..channels {
+                for k in 0..3 {
+                    row[k * channels + c] = raw[c * 3 + k];
+                }
+            }
+        });
+        Ok(Linear { weight, bias: self.vector(&self.layout.bias(prefix), hidden)? })
     }
 }
 
-/// `[outputs, inputs]` rows into the packed `[inputs, outputs]` layout.
-fn rows_to_weight(w: &Tensor<'_>, inputs: usize, outputs: usize, scaled: usize, scale: f32) -> Weight {
-    Weight::from_output_rows(inputs, outputs, |o, row| {
-        w.read_row(o, row);
-        if o < scaled {
-            row.iter_mut().for_each(|v| *v *= scale);
-        }
-    })
-}
-
 impl Network {
-    /// The network in a CTranslate2 `WhisperSpec` file; the shape comes from its tensors.
-    pub fn from_ctranslate2(model: &Ct2Model) -> Result<Network, ModelError> {
-        let files_err = |message: String| ModelError::Files { path: "model.bin".to_string(), message };
-        let dims_of = |name: &str| {
-            model.dims(name).map(<[usize]>::to_vec).ok_or_else(|| files_err(format!("no variable {name}")))
-        };
-        let conv1 = dims_of("encoder/conv1/weight")?;
-        let [hidden, mels, 3] = conv1[..] else {
-            return Err(files_err(format!(
-                "encoder/conv1/weight has dims {conv1:?}, expected [hidden, mels, 3]"
-            )));
-        };
-        let count = |prefix: &str| {
-            (0..).take_while(|i| model.contains(&format!("{prefix}/layer_{i}/ffn/linear_0/weight"))).count()
-        };
-        let ffn = dims_of("encoder/layer_0/ffn/linear_0/weight")?.first().copied().unwrap_or(0);
-        let heads = |name: &str| -> Result<usize, ModelError> {
-            let h = usize::try_from(model.scalar(name)?).unwrap_or(0);
-            if h == 0 || hidden % h != 0 {
-                return Err(files_err(format!("{name} = {h} does not divide the hidden size {hidden}")));
-            }
-            Ok(h)
-        };
-        let dims = Dims {
-            mels,
-            audio_ctx: dims_of("encoder/position_encodings/encodings")?.first().copied().unwrap_or(0),
-            hidden,
-            encoder_heads: heads("encoder/num_heads")?,
-            encoder_layers: count("encoder"),
-            ffn,
-            vocab: dims_of("decoder/embeddings/weight")?.first().copied().unwrap_or(0),
-            text_ctx: dims_of("decoder/position_encodings/encodings")?.first().copied().unwrap_or(0),
-            decoder_heads: heads("decoder/num_heads")?,
-            decoder_layers: count("decoder"),
-        };
+    /// The network in `source`, laid out as `layout`, of shape `dims` (which the caller derived
+    /// from the tensors or the config and which every tensor is checked against).
+    pub fn load(source: &dyn Source, layout: Layout, dims: Dims) -> Result<Network, ModelError> {
         if dims.encoder_layers == 0 || dims.decoder_layers == 0 || dims.ffn == 0 {
-            return Err(files_err(format!("not a Whisper model: {dims:?}")));
+            return Err(ModelError::Unsupported(format!("not a Whisper model: {dims:?}")));
         }
-        let r = Ct2 { model };
-        let (h, f) = (hidden, ffn);
+        for heads in [dims.encoder_heads, dims.decoder_heads] {
+            if heads == 0 || !dims.hidden.is_multiple_of(heads) {
+                return Err(ModelError::Unsupported(format!(
+                    "{heads} attention heads do not divide the hidden size {}",
+                    dims.hidden
+                )));
+            }
+        }
+        let r = Reader { source, layout };
+        let (h, f, l) = (dims.hidden, dims.ffn, layout);
         let enc_scale = 1.0 / ((h / dims.encoder_heads) as f32).sqrt();
         let dec_scale = 1.0 / ((h / dims.decoder_heads) as f32).sqrt();
-        let conv = |name: &str, channels: usize| -> Result<Linear, ModelError> {
-            // PyTorch's [out, in, 3] into rows over three frames, frame-major: input k·in + c.
-            let w = model.get(&format!("{name}/weight"), &[h, channels, 3])?;
-            let weight = Weight::from_output_rows(3 * channels, h, |o, row| {
-                let mut raw = vec![0.0; channels * 3];
-                w.read_rows(o * channels, &mut raw);
-                for c in 0..channels {
-                    for k in 0..3 {
-                        row[k * channels + c] = raw[c * 3 + k];
-                    }
-                }
-            });
-            Ok(Linear { weight, bias: r.vector(&format!("{name}/bias"), h)? })
-        };
-        let conv1 = conv("encoder/conv1", mels)?;
-        let conv2 = conv("encoder/conv2", h)?;
+        let conv1 = r.conv(&l.top("encoder", "conv1"), dims.mels, h)?;
+        let conv2 = r.conv(&l.top("encoder", "conv2"), h, h)?;
         let encoder_layers = (0..dims.encoder_layers)
             .into_par_iter()
             .map(|i| {
-                let p = format!("encoder/layer_{i}");
+                let p = l.layer("encoder", i);
                 Ok(EncoderLayer {
-                    attn_norm: r.norm(&format!("{p}/self_attention/layer_norm"), h)?,
-                    qkv: r.linear(&format!("{p}/self_attention/linear_0"), h, 3 * h, h, enc_scale)?,
-                    attn_out: r.linear(&format!("{p}/self_attention/linear_1"), h, h, 0, 1.0)?,
-                    ffn_norm: r.norm(&format!("{p}/ffn/layer_norm"), h)?,
-                    fc1: r.linear(&format!("{p}/ffn/linear_0"), h, f, 0, 1.0)?,
-                    fc2: r.linear(&format!("{p}/ffn/linear_1"), f, h, 0, 1.0)?,
+                    attn_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
+                    qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, enc_scale)?,
+                    attn_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
+                    ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
+                    fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
+                    fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let decoder_layers = (0..dims.decoder_layers)
             .into_par_iter()
             .map(|i| {
-                let p = format!("decoder/layer_{i}");
+                let p = l.layer("decoder", i);
                 Ok(DecoderLayer {
-                    self_norm: r.norm(&format!("{p}/self_attention/layer_norm"), h)?,
-                    self_qkv: r.linear(&format!("{p}/self_attention/linear_0"), h, 3 * h, h, dec_scale)?,
-                    self_out: r.linear(&format!("{p}/self_attention/linear_1"), h, h, 0, 1.0)?,
-                    cross_norm: r.norm(&format!("{p}/attention/layer_norm"), h)?,
-                    cross_q: r.linear(&format!("{p}/attention/linear_0"), h, h, h, dec_scale)?,
-                    cross_kv: r.linear(&format!("{p}/attention/linear_1"), h, 2 * h, 0, 1.0)?,
-                    cross_out: r.linear(&format!("{p}/attention/linear_2"), h, h, 0, 1.0)?,
-                    ffn_norm: r.norm(&format!("{p}/ffn/layer_norm"), h)?,
-                    fc1: r.linear(&format!("{p}/ffn/linear_0"), h, f, 0, 1.0)?,
-                    fc2: r.linear(&format!("{p}/ffn/linear_1"), f, h, 0, 1.0)?,
+                    self_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
+                    self_qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, dec_scale)?,
+                    self_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
+                    cross_norm: r.norm(&l.norm_site(&p, NormSite::CrossAttention), h)?,
+                    cross_q: r.linear(&l.parts(&p, Site::CrossQ), h, h, h, dec_scale)?,
+                    cross_kv: r.linear(&l.parts(&p, Site::CrossKv), h, 2 * h, 0, 1.0)?,
+                    cross_out: r.linear(&l.parts(&p, Site::CrossOut), h, h, 0, 1.0)?,
+                    ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
+                    fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
+                    fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        let embeddings = model.get("decoder/embeddings/weight", &[dims.vocab, h])?;
-        let output = rows_to_weight(&embeddings, h, dims.vocab, 0, 1.0);
+        let embeddings = source.get(&l.top("decoder", "embeddings"), &[dims.vocab, h])?;
+        let output = Weight::from_output_rows(h, dims.vocab, |o, row| embeddings.read_row(o, row));
         Ok(Network {
             dims,
             conv1,
             conv2,
-            encoder_positions: model
-                .get("encoder/position_encodings/encodings", &[dims.audio_ctx, h])?
-                .to_vec(),
+            encoder_positions: source.get(&l.top("encoder", "positions"), &[dims.audio_ctx, h])?.to_vec(),
             encoder_layers,
-            encoder_norm: r.norm("encoder/layer_norm", h)?,
+            encoder_norm: r.norm(&l.top("encoder", "layer_norm"), h)?,
             embeddings: embeddings.to_vec(),
             output,
-            decoder_positions: model
-                .get("decoder/position_encodings/encodings", &[dims.text_ctx, h])?
-                .to_vec(),
+            decoder_positions: source.get(&l.top("decoder", "positions"), &[dims.text_ctx, h])?.to_vec(),
             decoder_layers,
-            decoder_norm: r.norm("decoder/layer_norm", h)?,
+            decoder_norm: r.norm(&l.top("decoder", "layer_norm"), h)?,
             isa: Isa::best(),
         })
+    }
+
+    /// The network in a CTranslate2 `WhisperSpec` file; the shape comes from its tensors.
+    pub fn from_ctranslate2(model: &Ct2Model) -> Result<Network, ModelError> {
+        let files_err = |message: String| ModelError::Files { path: "model.bin".to_string(), message };
+        let first = |name: &str| -> Result<usize, ModelError> {
+            model
+                .dims(name)
+                .and_then(|d| d.first().copied())
+                .ok_or_else(|| files_err(format!("no variable {name}")))
+        };
+        let conv1 = model.dims("encoder/conv1/weight").map(<[usize]>::to_vec).unwrap_or_default();
+        let [hidden, mels, 3] = conv1[..] else {
+            return Err(files_err(format!(
+                "encoder/conv1/weight has dims {conv1:?}, expected [hidden, mels, 3]"
+            )));
+        };
+        let heads = |name: &str| -> Result<usize, ModelError> {
+            Ok(usize::try_from(model.scalar(name)?).unwrap_or(0))
+        };
+        let l = Layout::Ctranslate2;
+        let dims = Dims {
+            mels,
+            audio_ctx: first("encoder/position_encodings/encodings")?,
+            hidden,
+            encoder_heads: heads("encoder/num_heads")?,
+            encoder_layers: l.count_layers(model, "encoder"),
+            ffn: first("encoder/layer_0/ffn/linear_0/weight")?,
+            vocab: first("decoder/embeddings/weight")?,
+            text_ctx: first("decoder/position_encodings/encodings")?,
+            decoder_heads: heads("decoder/num_heads")?,
+            decoder_layers: l.count_layers(model, "decoder"),
+        };
+        Network::load(model, l, dims)
     }
 
     /// Mel frames the encoder takes: twice its positions (3000 for 30 s).

@@ -1,0 +1,206 @@
+"""Speech to text: Kiln's server against faster-whisper (CTranslate2, float32 and int8) on the same
+CTranslate2 model directory, the same clips and the same threads, in one run.
+
+Usage: speech.py KILN_BINARY MODEL_DIR PYTHON OUT_JSON [--threads 2]
+  PYTHON: an interpreter with faster-whisper (make fixtures installs one:
+  ~/.cache/kiln/fixtures/whisper-reference-venv/bin/python).
+
+Clips: espeak-ng speaks sentences of the Whisper test cases (and the bench corpus when
+present) into a 60-second and a 5-minute 16 kHz clip. Figures per engine: start to ready (Kiln:
+process start to /readyz 200; faster-whisper: model load), single-stream real-time factor on
+each clip, aggregate audio seconds per second with 4 concurrent requests of the 60-second clip,
+time to first segment, peak RSS, and the word error rate against the spoken text.
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import wave
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+
+def words(text):
+    return [w for w in re.sub(r"[^a-z0-9' ]", " ", text.lower()).split() if w]
+
+
+def wer(got, want):
+    g, w = words(got), words(want)
+    prev = list(range(len(g) + 1))
+    for i, wi in enumerate(w):
+        cur = [i + 1] + [0] * len(g)
+        for j, gj in enumerate(g):
+            cur[j + 1] = min(prev[j] + (wi != gj), prev[j + 1] + 1, cur[j] + 1)
+        prev = cur
+    return prev[len(g)] / max(1, len(w))
+
+
+def sentences():
+    cases = json.load(open(os.path.join(ROOT, "model-server/tests/data/speech-cases.json")))
+    out = []
+    for c in cases["cases"]:
+        out += [s.strip() + "." for s in c["text"].split(".") if len(s.split()) > 3]
+    return out
+
+
+def make_clip(python, seconds, path):
+    """espeak-ng sentences until the clip is `seconds` long; returns the spoken text."""
+    script = r"""
+import sys, json, numpy as np, wave
+sys.path.insert(0, sys.argv[1])
+from whisper_reference import speak
+target, path, sentences = float(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+pieces, spoken, total, i = [], [], 0, 0
+import tempfile, os
+tmp = tempfile.mkdtemp()
+while total < target * 16000:
+    s = sentences[i % len(sentences)]
+    audio, _ = speak(s, "en-us", 150, os.path.join(tmp, "s.wav"))
+    pieces.append(audio); pieces.append(np.zeros(8000, np.float32)); spoken.append(s)
+    total += len(audio) + 8000; i += 1
+x = np.concatenate(pieces)[: int(target * 16000)]
+with wave.open(path, "wb") as w:
+    w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)
+    w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+print(json.dumps(" ".join(spoken)))
+"""
+    out = subprocess.run([python, "-c", script, os.path.join(ROOT, "scripts"), str(seconds), path,
+                          json.dumps(sentences())], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def post(port, wav):
+    body = json.dumps({"audio_base64": base64.b64encode(open(wav, "rb").read()).decode()}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/asr/transcribe", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        return json.loads(r.read())
+
+
+def kiln(binary, model, clips, threads):
+    port = 18590
+    t0 = time.time()
+    proc = subprocess.Popen([binary, "serve", "--family", "speech-to-text", "--model", f"whisper:b={model}",
+                             "--listen", f"127.0.0.1:{port}", "--threads", str(threads), "--warmup-iterations", "1",
+                             "--max-queued-tokens", "100000"],
+                            stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except Exception:
+                if proc.poll() is not None:
+                    raise RuntimeError("kiln-model-server exited")
+                time.sleep(0.02)
+        ready = time.time() - t0
+        res = {"start_to_ready_s": ready, "single": {}}
+        for name, (path, spoken, seconds) in clips.items():
+            t = time.time()
+            r = post(port, path)
+            elapsed = time.time() - t
+            res["single"][name] = {"rtf": elapsed / seconds, "first_segment_s": elapsed, "wer": wer(r["text"], spoken)}
+        path, spoken, seconds = clips["60s"]
+        t = time.time()
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            list(ex.map(lambda _: post(port, path), range(4)))
+        res["aggregate_4"] = 4 * seconds / (time.time() - t)
+        res["peak_rss_mib"] = peak_rss_mib(proc.pid)
+        return res
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+FW = r"""
+import json, resource, sys, time, concurrent.futures
+t0 = time.time()
+from faster_whisper import WhisperModel
+model_dir, compute, threads, clips = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=threads, num_workers=4)
+res = {"start_to_ready_s": time.time() - t0, "single": {}}
+def run(path):
+    t = time.time(); first = None; text = []
+    segs, _ = model.transcribe(path, beam_size=1, temperature=0.0, vad_filter=False)
+    for s in segs:
+        first = first or time.time() - t
+        text.append(s.text)
+    return time.time() - t, first, "".join(text)
+for name, (path, spoken, seconds) in clips.items():
+    el, first, text = run(path)
+    res["single"][name] = {"rtf": el / seconds, "first_segment_s": first, "text": text}
+path, spoken, seconds = clips["60s"]
+t = time.time()
+with concurrent.futures.ThreadPoolExecutor(4) as ex:
+    list(ex.map(lambda _: run(path), range(4)))
+res["aggregate_4"] = 4 * seconds / (time.time() - t)
+res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(res))
+"""
+
+
+def faster_whisper(python, model, clips, compute, threads):
+    out = subprocess.run([python, "-c", FW, model, compute, str(threads), json.dumps(clips)],
+                         check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout)
+    for name, r in res["single"].items():
+        r["wer"] = wer(r.pop("text"), clips[name][1])
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("model")
+    ap.add_argument("python")
+    ap.add_argument("out")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="kiln-speech-bench-")
+    clips = {}
+    for name, seconds in [("60s", 60.0), ("5min", 300.0)]:
+        path = os.path.join(tmp, f"{name}.wav")
+        clips[name] = (path, make_clip(a.python, seconds, path), seconds)
+    result = {
+        "kiln": kiln(a.binary, a.model, clips, a.threads),
+        "faster_whisper_float32": faster_whisper(a.python, a.model, clips, "float32", a.threads),
+        "faster_whisper_int8": faster_whisper(a.python, a.model, clips, "int8", a.threads),
+        "threads": a.threads,
+    }
+    json.dump(result, open(a.out, "w"), indent=1)
+    k, f = result["kiln"], result["faster_whisper_float32"]
+    print(f"{'':28}{'kiln':>10}{'fw f32':>10}{'fw int8':>10}")
+    rows = [("start to ready (s)", lambda r: r["start_to_ready_s"]),
+            ("RTF 60 s", lambda r: r["single"]["60s"]["rtf"]),
+            ("RTF 5 min", lambda r: r["single"]["5min"]["rtf"]),
+            ("first segment 60 s (s)", lambda r: r["single"]["60s"]["first_segment_s"]),
+            ("aggregate x4 (audio s/s)", lambda r: r["aggregate_4"]),
+            ("peak RSS (MiB)", lambda r: r["peak_rss_mib"]),
+            ("WER 5 min", lambda r: r["single"]["5min"]["wer"])]
+    for label, get in rows:
+        vals = [get(result[e]) for e in ("kiln", "faster_whisper_float32", "faster_whisper_int8")]
+        print(f"{label:28}" + "".join(f"{v:10.3f}" for v in vals))
+    print(f"single-stream speed vs faster-whisper float32 (5 min): "
+          f"{f['single']['5min']['rtf'] / k['single']['5min']['rtf']:.2f}x; aggregate x4: "
+          f"{k['aggregate_4'] / f['aggregate_4']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
