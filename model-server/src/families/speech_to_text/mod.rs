@@ -37,16 +37,21 @@ impl ModelFamily for SpeechToText {
     /// A CTranslate2 directory (the architecture from `model.bin`'s spec name) or a Hugging
     /// Face checkpoint (from `config.json`'s `model_type`).
     fn load(dir: &Path) -> Result<Whisper, ModelError> {
+        let check = |declared: Option<&str>, kind, file: &Path| {
+            architecture(Family::SpeechToText, declared, kind, file)
+                .map_err(|e| ModelError::Unsupported(e.to_string()))
+        };
         let bin = dir.join("model.bin");
-        let (declared, kind, file) = if bin.is_file() {
-            (Some(Ct2Model::open(&bin)?.spec().to_string()), "a CTranslate2 spec", bin)
+        if bin.is_file() {
+            // Opened once: the spec name picks the architecture, the same file gives the weights.
+            let model = Ct2Model::open(&bin)?;
+            check(Some(model.spec()), "a CTranslate2 spec", &bin)?;
+            Whisper::from_ctranslate2(dir, &model)
         } else {
             let config = dir.join("config.json");
-            (model_type(&config)?, "model_type", config)
-        };
-        architecture(Family::SpeechToText, declared.as_deref(), kind, &file)
-            .map_err(|e| ModelError::Unsupported(e.to_string()))?;
-        Whisper::load(dir)
+            check(model_type(&config)?.as_deref(), "model_type", &config)?;
+            Whisper::from_hugging_face(dir)
+        }
     }
 
     fn summary(model: &Whisper) -> String {

@@ -85,11 +85,36 @@ pub struct Whisper {
 impl Whisper {
     /// Loads a CTranslate2 Whisper directory (`model.bin`) or a Hugging Face checkpoint.
     pub fn load(dir: &Path) -> Result<Whisper, ModelError> {
-        let (network, config) = if dir.join("model.bin").is_file() {
-            Self::load_ctranslate2(dir)?
+        let bin = dir.join("model.bin");
+        if bin.is_file() {
+            Self::from_ctranslate2(dir, &Ct2Model::open(&bin)?)
         } else {
-            Self::load_hugging_face(dir)?
-        };
+            Self::from_hugging_face(dir)
+        }
+    }
+
+    /// The model of a CTranslate2 directory whose `model.bin` the caller opened.
+    pub fn from_ctranslate2(dir: &Path, model: &Ct2Model) -> Result<Whisper, ModelError> {
+        if model.spec() != CT2_SPEC {
+            return Err(ModelError::Unsupported(format!(
+                "{} holds a {:?}; the speech-to-text family runs {CT2_SPEC}",
+                dir.join("model.bin").display(),
+                model.spec()
+            )));
+        }
+        let network = Network::from_ctranslate2(model)?;
+        let config: Ct2Config = read_json_if_present(&dir.join("config.json"))?.unwrap_or_default();
+        Self::assemble(dir, network, config)
+    }
+
+    /// The model of a Hugging Face checkpoint directory.
+    pub fn from_hugging_face(dir: &Path) -> Result<Whisper, ModelError> {
+        let (network, config) = Self::load_hugging_face(dir)?;
+        Self::assemble(dir, network, config)
+    }
+
+    /// The tokenizer and decoding rules around a loaded network.
+    fn assemble(dir: &Path, network: Network, config: Ct2Config) -> Result<Whisper, ModelError> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
@@ -128,21 +153,6 @@ impl Whisper {
             Rules { specials, suppress: config.suppress_ids, suppress_begin, no_speech, timestamps: true };
         let mel = MelExtractor::new(network.dims.mels);
         Ok(Whisper { network, mel, tokenizer, rules, lang_ids: config.lang_ids })
-    }
-
-    fn load_ctranslate2(dir: &Path) -> Result<(Network, Ct2Config), ModelError> {
-        let bin = dir.join("model.bin");
-        let model = Ct2Model::open(&bin)?;
-        if model.spec() != CT2_SPEC {
-            return Err(ModelError::Unsupported(format!(
-                "{} holds a {:?}; the speech-to-text family runs {CT2_SPEC}",
-                bin.display(),
-                model.spec()
-            )));
-        }
-        let network = Network::from_ctranslate2(&model)?;
-        let config: Ct2Config = read_json_if_present(&dir.join("config.json"))?.unwrap_or_default();
-        Ok((network, config))
     }
 
     fn load_hugging_face(dir: &Path) -> Result<(Network, Ct2Config), ModelError> {
