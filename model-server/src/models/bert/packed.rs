@@ -20,6 +20,7 @@ use std::sync::{Mutex, PoisonError};
 use rayon::prelude::*;
 
 use super::BertConfig;
+use crate::kernels::attention::{Mask, attend_head};
 use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
 use crate::kernels::{self, Isa, Norm};
 use crate::models::{Encoder, ModelError, Pooling};
@@ -123,7 +124,7 @@ struct Span {
 }
 
 thread_local! {
-    /// Attention scores of the (input, head) a pool thread is working on; grows to the longest
+    /// Attention scores of the short (input, head) a pool thread is working on; grows to the longest
     /// input seen and is reused.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -275,25 +276,21 @@ impl PackedBert {
         let base = span.start * stride + head * d;
         let (q, k, v) = (rows(base), rows(base + h), rows(base + 2 * h));
         let ctx = View { offset: span.start * h + head * d, rows: n, cols: d, row_stride: h, col_stride: 1 };
-        SCORES.with_borrow_mut(|buf| {
-            if buf.len() < n * n {
-                buf.resize(n * n, 0.0);
-            }
-            if n <= SMALL_ATTENTION_TOKENS {
+        if n <= SMALL_ATTENTION_TOKENS {
+            SCORES.with_borrow_mut(|buf| {
+                if buf.len() < n * n {
+                    buf.resize(n * n, 0.0);
+                }
                 let view =
                     kernels::HeadView { q: q.offset, k: k.offset, v: v.offset, stride, out_stride: h, n, d };
                 // SAFETY: the caller gives this task exclusive use of the `ctx` block, which
                 // starts at `ctx.offset` and spans n rows of d floats, h apart.
                 unsafe { kernels::small_attention(qkv, view, buf, out.at(ctx.offset), self.isa) };
-                return;
-            }
-            let scores = &mut buf[..n * n];
-            let sv = View::dense(0, n, n);
-            matmul::gemm(scores, sv, (qkv, q), (qkv, k.t()), false, 1);
-            kernels::softmax(scores, n, self.isa);
-            // SAFETY: the caller gives this task exclusive use of the `ctx` block.
-            unsafe { out.gemm(ctx, (scores, sv), (qkv, v), false) };
-        });
+            });
+            return;
+        }
+        // SAFETY: the caller gives this task exclusive use of the `ctx` block.
+        unsafe { attend_head((qkv, q), (qkv, k, v), (out, ctx), Mask::None, self.isa) };
     }
 
     /// Feed-forward: `x = LayerNorm(x + GELU(x·W1 + b1)·W2 + b2)`, in blocks of tokens.
