@@ -5,8 +5,76 @@
 
 mod common;
 
-use kiln_model_server::models::whisper::transcribe::{Options, OptionsError};
+use kiln_model_server::models::whisper::transcribe::{Options, OptionsError, Transcript, Transcription};
 use kiln_model_server::models::whisper::{Task, WINDOW_FRAMES, Whisper};
+
+/// Greedy decoding without fallback, as the reference asked faster-whisper for.
+fn greedy() -> Options {
+    Options { temperatures: vec![0.0], ..Options::transcribe() }
+}
+
+/// Transcribes the clips together, as the worker does with concurrent requests: their windows
+/// share encoder batches and their hypotheses decoder steps.
+fn together(whisper: &Whisper, clips: &[&[f32]], options: &Options) -> Vec<Transcript> {
+    let mut active: Vec<Transcription> =
+        clips.iter().map(|c| Transcription::new(whisper, c, options.clone()).expect("start")).collect();
+    let mut passes = 0;
+    while !active.iter().all(Transcription::is_done) {
+        whisper.advance(&mut active);
+        passes += 1;
+        assert!(passes < 100_000, "the transcriptions do not finish");
+    }
+    active.into_iter().map(|t| t.finish().expect("transcript")).collect()
+}
+
+#[test]
+fn transcriptions_stepping_together_each_equal_faster_whisper_s() {
+    let whisper = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
+    let cases = common::speech_reference();
+    let clips: Vec<&[f32]> = cases.iter().map(|c| c.samples.as_slice()).collect();
+    let transcripts = together(&whisper, &clips, &greedy());
+    for (case, t) in cases.iter().zip(&transcripts) {
+        assert_eq!(t.text(), case.transcript, "{}", case.name);
+    }
+    let long = cases.iter().position(|c| c.name == "long").expect("the long clip");
+    let got: Vec<(f64, f64, String)> =
+        transcripts[long].segments.iter().map(|s| (s.start, s.end, s.text.clone())).collect();
+    assert_eq!(got.len(), cases[long].segments.len(), "segments of the long clip");
+    for (g, w) in got.iter().zip(&cases[long].segments) {
+        assert_eq!(g.2, w.2);
+        assert!((g.0 - w.0).abs() < 1e-6 && (g.1 - w.1).abs() < 1e-6, "{g:?} vs {w:?}");
+    }
+}
+
+#[test]
+fn multilingual_transcriptions_detect_their_languages_while_stepping_together() {
+    let whisper = Whisper::load(&common::whisper_base_dir()).expect("load base");
+    let cases = common::speech_reference_of("whisper-base-reference");
+    let clips: Vec<&[f32]> = cases.iter().map(|c| c.samples.as_slice()).collect();
+    for (case, t) in cases.iter().zip(together(&whisper, &clips, &greedy())) {
+        assert_eq!(t.language, case.language, "{}", case.name);
+        assert!((t.language_probability - case.language_probability).abs() < 0.02, "{}", case.name);
+        assert_eq!(t.text(), case.transcript, "{}", case.name);
+    }
+}
+
+#[test]
+fn sampled_windows_are_reproducible_and_say_their_temperature() {
+    let whisper = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
+    let cases = common::speech_reference();
+    let case = cases.iter().find(|c| c.name != "long").expect("a short clip");
+    // Sampling from the start: five hypotheses per window, the likeliest kept.
+    let hot = Options { temperatures: Options::schedule_from(0.4), ..Options::transcribe() };
+    let clips = [case.samples.as_slice(), case.samples.as_slice()];
+    let [a, b]: [Transcript; 2] = together(&whisper, &clips, &hot).try_into().expect("two");
+    assert_eq!(a, b, "the same audio samples the same text");
+    assert!(!a.segments.is_empty());
+    assert!(a.segments.iter().all(|s| s.temperature >= 0.4 - 1e-6), "{:?}", a.segments);
+    let wer = common::word_error_rate(&a.text(), &case.spoken);
+    let greedy_wer = common::word_error_rate(&case.transcript, &case.spoken);
+    eprintln!("sampled at 0.4: {:?} (WER {wer:.3}, greedy {greedy_wer:.3})", a.text());
+    assert!(wer <= greedy_wer + 0.25, "sampling at 0.4 drifted: {:?}", a.text());
+}
 
 #[test]
 fn greedy_tokens_of_the_first_window_equal_faster_whisper_s() {
@@ -64,7 +132,8 @@ fn a_clip_of_over_90_seconds_is_transcribed_whole_as_faster_whisper_does() {
     let whisper = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
     let case = common::speech_reference().into_iter().find(|c| c.name == "long").expect("the long clip");
     assert!(case.samples.len() >= 90 * 16_000, "the long clip is {} samples", case.samples.len());
-    let options = Options { language: None, task: Task::Transcribe, prompt: None };
+    // faster-whisper's reference ran greedy, without fallback.
+    let options = greedy();
     let mut reported = Vec::new();
     let transcript = whisper.transcribe(&case.samples, &options, |s| reported.push(s)).expect("transcribe");
     let got: Vec<(f64, f64, String)> =
@@ -88,13 +157,13 @@ fn a_clip_of_over_90_seconds_is_transcribed_whole_as_faster_whisper_does() {
 #[test]
 fn options_the_model_cannot_honour_are_refused_before_any_work() {
     let en = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
-    let translate = Options { language: None, task: Task::Translate, prompt: None };
+    let translate = Options { task: Task::Translate, ..greedy() };
     assert_eq!(en.check_options(&translate), Err(OptionsError::EnglishOnly("translate".into())));
-    let german = Options { language: Some("de".into()), task: Task::Transcribe, prompt: None };
+    let german = Options { language: Some("de".into()), ..greedy() };
     assert_eq!(en.check_options(&german), Err(OptionsError::EnglishOnly("de".into())));
     let base = Whisper::load(&common::whisper_base_dir()).expect("load base");
     assert_eq!(base.check_options(&german), Ok(()));
-    let klingon = Options { language: Some("tlh".into()), task: Task::Transcribe, prompt: None };
+    let klingon = Options { language: Some("tlh".into()), ..greedy() };
     assert_eq!(base.check_options(&klingon), Err(OptionsError::UnknownLanguage("tlh".into())));
 }
 

@@ -61,28 +61,6 @@ fn code(body: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Word error rate of `got` against `want` (lower-cased words, punctuation dropped).
-fn wer(got: &str, want: &str) -> f64 {
-    let words = |s: &str| -> Vec<String> {
-        s.split_whitespace()
-            .map(|w| {
-                w.chars().filter(|c| c.is_alphanumeric() || *c == '\'').collect::<String>().to_lowercase()
-            })
-            .filter(|w| !w.is_empty())
-            .collect()
-    };
-    let (g, w) = (words(got), words(want));
-    let mut prev: Vec<usize> = (0..=g.len()).collect();
-    for (i, wi) in w.iter().enumerate() {
-        let mut cur = vec![i + 1; g.len() + 1];
-        for (j, gj) in g.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(wi != gj)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[g.len()] as f64 / w.len().max(1) as f64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_transcribes_unchanged() {
     let server = TestServer::whisper(600.0).await;
@@ -159,7 +137,7 @@ async fn every_upload_encoding_and_the_product_endpoint_transcribe() {
         )
         .await;
         assert_eq!(status, 200, "{name}: {body}");
-        let w = wer(&body, reference);
+        let w = common::word_error_rate(&body, reference);
         eprintln!("{name}: {:?} (faster-whisper {reference:?}, WER {w:.3})", body.trim());
         assert!(w <= 0.1, "{name}: {body:?} against faster-whisper's {reference:?}");
     }
@@ -214,7 +192,7 @@ async fn bad_audio_and_options_are_refused_with_status_and_code() {
         ("truncated wav", vec![], Some(("a.wav", &wav[..30])), 400, "invalid_audio"),
         ("too long", vec![], Some(("long.wav", &long)), 413, "audio_too_long"),
         ("other language", vec![("language", "de")], Some(("a.wav", &wav)), 400, "unsupported_option"),
-        ("sampling", vec![("temperature", "0.4")], Some(("a.wav", &wav)), 400, "temperature_not_supported"),
+        ("too hot", vec![("temperature", "1.5")], Some(("a.wav", &wav)), 400, "invalid_temperature"),
         (
             "words",
             vec![("timestamp_granularities[]", "word")],

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::manifest::Family;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {message}")]
     Files { path: String, message: String },

@@ -380,3 +380,25 @@ fn read_wav_16k_pcm16(path: &std::path::Path) -> Vec<f32> {
         .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
         .collect()
 }
+
+/// Word error rate of `got` against `want` (lower-cased words, punctuation dropped).
+pub fn word_error_rate(got: &str, want: &str) -> f64 {
+    let words = |s: &str| -> Vec<String> {
+        s.split_whitespace()
+            .map(|w| {
+                w.chars().filter(|c| c.is_alphanumeric() || *c == '\'').collect::<String>().to_lowercase()
+            })
+            .filter(|w| !w.is_empty())
+            .collect()
+    };
+    let (g, w) = (words(got), words(want));
+    let mut prev: Vec<usize> = (0..=g.len()).collect();
+    for (i, wi) in w.iter().enumerate() {
+        let mut cur = vec![i + 1; g.len() + 1];
+        for (j, gj) in g.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(wi != gj)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[g.len()] as f64 / w.len().max(1) as f64
+}

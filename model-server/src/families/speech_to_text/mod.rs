@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use super::{ModelFamily, Serving, Shared, StartContext};
 use crate::manifest::{Family, ModelRef};
+use crate::models::whisper::Whisper;
 use crate::models::whisper::transcribe::Options;
-use crate::models::whisper::{Task, Whisper};
 use crate::models::{ModelError, architecture};
 use crate::weights::ctranslate2::Ct2Model;
 use crate::weights::model_type;
@@ -69,7 +69,7 @@ impl ModelFamily for SpeechToText {
         let tone: Vec<f32> = (0..2 * audio::RATE as usize)
             .map(|i| 0.05 * (2.0 * std::f32::consts::PI * 220.0 * i as f32 / audio::RATE as f32).sin())
             .collect();
-        let options = Options { language: None, task: Task::Transcribe, prompt: None };
+        let options = Options { temperatures: vec![0.0], ..Options::transcribe() };
         model.transcribe(&tone, &options, |_| {})?;
         Ok(())
     }

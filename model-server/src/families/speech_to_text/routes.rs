@@ -16,7 +16,7 @@ use crate::api::{ApiError, Inference, RequestBody, Upload, counted, ready, token
 use crate::families::Shared;
 use crate::manifest::ModelRef;
 use crate::models::whisper::Task;
-use crate::models::whisper::transcribe::{Options, Transcript};
+use crate::models::whisper::transcribe::{FALLBACK_TEMPERATURES, Options, Transcript};
 
 pub fn routes() -> Router<Shared<SpeechToText>> {
     Router::new()
@@ -73,24 +73,23 @@ impl AudioForm {
     }
 
     /// Only greedy decoding (temperature 0) and segment timestamps are served.
-    fn check_decoding(&self) -> Result<(), ApiError> {
-        if let Some(t) = self.temperature.as_deref() {
-            let value: f64 = t.trim().parse().map_err(|_| {
-                ApiError::bad_request("invalid_temperature", format!("temperature {t:?} is not a number"))
-            })?;
-            if !(0.0..=1.0).contains(&value) {
-                return Err(ApiError::bad_request(
-                    "invalid_temperature",
-                    "temperature must be between 0 and 1",
-                ));
-            }
-            if value != 0.0 {
-                return Err(ApiError::bad_request(
-                    "temperature_not_supported",
-                    format!("temperature {value}: this server decodes greedily; omit temperature or send 0"),
-                ));
-            }
+    /// The temperatures to decode at: as OpenAI documents it, 0 (the default) starts greedy and
+    /// falls back to higher temperatures where a window's text looks wrong; a higher value
+    /// starts there.
+    fn temperatures(&self) -> Result<Vec<f32>, ApiError> {
+        let Some(t) = self.temperature.as_deref().map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(FALLBACK_TEMPERATURES.to_vec());
+        };
+        let value: f32 = t.parse().map_err(|_| {
+            ApiError::bad_request("invalid_temperature", format!("temperature {t:?} is not a number"))
+        })?;
+        if !(0.0..=1.0).contains(&value) {
+            return Err(ApiError::bad_request("invalid_temperature", "temperature must be between 0 and 1"));
         }
+        Ok(Options::schedule_from(value))
+    }
+
+    fn check_granularities(&self) -> Result<(), ApiError> {
         for g in self.timestamp_granularities.iter().flatten() {
             if g != "segment" {
                 return Err(ApiError::bad_request(
@@ -198,11 +197,12 @@ async fn openai(
     };
     counted(&state, &id, || async {
         let format = form.format()?;
-        form.check_decoding()?;
+        let temperatures = form.temperatures()?;
+        form.check_granularities()?;
         // OpenAI's translations endpoint takes no language: the source is detected.
         let language =
             if task == Task::Translate { None } else { form.language.clone().filter(|l| !l.is_empty()) };
-        let options = Options { language, task, prompt: form.prompt.clone() };
+        let options = Options { language, task, prompt: form.prompt.clone(), temperatures };
         let transcript = run(&state, &id, file, extension(&file_name), options).await?;
         Ok(render(&transcript, format, task))
     })
@@ -244,7 +244,7 @@ async fn asr_transcribe(
             ));
         }
         let language = req.language.filter(|l| !l.is_empty());
-        let options = Options { language, task, prompt: req.prompt };
+        let options = Options { language, task, prompt: req.prompt, ..Options::transcribe() };
         let transcript = run(&state, &id, bytes.into(), String::new(), options).await?;
         let segments: Vec<Value> = transcript
             .segments
@@ -289,8 +289,9 @@ fn render(t: &Transcript, format: Format, task: Task) -> Response {
                         "end": round(s.end),
                         "text": s.text,
                         "tokens": s.tokens,
-                        "temperature": 0.0,
+                        "temperature": s.temperature,
                         "avg_logprob": s.avg_logprob,
+                        "compression_ratio": s.compression_ratio,
                         "no_speech_prob": s.no_speech_prob,
                     })
                 })
@@ -342,6 +343,8 @@ mod tests {
             tokens: vec![],
             avg_logprob: -0.2,
             no_speech_prob: 0.01,
+            temperature: 0.0,
+            compression_ratio: 1.2,
             seek: 0,
         };
         Transcript {

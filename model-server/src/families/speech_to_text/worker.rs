@@ -1,5 +1,7 @@
-//! One queue and one OS thread per Whisper model: requests are transcribed whole, in arrival
-//! order, each window's matmuls spread over the inference threads. A request weighs its audio
+//! One queue and one OS thread per Whisper model. Up to eight requests are transcribed
+//! together, admitted in arrival order as others finish: their windows share encoder batches
+//! and their hypotheses step through the decoder together, so the weights are read once per
+//! step for all of them; each batch's matmuls spread over the inference threads. A request weighs its audio
 //! seconds, so the queue bounds the audio (and memory) waiting, not only the request count.
 
 use std::sync::Arc;
@@ -12,8 +14,8 @@ use crate::manifest::ModelRef;
 use crate::metrics::Metrics;
 use crate::models::ModelError;
 use crate::models::whisper::Whisper;
-use crate::models::whisper::transcribe::{Options, Transcript};
-use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
+use crate::models::whisper::transcribe::{Options, Transcript, Transcription};
+use crate::queue::{InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
 
 use super::audio::RATE;
 
@@ -47,6 +49,20 @@ impl Slot {
         self.0.push(Job { samples, options, reply })?;
         Ok(rx)
     }
+}
+
+/// Transcriptions in progress together at most: enough to fill a decoder batch on a few cores
+/// while each holds its features (about 115 MB per hour of audio) and decoder caches.
+const MAX_ACTIVE: usize = 8;
+
+/// The caller's side of a transcription in progress.
+struct Request {
+    reply: oneshot::Sender<TranscriptResult>,
+    _in_flight: InFlight,
+    started: Instant,
+    span: tracing::Span,
+    /// Seconds done when progress was last reported.
+    reported: f64,
 }
 
 #[derive(Clone)]
@@ -93,31 +109,87 @@ impl Worker {
         &self.queue
     }
 
+    /// Transcribes every admitted request together: each pass either encodes the windows that
+    /// wait for the encoder (in one batch) or steps every decoding hypothesis once (in one
+    /// batch), and requests join and leave between passes.
     fn run(&self, model: &Whisper) {
-        while let Some(Tracked { job, in_flight: _in_flight }) = self.next() {
-            if crate::failpoint::hit("batch-panic", &self.id) {
-                panic!("failpoint batch-panic");
-            }
-            let started = Instant::now();
-            let seconds = job.samples.len() as f64 / f64::from(RATE);
-            let span = tracing::info_span!("transcribe", model = %self.id, audio_seconds = seconds);
-            let _enter = span.enter();
-            let result = model.transcribe(&job.samples, &job.options, |done| {
-                tracing::debug!(done_seconds = done, "window transcribed");
-            });
-            let labels = [self.id.name.as_str(), self.id.version.as_str()];
-            match &result {
-                Ok(_) => {
-                    let elapsed = started.elapsed().as_secs_f64();
-                    self.metrics.audio_seconds.with_label_values(&labels).inc_by(seconds);
-                    if seconds > 0.0 {
-                        self.metrics.real_time_factor.with_label_values(&labels).observe(elapsed / seconds);
+        let mut transcriptions: Vec<Transcription> = Vec::new();
+        let mut requests: Vec<Request> = Vec::new();
+        loop {
+            while transcriptions.len() < MAX_ACTIVE {
+                // Block for work only when nothing is in progress.
+                let next = if transcriptions.is_empty() { self.next() } else { self.try_next() };
+                let Some(Tracked { job, in_flight }) = next else { break };
+                if crate::failpoint::hit("batch-panic", &self.id) {
+                    panic!("failpoint batch-panic");
+                }
+                let seconds = job.samples.len() as f64 / f64::from(RATE);
+                let span = tracing::info_span!("transcribe", model = %self.id, audio_seconds = seconds);
+                match span.in_scope(|| Transcription::new(model, &job.samples, job.options)) {
+                    Ok(t) => {
+                        transcriptions.push(t);
+                        requests.push(Request {
+                            reply: job.reply,
+                            _in_flight: in_flight,
+                            started: Instant::now(),
+                            span,
+                            reported: 0.0,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "transcription failed"),
             }
-            let _ = job.reply.send(result);
+            if transcriptions.is_empty() {
+                return;
+            }
+            model.advance(&mut transcriptions);
+            // Answer the finished, drop those whose caller left, newest first so indices hold.
+            for i in (0..transcriptions.len()).rev() {
+                let request = &mut requests[i];
+                let done = transcriptions[i].seconds_done();
+                if done > request.reported {
+                    request.reported = done;
+                    request.span.in_scope(|| tracing::debug!(done_seconds = done, "window transcribed"));
+                }
+                if !transcriptions[i].is_done() && !request.reply.is_closed() {
+                    continue;
+                }
+                let t = transcriptions.swap_remove(i);
+                let request = requests.swap_remove(i);
+                self.answer(t, request);
+            }
         }
+    }
+
+    fn answer(&self, t: Transcription, request: Request) {
+        let seconds = t.duration();
+        let result =
+            if t.is_done() { t.finish() } else { Err(ModelError::Inference("the caller left".to_string())) };
+        let labels = [self.id.name.as_str(), self.id.version.as_str()];
+        let _enter = request.span.enter();
+        match &result {
+            Ok(_) => {
+                let elapsed = request.started.elapsed().as_secs_f64();
+                self.metrics.audio_seconds.with_label_values(&labels).inc_by(seconds);
+                if seconds > 0.0 {
+                    self.metrics.real_time_factor.with_label_values(&labels).observe(elapsed / seconds);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "transcription failed"),
+        }
+        let _ = request.reply.send(result);
+    }
+
+    /// The oldest job whose caller still waits, if one is queued now.
+    fn try_next(&self) -> Option<Tracked<Job>> {
+        let mut q = self.queue.lock();
+        let dropped = q.retain(|j| !j.reply.is_closed());
+        self.queue.taken(dropped);
+        let job = q.pop_front()?;
+        self.queue.taken(1);
+        Some(job)
     }
 
     /// The oldest job whose caller still waits; None once closed and drained.

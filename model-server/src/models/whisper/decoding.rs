@@ -3,9 +3,14 @@
 //! reference): suppressed tokens; blank and end-of-text suppressed at the first step;
 //! timestamp rules (timestamps in pairs, never decreasing and strictly increasing after text,
 //! the first one at most 1 s in, a timestamp forced when timestamps together outweigh the
-//! likeliest text token); then the first maximum of the log-probabilities.
+//! likeliest text token); then the first maximum of the log-probabilities, or a draw at a
+//! temperature (Whisper's fallback: from the temperature-scaled distribution, the
+//! log-probability summed from the unscaled one, as openai-whisper scores its samples).
 
-use super::network::{Audio, Network};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::network::{Audio, Network, Sequence, Step};
 use crate::models::ModelError;
 
 /// The last allowed initial timestamp, in 20 ms steps (1 s).
@@ -124,63 +129,158 @@ impl Rules {
     }
 }
 
-/// Greedy decoding of one window after `prompt` (the start-of-transcript sequence, maybe
-/// preceded by `<|startofprev|>` and earlier text).
+/// How a hypothesis picks each token.
+pub enum Choice {
+    /// The likeliest token.
+    Greedy,
+    /// A draw from the distribution at `temperature`, with its own seeded generator.
+    Sample { temperature: f32, rng: Box<StdRng> },
+}
+
+impl Choice {
+    pub fn sample(temperature: f32, seed: u64) -> Choice {
+        Choice::Sample { temperature, rng: Box::new(StdRng::seed_from_u64(seed)) }
+    }
+}
+
+/// One hypothesis being decoded over a window, a step at a time, so that the hypotheses of
+/// many windows (and requests) can step together through [`Network::decode_batch`].
+pub struct Hypothesis {
+    seq: Sequence,
+    /// The tokens the next step feeds.
+    feed: Vec<u32>,
+    /// Prompt tokens after `<|startoftranscript|>`, fed once the logits there are read.
+    rest: Vec<u32>,
+    /// The next logits are those at `<|startoftranscript|>` (the no-speech probability).
+    at_sot: bool,
+    choice: Choice,
+    max_new: usize,
+    decoded: Decoded,
+    done: bool,
+}
+
+impl Hypothesis {
+    /// A hypothesis after `prompt` (the start-of-transcript sequence, maybe preceded by
+    /// `<|startofprev|>` and earlier text).
+    pub fn new(network: &Network, rules: &Rules, prompt: &[u32], choice: Choice) -> Result<Self, ModelError> {
+        let text_ctx = network.dims.text_ctx;
+        if prompt.is_empty() || prompt.len() >= text_ctx {
+            return Err(ModelError::Inference(format!(
+                "a prompt of {} tokens; the decoder takes 1 to {}",
+                prompt.len(),
+                text_ctx - 1
+            )));
+        }
+        // As CTranslate2: at most half the context, less the prompt beyond its last token.
+        let max_new = (text_ctx / 2).min(text_ctx - (prompt.len() - 1));
+        let (feed, rest, at_sot) = match prompt.iter().position(|&t| t == rules.specials.sot) {
+            Some(i) => (prompt[..=i].to_vec(), prompt[i + 1..].to_vec(), true),
+            None => (prompt.to_vec(), Vec::new(), false),
+        };
+        Ok(Hypothesis {
+            seq: network.sequence(),
+            feed,
+            rest,
+            at_sot,
+            choice,
+            max_new,
+            decoded: Decoded { tokens: Vec::new(), sum_logprob: 0.0, no_speech_prob: 0.0 },
+            done: false,
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The step this hypothesis takes next, against its window's `audio`.
+    pub fn step<'a>(&'a mut self, audio: &'a Audio) -> Step<'a> {
+        Step { audio, seq: &mut self.seq, tokens: &self.feed }
+    }
+
+    /// Takes the logits after the tokens fed: reads the no-speech probability at
+    /// `<|startoftranscript|>`, then applies the rules and picks the next token.
+    pub fn advance(&mut self, rules: &Rules, mut logits: Vec<f32>) {
+        if self.at_sot {
+            // Read before any rule.
+            self.decoded.no_speech_prob = no_speech(&logits, rules.no_speech);
+            self.at_sot = false;
+            if !self.rest.is_empty() {
+                self.feed = std::mem::take(&mut self.rest);
+                return;
+            }
+        }
+        let tokens = &mut self.decoded.tokens;
+        rules.apply(&mut logits, tokens);
+        log_softmax(&mut logits);
+        let token = match &mut self.choice {
+            Choice::Greedy => argmax(&logits),
+            Choice::Sample { temperature, rng } => draw(&logits, *temperature, rng),
+        };
+        self.decoded.sum_logprob += logits[token as usize];
+        if token == rules.specials.eot {
+            self.done = true;
+            return;
+        }
+        tokens.push(token);
+        if tokens.len() == self.max_new {
+            self.done = true;
+            return;
+        }
+        self.feed = vec![token];
+    }
+
+    pub fn decoded(&self) -> &Decoded {
+        &self.decoded
+    }
+
+    pub fn into_decoded(self) -> Decoded {
+        self.decoded
+    }
+}
+
+/// The first maximum.
+fn argmax(x: &[f32]) -> u32 {
+    let (best, _) = x
+        .iter()
+        .copied()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if v > bv { (i, v) } else { (bi, bv) });
+    best as u32
+}
+
+/// A draw from `softmax(logprobs / temperature)`; suppressed tokens (log-probability about
+/// `f32::MIN`) weigh nothing.
+fn draw(logprobs: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
+    let max = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let t = temperature.max(f32::EPSILON);
+    let weight = |lp: f32| ((lp - max) / t).exp();
+    let total: f32 = logprobs.iter().map(|&lp| weight(lp)).sum();
+    let mut left = rng.random::<f32>() * total;
+    for (i, &lp) in logprobs.iter().enumerate() {
+        left -= weight(lp);
+        if left <= 0.0 {
+            return i as u32;
+        }
+    }
+    argmax(logprobs)
+}
+
+/// Greedy decoding of one window after `prompt`, alone.
 pub fn greedy(
     network: &Network,
     audio: &Audio,
     rules: &Rules,
     prompt: &[u32],
 ) -> Result<Decoded, ModelError> {
-    let text_ctx = network.dims.text_ctx;
-    if prompt.is_empty() || prompt.len() >= text_ctx {
-        return Err(ModelError::Inference(format!(
-            "a prompt of {} tokens; the decoder takes 1 to {}",
-            prompt.len(),
-            text_ctx - 1
-        )));
+    let mut hypothesis = Hypothesis::new(network, rules, prompt, Choice::Greedy)?;
+    while !hypothesis.is_done() {
+        let logits = network.decode_batch(&mut [hypothesis.step(audio)])?;
+        let logits =
+            logits.into_iter().next().ok_or_else(|| ModelError::Inference("no logits".to_string()))?;
+        hypothesis.advance(rules, logits);
     }
-    // As CTranslate2: at most half the context, less the prompt beyond its last token.
-    let max_new = (text_ctx / 2).min(text_ctx - (prompt.len() - 1));
-    let mut seq = network.sequence();
-    let sot_at = prompt.iter().position(|&t| t == rules.specials.sot);
-    // The no-speech probability is read at the start-of-transcript position, before any rule.
-    let mut no_speech_prob = 0.0;
-    let mut logits = match sot_at {
-        Some(i) if i + 1 < prompt.len() => {
-            let at_sot = network.decode(audio, &mut seq, &prompt[..=i])?;
-            no_speech_prob = no_speech(&at_sot, rules.no_speech);
-            network.decode(audio, &mut seq, &prompt[i + 1..])?
-        }
-        Some(_) => {
-            let logits = network.decode(audio, &mut seq, prompt)?;
-            no_speech_prob = no_speech(&logits, rules.no_speech);
-            logits
-        }
-        None => network.decode(audio, &mut seq, prompt)?,
-    };
-    let mut tokens = Vec::new();
-    let mut sum_logprob = 0.0;
-    for step in 0..max_new {
-        rules.apply(&mut logits, &tokens);
-        log_softmax(&mut logits);
-        let (best, lp) = logits
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if v > bv { (i, v) } else { (bi, bv) });
-        let token = best as u32;
-        sum_logprob += lp;
-        if token == rules.specials.eot {
-            break;
-        }
-        tokens.push(token);
-        if step + 1 == max_new {
-            break;
-        }
-        logits = network.decode(audio, &mut seq, &[token])?;
-    }
-    Ok(Decoded { tokens, sum_logprob, no_speech_prob })
+    Ok(hypothesis.into_decoded())
 }
 
 fn no_speech(logits: &[f32], token: Option<u32>) -> f32 {
@@ -244,5 +344,23 @@ mod tests {
         l[2] = 10.0;
         r.apply(&mut l, &[12, 0]);
         assert!(allowed(&l).contains(&2) && allowed(&l).contains(&13) && !allowed(&l).contains(&12));
+    }
+
+    #[test]
+    fn draws_follow_the_temperature_and_never_pick_a_suppressed_token() {
+        let mut lp = vec![-0.1f32, -2.5, -4.0, f32::MIN];
+        log_softmax(&mut lp);
+        let count = |t: f32| {
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut seen = [0usize; 4];
+            (0..2000).for_each(|_| seen[draw(&lp, t, &mut rng) as usize] += 1);
+            seen
+        };
+        let cold = count(0.01);
+        assert_eq!(cold, [2000, 0, 0, 0], "near zero is greedy");
+        let hot = count(1.0);
+        assert_eq!(hot[3], 0, "a suppressed token is never drawn");
+        assert!(hot[1] > 100 && hot[2] > 10 && hot[0] > hot[1], "{hot:?}");
+        assert_eq!(count(1.0), hot, "a seed gives the same draws");
     }
 }

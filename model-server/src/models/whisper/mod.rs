@@ -251,6 +251,12 @@ impl Whisper {
         }
         let mut seq = self.network.sequence();
         let logits = self.network.decode(audio, &mut seq, &[self.rules.specials.sot])?;
+        Ok(self.language_from_logits(&logits))
+    }
+
+    /// The likeliest language token among the logits after `<|startoftranscript|>`, and its
+    /// probability among the languages.
+    pub fn language_from_logits(&self, logits: &[f32]) -> (u32, f32) {
         let langs: Vec<(u32, f32)> =
             self.lang_ids.iter().filter_map(|&t| logits.get(t as usize).map(|&l| (t, l))).collect();
         let max = langs.iter().map(|&(_, l)| l).fold(f32::NEG_INFINITY, f32::max);
@@ -259,7 +265,7 @@ impl Whisper {
             .iter()
             .copied()
             .fold((0, f32::NEG_INFINITY), |(bt, bl), (t, l)| if l > bl { (t, l) } else { (bt, bl) });
-        Ok((token, (best - max).exp() / total))
+        (token, (best - max).exp() / total)
     }
 
     /// The language token for a code (`de` → `<|de|>`), if this model knows it.
@@ -272,6 +278,10 @@ impl Whisper {
     pub fn language_code(&self, token: u32) -> Option<String> {
         let text = self.tokenizer.id_to_token(token)?;
         Some(text.strip_prefix("<|")?.strip_suffix("|>")?.to_string())
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     pub fn specials(&self) -> Specials {

@@ -97,6 +97,13 @@ impl Sequence {
     }
 }
 
+/// One sequence's part of a decoder step: its window, its cache, the tokens it feeds.
+pub struct Step<'a> {
+    pub audio: &'a Audio,
+    pub seq: &'a mut Sequence,
+    pub tokens: &'a [u32],
+}
+
 /// A checkpoint's tensors, whatever file holds them.
 pub trait Source: Sync {
     fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError>;
@@ -411,48 +418,69 @@ impl Network {
     /// Encodes one window of log-mel features (`[mels × frames]`, bin-major as Whisper
     /// computes them) and projects each decoder layer's cross-attention keys and values.
     pub fn encode(&self, mel: &[f32]) -> Result<Audio, ModelError> {
-        let (d, frames, mels) = (self.dims, self.frames(), self.dims.mels);
-        if mel.len() != mels * frames {
+        let mut audio = self.encode_batch(&[mel])?;
+        audio.pop().ok_or_else(|| ModelError::Inference("the encoder returned nothing".to_string()))
+    }
+
+    /// Encodes several windows together: every projection and feed-forward runs once over the
+    /// rows of all of them (one larger matmul reads each weight once), attention per window.
+    pub fn encode_batch(&self, mels: &[&[f32]]) -> Result<Vec<Audio>, ModelError> {
+        let (d, frames, mels_n) = (self.dims, self.frames(), self.dims.mels);
+        if let Some(mel) = mels.iter().find(|m| m.len() != mels_n * frames) {
             return Err(ModelError::Inference(format!(
-                "{} mel values; the encoder takes {mels} bins × {frames} frames",
+                "{} mel values; the encoder takes {mels_n} bins × {frames} frames",
                 mel.len()
             )));
         }
-        let h = d.hidden;
+        let (h, n, windows) = (d.hidden, d.audio_ctx, mels.len());
+        if windows == 0 {
+            return Ok(Vec::new());
+        }
         let threads = rayon::current_num_threads();
-        // Frame-major, so each convolution input is three consecutive rows.
-        let mut x = vec![0.0; frames * mels];
-        for (b, bin) in mel.chunks_exact(frames).enumerate() {
-            for (t, &v) in bin.iter().enumerate() {
-                x[t * mels + b] = v;
+        let mut x = Vec::with_capacity(windows * n * h);
+        for mel in mels {
+            // Frame-major, so each convolution input is three consecutive rows.
+            let mut t_major = vec![0.0; frames * mels_n];
+            for (b, bin) in mel.chunks_exact(frames).enumerate() {
+                for (t, &v) in bin.iter().enumerate() {
+                    t_major[t * mels_n + b] = v;
+                }
             }
+            let h1 = self.conv(&t_major, mels_n, frames, 1, &self.conv1, threads);
+            let mut w = self.conv(&h1, h, frames, 2, &self.conv2, threads);
+            for (row, pos) in w.chunks_exact_mut(h).zip(self.encoder_positions.chunks_exact(h)) {
+                row.iter_mut().zip(pos).for_each(|(r, p)| *r += p);
+            }
+            x.extend_from_slice(&w);
         }
-        let h1 = self.conv(&x, mels, frames, 1, &self.conv1, threads);
-        let mut x = self.conv(&h1, h, frames, 2, &self.conv2, threads);
-        for (row, pos) in x.chunks_exact_mut(h).zip(self.encoder_positions.chunks_exact(h)) {
-            row.iter_mut().zip(pos).for_each(|(r, p)| *r += p);
-        }
-        let n = d.audio_ctx;
-        let mut normed = vec![0.0; n * h];
-        let mut qkv = vec![0.0; n * 3 * h];
-        let mut ctx = vec![0.0; n * h];
-        let mut up = vec![0.0; n * d.ffn];
+        let rows = windows * n;
+        let mut normed = vec![0.0; rows * h];
+        let mut qkv = vec![0.0; rows * 3 * h];
+        let mut ctx = vec![0.0; rows * h];
+        let mut up = vec![0.0; rows * d.ffn];
+        let heads = d.encoder_heads;
+        let hd = h / heads;
         for layer in &self.encoder_layers {
             self.norm_into(&x, &mut normed, &layer.attn_norm);
             self.project(&normed, &layer.qkv, &mut qkv, threads);
-            let heads = d.encoder_heads;
-            let hd = h / heads;
             let shared = SharedOut::new(&mut ctx);
-            (0..heads).into_par_iter().for_each(|head| {
+            (0..windows * heads).into_par_iter().for_each(|item| {
+                let (window, head) = (item / heads, item % heads);
                 let view = |offset| View {
-                    offset: offset + head * hd,
+                    offset: window * n * 3 * h + offset + head * hd,
                     rows: n,
                     cols: hd,
                     row_stride: 3 * h,
                     col_stride: 1,
                 };
-                let o = View { offset: head * hd, rows: n, cols: hd, row_stride: h, col_stride: 1 };
-                // SAFETY: each head writes its own columns of `ctx`, borrowed for this loop.
+                let o = View {
+                    offset: window * n * h + head * hd,
+                    rows: n,
+                    cols: hd,
+                    row_stride: h,
+                    col_stride: 1,
+                };
+                // SAFETY: each (window, head) writes its own block of `ctx`, borrowed for this loop.
                 unsafe {
                     attend_head(
                         (&qkv, view(0)),
@@ -467,16 +495,15 @@ impl Network {
             self.ffn(&mut x, &mut normed, &mut up, &layer.ffn_norm, &layer.fc1, &layer.fc2, threads);
         }
         self.norm_in_place(&mut x, &self.encoder_norm);
-        let cross_kv = self
-            .decoder_layers
-            .iter()
-            .map(|layer| {
-                let mut kv = vec![0.0; n * 2 * h];
-                self.project(&x, &layer.cross_kv, &mut kv, threads);
-                kv
-            })
-            .collect();
-        Ok(Audio { cross_kv })
+        let mut cross: Vec<Vec<Vec<f32>>> = (0..windows).map(|_| Vec::new()).collect();
+        let mut kv = vec![0.0; rows * 2 * h];
+        for layer in &self.decoder_layers {
+            self.project(&x, &layer.cross_kv, &mut kv, threads);
+            for (audio, part) in cross.iter_mut().zip(kv.chunks_exact(n * 2 * h)) {
+                audio.push(part.to_vec());
+            }
+        }
+        Ok(cross.into_iter().map(|cross_kv| Audio { cross_kv }).collect())
     }
 
     /// A kernel-3, padding-1 convolution over time with the given stride, then GELU:
@@ -563,74 +590,123 @@ impl Network {
 
     /// Feeds `tokens` after what `seq` holds and returns the logits that follow the last one.
     pub fn decode(&self, audio: &Audio, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut logits = self.decode_batch(&mut [Step { audio, seq, tokens }])?;
+        logits.pop().ok_or_else(|| ModelError::Inference("the decoder returned nothing".to_string()))
+    }
+
+    /// One decoder step of several sequences together, each against its own window: the
+    /// projections, feed-forwards and output run once over the rows of all of them, so the
+    /// weights are read once per step however many sequences step. Returns, per step, the
+    /// logits after its last token. Nothing changes unless every step is valid.
+    pub fn decode_batch(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let d = self.dims;
-        let (h, n) = (d.hidden, tokens.len());
-        if n == 0 {
-            return Err(ModelError::Inference("no tokens to decode".to_string()));
+        let h = d.hidden;
+        for step in steps.iter() {
+            let end = step.seq.len.saturating_add(step.tokens.len());
+            if step.tokens.is_empty() {
+                return Err(ModelError::Inference("no tokens to decode".to_string()));
+            }
+            if end > d.text_ctx {
+                return Err(ModelError::Inference(format!(
+                    "{end} tokens do not fit the decoder's {} positions",
+                    d.text_ctx
+                )));
+            }
+            if let Some(id) = step.tokens.iter().find(|&&t| t as usize >= d.vocab) {
+                return Err(ModelError::Inference(format!(
+                    "token {id} is outside the vocabulary of {}",
+                    d.vocab
+                )));
+            }
         }
-        let end = seq.len.saturating_add(n);
-        if end > d.text_ctx {
-            return Err(ModelError::Inference(format!(
-                "{end} tokens do not fit the decoder's {} positions",
-                d.text_ctx
-            )));
+        // Each step's rows: `start..start + tokens`.
+        let mut starts = Vec::with_capacity(steps.len());
+        let mut rows = 0;
+        for step in steps.iter() {
+            starts.push(rows);
+            rows += step.tokens.len();
         }
-        if let Some(id) = tokens.iter().find(|&&t| t as usize >= d.vocab) {
-            return Err(ModelError::Inference(format!(
-                "token {id} is outside the vocabulary of {}",
-                d.vocab
-            )));
+        if rows == 0 {
+            return Ok(Vec::new());
         }
         let threads = rayon::current_num_threads();
-        let mut x = vec![0.0; n * h];
-        for (i, (row, &t)) in x.chunks_exact_mut(h).zip(tokens).enumerate() {
-            let emb = &self.embeddings[t as usize * h..][..h];
-            let pos = &self.decoder_positions[(seq.len + i) * h..][..h];
-            row.iter_mut().zip(emb.iter().zip(pos)).for_each(|(r, (e, p))| *r = e + p);
+        let mut x = vec![0.0; rows * h];
+        for (step, &start) in steps.iter().zip(&starts) {
+            for (i, &t) in step.tokens.iter().enumerate() {
+                let emb = &self.embeddings[t as usize * h..][..h];
+                let pos = &self.decoder_positions[(step.seq.len + i) * h..][..h];
+                let row = &mut x[(start + i) * h..][..h];
+                row.iter_mut().zip(emb.iter().zip(pos)).for_each(|(r, (e, p))| *r = e + p);
+            }
         }
-        let mut normed = vec![0.0; n * h];
-        let mut qkv = vec![0.0; n * 3 * h];
-        let mut ctx = vec![0.0; n * h];
-        let mut up = vec![0.0; n * d.ffn];
-        let first = seq.len;
+        let mut normed = vec![0.0; rows * h];
+        let mut qkv = vec![0.0; rows * 3 * h];
+        let mut ctx = vec![0.0; rows * h];
+        let mut up = vec![0.0; rows * d.ffn];
         for (l, layer) in self.decoder_layers.iter().enumerate() {
-            // Self-attention over the cache extended by these tokens.
+            // Self-attention over each cache extended by its tokens.
             self.norm_into(&x, &mut normed, &layer.self_norm);
             self.project(&normed, &layer.self_qkv, &mut qkv, threads);
-            let cache = &mut seq.self_kv[l];
-            for row in qkv.chunks_exact(3 * h) {
-                cache.extend_from_slice(&row[h..]);
+            for (step, &start) in steps.iter_mut().zip(&starts) {
+                let cache = &mut step.seq.self_kv[l];
+                for row in qkv[start * 3 * h..].chunks_exact(3 * h).take(step.tokens.len()) {
+                    cache.extend_from_slice(&row[h..]);
+                }
             }
-            let cache = &seq.self_kv[l];
-            self.attend(&qkv, 3 * h, cache, end, &mut ctx, Mask::Causal { first });
+            self.attend(steps, &starts, &qkv, 3 * h, &mut ctx, |step| {
+                let kv = &step.seq.self_kv[l];
+                (kv.as_slice(), Mask::Causal { first: step.seq.len })
+            });
             self.residual(&mut x, &ctx, &layer.self_out, threads);
-            // Cross-attention over the window.
+            // Cross-attention over each step's window.
             self.norm_into(&x, &mut normed, &layer.cross_norm);
-            let q = &mut qkv[..n * h];
+            let q = &mut qkv[..rows * h];
             self.project(&normed, &layer.cross_q, q, threads);
-            let kv = &audio.cross_kv[l];
-            self.attend(&qkv[..n * h], h, kv, kv.len() / (2 * h), &mut ctx, Mask::None);
+            self.attend(steps, &starts, &qkv[..rows * h], h, &mut ctx, |step| {
+                (step.audio.cross_kv[l].as_slice(), Mask::None)
+            });
             self.residual(&mut x, &ctx, &layer.cross_out, threads);
             self.ffn(&mut x, &mut normed, &mut up, &layer.ffn_norm, &layer.fc1, &layer.fc2, threads);
         }
-        seq.len = end;
-        let last = &mut x[(n - 1) * h..];
-        self.norm_in_place(last, &self.decoder_norm);
-        let mut logits = vec![0.0; d.vocab];
-        matmul::linear(&mut logits, last, &self.output, false, threads);
-        Ok(logits)
+        // The row after each step's last token.
+        let mut last = Vec::with_capacity(steps.len() * h);
+        for (step, &start) in steps.iter_mut().zip(&starts) {
+            step.seq.len += step.tokens.len();
+            last.extend_from_slice(&x[(start + step.tokens.len() - 1) * h..][..h]);
+        }
+        self.norm_in_place(&mut last, &self.decoder_norm);
+        let mut logits = vec![0.0; steps.len() * d.vocab];
+        matmul::linear(&mut logits, &last, &self.output, false, threads);
+        Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// Every head of `q` (rows `q_stride` apart, Q in the first `hidden` columns) against `m`
-    /// cached K/V rows (`[m × 2·hidden]`), into `ctx`.
-    fn attend(&self, q: &[f32], q_stride: usize, kv: &[f32], m: usize, ctx: &mut [f32], mask: Mask) {
+    /// Every (step, head) of `q` (rows `q_stride` apart, Q in the first `hidden` columns of
+    /// each) against the K/V rows `keys` gives for that step (`[m × 2·hidden]`), into `ctx`.
+    fn attend<'s>(
+        &self,
+        steps: &'s [Step<'_>],
+        starts: &[usize],
+        q: &[f32],
+        q_stride: usize,
+        ctx: &mut [f32],
+        keys: impl Fn(&'s Step<'_>) -> (&'s [f32], Mask) + Sync,
+    ) {
         let h = self.dims.hidden;
-        let n = ctx.len() / h;
         let heads = self.dims.decoder_heads;
         let hd = h / heads;
         let shared = SharedOut::new(ctx);
-        (0..heads).into_par_iter().for_each(|head| {
-            let qv = View { offset: head * hd, rows: n, cols: hd, row_stride: q_stride, col_stride: 1 };
+        (0..steps.len() * heads).into_par_iter().for_each(|item| {
+            let (s, head) = (item / heads, item % heads);
+            let (step, start) = (&steps[s], starts[s]);
+            let (kv, mask) = keys(step);
+            let (n, m) = (step.tokens.len(), kv.len() / (2 * h));
+            let qv = View {
+                offset: start * q_stride + head * hd,
+                rows: n,
+                cols: hd,
+                row_stride: q_stride,
+                col_stride: 1,
+            };
             let kv_view = |offset| View {
                 offset: offset + head * hd,
                 rows: m,
@@ -638,8 +714,8 @@ impl Network {
                 row_stride: 2 * h,
                 col_stride: 1,
             };
-            let o = View { offset: head * hd, rows: n, cols: hd, row_stride: h, col_stride: 1 };
-            // SAFETY: each head writes its own columns of `ctx`, borrowed for this loop.
+            let o = View { offset: start * h + head * hd, rows: n, cols: hd, row_stride: h, col_stride: 1 };
+            // SAFETY: each (step, head) writes its own block of `ctx`, borrowed for this loop.
             unsafe { attend_head((q, qv), (kv, kv_view(0), kv_view(h)), (&shared, o), mask, self.isa) };
         });
     }
