@@ -138,7 +138,8 @@ model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=
 res = {"start_to_ready_s": time.time() - t0, "single": {}}
 def run(path):
     t = time.time(); first = None; text = []
-    segs, _ = model.transcribe(path, beam_size=1, temperature=0.0, vad_filter=False)
+    # Its default decoding, as Kiln's: greedy with the temperature fallback.
+    segs, _ = model.transcribe(path, beam_size=1, vad_filter=False)
     for s in segs:
         first = first or time.time() - t
         text.append(s.text)

@@ -220,10 +220,17 @@ impl SharedOut {
 // tasks write disjoint elements of a buffer that outlives them.
 unsafe impl Sync for SharedOut {}
 
+/// At most this many rows [`linear`] multiplies with [`skinny`]: a decoder step (one token per
+/// sequence) or a short input.
+const SKINNY_TOKENS: usize = 8;
+
 /// `dst[t×out] (+)= x[t×in] · w`, all rows dense, on the current rayon pool.
 pub fn linear(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
     let (inp, out) = (w.rows, w.cols);
     let tokens = x.len() / inp;
+    if tokens <= SKINNY_TOKENS && super::Isa::best() == super::Isa::Avx2Fma {
+        return skinny(dst, x, w, accumulate, threads);
+    }
     let xv = View::dense(0, tokens, inp);
     if tokens > PACKED_ABOVE_TOKENS || threads == 1 {
         return gemm(dst, View::dense(0, tokens, out), (x, xv), (&w.data, w.view()), accumulate, threads);
@@ -239,6 +246,200 @@ pub fn linear(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads:
         // SAFETY: tasks write disjoint column blocks of `dst`, borrowed until the loop ends.
         unsafe { shared.gemm(dv, (x, xv), (&w.data, wv), accumulate) };
     });
+}
+
+/// [`linear`] for a few rows: every weight is read from memory once for all of them (gemm's
+/// in-place path walks the weights once per six rows and spends most of a decoder step on
+/// bookkeeping at these sizes). Output columns are split over the pool in blocks of 16; each
+/// value is the same sequence of fused multiply-adds whatever the other rows are, so a row
+/// gets bit-identical results alone or batched.
+fn skinny(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
+    let (inp, out) = (w.rows, w.cols);
+    let tokens = x.len() / inp;
+    assert!(dst.len() >= tokens * out && x.len() >= tokens * inp, "matmul bounds");
+    // Blocks small enough that two threads stay busy to the end.
+    let blocks = out.div_ceil(16);
+    let per_task = blocks.div_ceil(4 * threads.max(1)).max(1);
+    let shared = SharedOut::new(dst);
+    let task = |t: usize| {
+        let (b0, b1) = (t * per_task, ((t + 1) * per_task).min(blocks));
+        for b in b0..b1 {
+            let mut block = [[0.0f32; 16]; SKINNY_TOKENS];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `linear` only comes here when the CPU has AVX2 and FMA.
+            unsafe {
+                avx2::skinny_block(x, tokens, inp, &w.data, w.offset + 16 * b, w.stride, &mut block)
+            };
+            let width = 16.min(out - 16 * b);
+            for (r, vals) in block.iter().enumerate().take(tokens) {
+                // SAFETY: tasks write disjoint column blocks of `dst`, borrowed until the loop
+                // ends; row r's block is in bounds (asserted above).
+                let row = unsafe { std::slice::from_raw_parts_mut(shared.at(r * out + 16 * b), width) };
+                if accumulate {
+                    row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+                } else {
+                    row.copy_from_slice(&vals[..width]);
+                }
+            }
+        }
+    };
+    let tasks = blocks.div_ceil(per_task);
+    if threads <= 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// `dst[t×n] = x[t×k] · Wᵀ` with `w` in PyTorch's row-major `[n × k]` layout, for a wide `n`
+/// (a vocabulary): each weight row is one contiguous run the prefetcher streams, where the
+/// transposed [`Weight`] layout would step a whole (vocabulary-wide) row per input. Up to
+/// [`SKINNY_TOKENS`] rows of `x` share each pass over `w`; each value is the same dot product
+/// whatever the other rows are.
+pub fn by_rows(dst: &mut [f32], x: &[f32], w: &[f32], k: usize, threads: usize) {
+    if k == 0 {
+        return dst.fill(0.0);
+    }
+    let n = w.len() / k;
+    let tokens = x.len() / k;
+    assert!(dst.len() >= tokens * n, "matmul bounds");
+    let per_task = n.div_ceil(4 * threads.max(1)).max(1);
+    let shared = SharedOut::new(dst);
+    let simd = super::Isa::best() == super::Isa::Avx2Fma;
+    let task = |t: usize| {
+        let (v0, v1) = (t * per_task, ((t + 1) * per_task).min(n));
+        for first in (0..tokens).step_by(SKINNY_TOKENS) {
+            let rows = SKINNY_TOKENS.min(tokens - first);
+            let xs = &x[first * k..(first + rows) * k];
+            let mut dots = [0.0f32; SKINNY_TOKENS];
+            for v in v0..v1 {
+                let wv = &w[v * k..(v + 1) * k];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` says the CPU has AVX2 and FMA.
+                    unsafe { avx2::dots(xs, rows, wv, &mut dots) };
+                } else {
+                    scalar_dots(xs, rows, wv, &mut dots);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                scalar_dots(xs, rows, wv, &mut dots);
+                for (r, &d) in dots.iter().enumerate().take(rows) {
+                    // SAFETY: tasks write disjoint columns of `dst`, borrowed until the loop
+                    // ends; (first + r, v) is in bounds (asserted above).
+                    unsafe { *shared.at((first + r) * n + v) = d };
+                }
+            }
+        }
+    };
+    let tasks = n.div_ceil(per_task);
+    if threads <= 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+fn scalar_dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; SKINNY_TOKENS]) {
+    for (d, x) in dots.iter_mut().zip(xs.chunks_exact(w.len())).take(rows) {
+        *d = x.iter().zip(w).map(|(a, b)| a * b).sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `dots[r] = x_r · w` for the `rows` rows of `xs` (each `w.len()` long): `w` is loaded once
+    /// per 8 values for all rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; super::SKINNY_TOKENS]) {
+        let k = w.len();
+        assert!(rows <= dots.len() && xs.len() >= rows * k, "dot rows");
+        let body = k / 8 * 8;
+        let mut acc = [_mm256_setzero_ps(); super::SKINNY_TOKENS];
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 <= body <= k, within `w` and within each row of `xs`.
+            unsafe {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(i));
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(xs.as_ptr().add(r * k + i)), wv, *a);
+                }
+            }
+        }
+        for (r, (d, a)) in dots.iter_mut().zip(&acc).enumerate().take(rows) {
+            let hi = _mm256_extractf128_ps(*a, 1);
+            let s = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            let tail: f32 = (body..k).map(|i| xs[r * k + i] * w[i]).sum();
+            *d = _mm_cvtss_f32(s) + tail;
+        }
+    }
+
+    /// `out[r][j] = Σ_k x[r, k] · w[offset + k·stride + j]` for 16 columns `j` and every row
+    /// `r < tokens`, four rows per pass over the weight block (which stays in L1 between
+    /// passes). Reads 16 columns even at the matrix's edge: [`super::Weight`] rows are padded
+    /// to whole cache lines.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn skinny_block(
+        x: &[f32],
+        tokens: usize,
+        inp: usize,
+        w: &[f32],
+        offset: usize,
+        stride: usize,
+        out: &mut [[f32; 16]; super::SKINNY_TOKENS],
+    ) {
+        assert!(tokens <= out.len() && x.len() >= tokens * inp, "skinny rows");
+        assert!(inp == 0 || offset + (inp - 1) * stride + 16 <= w.len(), "skinny weight bounds");
+        let mut r0 = 0;
+        while r0 < tokens {
+            let rows = (tokens - r0).min(4);
+            let x = &x[r0 * inp..(r0 + rows) * inp];
+            let out = &mut out[r0..r0 + rows];
+            match rows {
+                1 => pass::<1>(x, inp, w, offset, stride, out),
+                2 => pass::<2>(x, inp, w, offset, stride, out),
+                3 => pass::<3>(x, inp, w, offset, stride, out),
+                _ => pass::<4>(x, inp, w, offset, stride, out),
+            }
+            r0 += rows;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn pass<const R: usize>(
+        x: &[f32],
+        inp: usize,
+        w: &[f32],
+        offset: usize,
+        stride: usize,
+        out: &mut [[f32; 16]],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for k in 0..inp {
+            let at = offset + k * stride;
+            // SAFETY: `skinny_block` checked that 16 values from the last row's `at` are in
+            // `w`, and that `x` holds R rows of `inp`.
+            unsafe {
+                let w0 = _mm256_loadu_ps(w.as_ptr().add(at));
+                let w1 = _mm256_loadu_ps(w.as_ptr().add(at + 8));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let b = _mm256_set1_ps(*x.get_unchecked(r * inp + k));
+                    a[0] = _mm256_fmadd_ps(b, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(b, w1, a[1]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            // SAFETY: each row of `out` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +493,50 @@ mod tests {
         let mut dst = vec![0.0; t * o];
         linear(&mut dst, &x, &weight, false, 1);
         assert_eq!(dst, want);
+    }
+
+    #[test]
+    fn few_rows_multiply_like_many_and_alone_like_batched() {
+        for (i, o) in [(5, 40), (384, 37), (33, 16), (7, 100)] {
+            let w: Vec<f32> = (0..i * o).map(|v| ((v * 31) % 17) as f32 * 0.25 - 2.0).collect();
+            let weight = Weight::new(&w, i, o);
+            for t in 1..=SKINNY_TOKENS {
+                let x: Vec<f32> = (0..t * i).map(|v| ((v * 13) % 11) as f32 * 0.5 - 2.5).collect();
+                let want = naive(&x, View::dense(0, t, i), &w, View::dense(0, i, o));
+                for threads in [1, 2] {
+                    let mut dst = vec![1.0; t * o];
+                    linear(&mut dst, &x, &weight, true, threads);
+                    let ok =
+                        dst.iter().zip(&want).all(|(d, w)| (d - (w + 1.0)).abs() <= 1e-3 * (1.0 + w.abs()));
+                    assert!(ok, "{i}x{o}, {t} rows, {threads} threads");
+                    let mut alone = vec![0.0; o];
+                    linear(&mut alone, &x[(t - 1) * i..], &weight, false, threads);
+                    linear(&mut dst, &x, &weight, false, threads);
+                    assert_eq!(&dst[(t - 1) * o..], &alone[..], "the last row batched and alone");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_of_a_pytorch_layout_multiply_like_the_transpose() {
+        for (k, n) in [(384, 37), (13, 20), (8, 3)] {
+            let w: Vec<f32> = (0..n * k).map(|v| ((v * 29) % 19) as f32 * 0.125 - 1.0).collect();
+            let wt = View::dense(0, n, k).t();
+            for t in [1, 3, 8, 11] {
+                let x: Vec<f32> = (0..t * k).map(|v| ((v * 7) % 5) as f32 - 2.0).collect();
+                let want = naive(&x, View::dense(0, t, k), &w, wt);
+                for threads in [1, 2] {
+                    let mut dst = vec![0.0; t * n];
+                    by_rows(&mut dst, &x, &w, k, threads);
+                    let ok = dst.iter().zip(&want).all(|(d, w)| (d - w).abs() <= 1e-3 * (1.0 + w.abs()));
+                    assert!(ok, "{k}x{n}, {t} rows");
+                    let mut alone = vec![0.0; n];
+                    by_rows(&mut alone, &x[..k], &w, k, threads);
+                    assert_eq!(&dst[..n], &alone[..], "the first row batched and alone");
+                }
+            }
+        }
     }
 
     #[test]

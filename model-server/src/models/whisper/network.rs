@@ -64,10 +64,8 @@ pub struct Network {
     encoder_positions: Vec<f32>,
     encoder_layers: Vec<EncoderLayer>,
     encoder_norm: Norm,
-    /// `[vocab × hidden]`, for lookups.
+    /// `[vocab × hidden]`: the token lookups, and the tied output projection read row by row.
     embeddings: Vec<f32>,
-    /// The embeddings transposed (`[hidden, vocab]`): the tied output projection.
-    output: Weight,
     decoder_positions: Vec<f32>,
     decoder_layers: Vec<DecoderLayer>,
     decoder_norm: Norm,
@@ -359,7 +357,6 @@ impl Network {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let embeddings = source.get(&l.top("decoder", "embeddings"), &[dims.vocab, h])?;
-        let output = Weight::from_output_rows(h, dims.vocab, |o, row| embeddings.read_row(o, row));
         Ok(Network {
             dims,
             conv1,
@@ -368,7 +365,6 @@ impl Network {
             encoder_layers,
             encoder_norm: r.norm(&l.top("encoder", "layer_norm"), h)?,
             embeddings: embeddings.to_vec(),
-            output,
             decoder_positions: source.get(&l.top("decoder", "positions"), &[dims.text_ctx, h])?.to_vec(),
             decoder_layers,
             decoder_norm: r.norm(&l.top("decoder", "layer_norm"), h)?,
@@ -676,7 +672,7 @@ impl Network {
         }
         self.norm_in_place(&mut last, &self.decoder_norm);
         let mut logits = vec![0.0; steps.len() * d.vocab];
-        matmul::linear(&mut logits, &last, &self.output, false, threads);
+        matmul::by_rows(&mut logits, &last, &self.embeddings, h, threads);
         Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
     }
 
