@@ -36,11 +36,19 @@ fi
 
 if [ "${SKIP_SPEECH:-0}" != 1 ]; then
   # Whisper tiny.en (CTranslate2 files from make fixtures): Kiln against faster-whisper float32
-  # and int8, same clips and threads.
-  echo "== speech to text: kiln vs faster-whisper"
+  # and int8, and transformers on torch (the Python baseline's venv) on the same weights as a
+  # Hugging Face checkpoint; same clips and threads.
+  echo "== speech to text: kiln vs faster-whisper and transformers"
+  torch_args=()
+  if [ "${SKIP_BASELINE:-0}" != 1 ]; then
+    bash "$SHARED/python-baseline/run.sh" setup
+    torch_args=(--torch-python "${KILN_CACHE:-$HOME/.cache/kiln}/python-baseline/venv/bin/python"
+      --hf-model "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-tiny-en-hf")
+  fi
   python3 "$ROOT/bench/speech.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" \
     "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-tiny-en" \
-    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-reference-venv/bin/python" "$OUT/speech.json"
+    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-reference-venv/bin/python" "$OUT/speech.json" \
+    "${torch_args[@]}"
 fi
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then

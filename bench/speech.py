@@ -1,9 +1,11 @@
 """Speech to text: Kiln's server against faster-whisper (CTranslate2, float32 and int8) on the same
 CTranslate2 model directory, the same clips and the same threads, in one run.
 
-Usage: speech.py KILN_BINARY MODEL_DIR PYTHON OUT_JSON [--threads 2]
+Usage: speech.py KILN_BINARY MODEL_DIR PYTHON OUT_JSON [--threads 2] [--torch-python PY --hf-model DIR]
   PYTHON: an interpreter with faster-whisper (make fixtures installs one:
   ~/.cache/kiln/fixtures/whisper-reference-venv/bin/python).
+  --torch-python, --hf-model: transformers' Whisper on torch as well, on the same weights written
+  as a Hugging Face checkpoint (make fixtures writes ~/.cache/kiln/fixtures/whisper-tiny-en-hf).
 
 Clips: espeak-ng speaks sentences of the Whisper test cases (and the bench corpus when
 present) into a 60-second and a 5-minute 16 kHz clip. Figures per engine: start to ready (Kiln:
@@ -157,6 +159,55 @@ print(json.dumps(res))
 """
 
 
+TORCH = r"""
+import json, resource, sys, time, wave, concurrent.futures
+t0 = time.time()
+import numpy as np, torch
+from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+model_dir, threads, clips = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+torch.set_num_threads(threads)
+model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+tokenizer = WhisperTokenizerFast(tokenizer_file=model_dir + "/tokenizer.json")
+res = {"start_to_ready_s": time.time() - t0, "single": {}}
+def samples(path):
+    with wave.open(path) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+def run(path):
+    audio = samples(path)
+    t = time.time()
+    # Long-form: the whole clip's features, walked in sequential 30 s windows by generate().
+    inputs = features(audio, sampling_rate=16000, return_tensors="pt", truncation=False,
+                      padding="longest", return_attention_mask=True)
+    with torch.inference_mode():
+        out = model.generate(inputs.input_features, attention_mask=inputs.attention_mask,
+                             return_timestamps=True, condition_on_prev_tokens=True,
+                             temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), compression_ratio_threshold=2.4,
+                             logprob_threshold=-1.0, no_speech_threshold=0.6)
+    text = tokenizer.batch_decode(out, skip_special_tokens=True)[0]
+    return time.time() - t, text
+for name, (path, spoken, seconds) in clips.items():
+    el, text = run(path)
+    res["single"][name] = {"rtf": el / seconds, "first_segment_s": el, "text": text}
+path, spoken, seconds = clips["60s"]
+t = time.time()
+with concurrent.futures.ThreadPoolExecutor(4) as ex:
+    list(ex.map(lambda _: run(path), range(4)))
+res["aggregate_4"] = 4 * seconds / (time.time() - t)
+res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(res))
+"""
+
+
+def transformers_torch(python, hf_model, clips, threads):
+    out = subprocess.run([python, "-c", TORCH, hf_model, str(threads), json.dumps(clips)],
+                         check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout)
+    for name, r in res["single"].items():
+        r["wer"] = wer(r.pop("text"), clips[name][1])
+    return res
+
+
 def faster_whisper(python, model, clips, compute, threads):
     out = subprocess.run([python, "-c", FW, model, compute, str(threads), json.dumps(clips)],
                          check=True, capture_output=True, text=True)
@@ -173,6 +224,8 @@ def main():
     ap.add_argument("python")
     ap.add_argument("out")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torch-python", help="an interpreter with torch and transformers (the Python baseline's)")
+    ap.add_argument("--hf-model", help="the same weights as a Hugging Face checkpoint, for transformers")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="kiln-speech-bench-")
     clips = {}
@@ -185,9 +238,13 @@ def main():
         "faster_whisper_int8": faster_whisper(a.python, a.model, clips, "int8", a.threads),
         "threads": a.threads,
     }
+    engines = [("kiln", "kiln"), ("faster_whisper_float32", "fw f32"), ("faster_whisper_int8", "fw int8")]
+    if a.torch_python and a.hf_model:
+        result["transformers_torch"] = transformers_torch(a.torch_python, a.hf_model, clips, a.threads)
+        engines.append(("transformers_torch", "torch"))
     json.dump(result, open(a.out, "w"), indent=1)
     k, f = result["kiln"], result["faster_whisper_float32"]
-    print(f"{'':28}{'kiln':>10}{'fw f32':>10}{'fw int8':>10}")
+    print(f"{'':28}" + "".join(f"{label:>10}" for _, label in engines))
     rows = [("start to ready (s)", lambda r: r["start_to_ready_s"]),
             ("RTF 60 s", lambda r: r["single"]["60s"]["rtf"]),
             ("RTF 5 min", lambda r: r["single"]["5min"]["rtf"]),
@@ -196,11 +253,15 @@ def main():
             ("peak RSS (MiB)", lambda r: r["peak_rss_mib"]),
             ("WER 5 min", lambda r: r["single"]["5min"]["wer"])]
     for label, get in rows:
-        vals = [get(result[e]) for e in ("kiln", "faster_whisper_float32", "faster_whisper_int8")]
+        vals = [get(result[e]) for e, _ in engines]
         print(f"{label:28}" + "".join(f"{v:10.3f}" for v in vals))
     print(f"single-stream speed vs faster-whisper float32 (5 min): "
           f"{f['single']['5min']['rtf'] / k['single']['5min']['rtf']:.2f}x; aggregate x4: "
           f"{k['aggregate_4'] / f['aggregate_4']:.2f}x")
+    if "transformers_torch" in result:
+        t = result["transformers_torch"]
+        print(f"vs transformers on torch (5 min): {t['single']['5min']['rtf'] / k['single']['5min']['rtf']:.2f}x; "
+              f"aggregate x4: {k['aggregate_4'] / t['aggregate_4']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -228,5 +228,17 @@ async fn bad_audio_and_options_are_refused_with_status_and_code() {
     let (got, body) = post_form(&server, t, &[("response_format", "text")], Some(("a.wav", &wav))).await;
     assert_eq!(got, 200, "{body}");
     assert_eq!(body.trim(), case("fox").transcript);
+    // A temperature starts the fallback schedule there: the windows are sampled, and say so.
+    let fields = [("response_format", "verbose_json"), ("temperature", "0.6")];
+    let (got, body) = post_form(&server, t, &fields, Some(("a.wav", &wav))).await;
+    assert_eq!(got, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let segments = v["segments"].as_array().expect("segments");
+    assert!(!segments.is_empty(), "{body}");
+    for s in segments {
+        let temp = s["temperature"].as_f64().expect("temperature");
+        assert!((0.6 - 1e-6..=1.0 + 1e-6).contains(&temp), "{s}");
+        assert!(s["compression_ratio"].as_f64().is_some_and(|c| c > 0.0), "{s}");
+    }
     server.shutdown().await;
 }
