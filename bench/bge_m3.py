@@ -19,6 +19,8 @@ import sys
 import time
 import urllib.request
 
+from kiln_http import ready
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.environ.get('KILN_CACHE', os.path.expanduser('~/.cache/kiln')), 'bench', 'bge-m3-random-1')
 
@@ -50,14 +52,6 @@ def post(base, body):
                                  {'Content-Type': 'application/json'})
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.load(r)
-
-
-def ready(base):
-    try:
-        with urllib.request.urlopen(base + '/readyz', timeout=2) as r:
-            return r.status == 200
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 def cosine(a, b):

@@ -27,6 +27,8 @@ import time
 import urllib.request
 import wave
 
+from kiln_http import ready
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
@@ -104,16 +106,12 @@ def kiln(binary, model, clips, threads):
                              "--max-queued-tokens", "100000"],
                             stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
-            except Exception:
-                if proc.poll() is not None:
-                    raise RuntimeError("kiln-model-server exited")
-                time.sleep(0.02)
-        ready = time.time() - t0
-        res = {"start_to_ready_s": ready, "single": {}}
+        while not ready(f"http://127.0.0.1:{port}"):
+            if proc.poll() is not None:
+                raise RuntimeError("kiln-model-server exited")
+            time.sleep(0.02)
+        ready_s = time.time() - t0
+        res = {"start_to_ready_s": ready_s, "single": {}}
         for name, (path, spoken, seconds) in clips.items():
             t = time.time()
             r = post(port, path)
@@ -146,16 +144,6 @@ def run(path):
         first = first or time.time() - t
         text.append(s.text)
     return time.time() - t, first, "".join(text)
-for name, (path, spoken, seconds) in clips.items():
-    el, first, text = run(path)
-    res["single"][name] = {"rtf": el / seconds, "first_segment_s": first, "text": text}
-path, spoken, seconds = clips["60s"]
-t = time.time()
-with concurrent.futures.ThreadPoolExecutor(4) as ex:
-    list(ex.map(lambda _: run(path), range(4)))
-res["aggregate_4"] = 4 * seconds / (time.time() - t)
-res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps(res))
 """
 
 
@@ -169,6 +157,15 @@ torch.set_num_threads(threads)
 model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
 features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
 tokenizer = WhisperTokenizerFast(tokenizer_file=model_dir + "/tokenizer.json")
+# What openai's generation_config.json says and the converted checkpoint leaves out.
+g, ids = model.generation_config, tokenizer.convert_tokens_to_ids
+g.no_timestamps_token_id, g.prev_sot_token_id = ids("<|notimestamps|>"), ids("<|startofprev|>")
+g.decoder_start_token_id = ids("<|startoftranscript|>")
+g.eos_token_id = g.pad_token_id = ids("<|endoftext|>")
+g.max_initial_timestamp_index, g.max_length = 50, model.config.max_target_positions
+g.is_multilingual = model.config.vocab_size >= 51865
+if not g.is_multilingual and hasattr(g, "lang_to_id"):
+    del g.lang_to_id
 res = {"start_to_ready_s": time.time() - t0, "single": {}}
 def samples(path):
     with wave.open(path) as w:
@@ -185,10 +182,16 @@ def run(path):
                              temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), compression_ratio_threshold=2.4,
                              logprob_threshold=-1.0, no_speech_threshold=0.6)
     text = tokenizer.batch_decode(out, skip_special_tokens=True)[0]
-    return time.time() - t, text
+    elapsed = time.time() - t
+    return elapsed, elapsed, text
+"""
+
+# The in-process engines' common part: each script above defines `run(path)` -> (seconds, seconds
+# to the first segment, text) and `res` with its start to ready.
+MEASURE = r"""
 for name, (path, spoken, seconds) in clips.items():
-    el, text = run(path)
-    res["single"][name] = {"rtf": el / seconds, "first_segment_s": el, "text": text}
+    el, first, text = run(path)
+    res["single"][name] = {"rtf": el / seconds, "first_segment_s": first, "text": text}
 path, spoken, seconds = clips["60s"]
 t = time.time()
 with concurrent.futures.ThreadPoolExecutor(4) as ex:
@@ -199,18 +202,11 @@ print(json.dumps(res))
 """
 
 
-def transformers_torch(python, hf_model, clips, threads):
-    out = subprocess.run([python, "-c", TORCH, hf_model, str(threads), json.dumps(clips)],
-                         check=True, capture_output=True, text=True)
-    res = json.loads(out.stdout)
-    for name, r in res["single"].items():
-        r["wer"] = wer(r.pop("text"), clips[name][1])
-    return res
-
-
-def faster_whisper(python, model, clips, compute, threads):
-    out = subprocess.run([python, "-c", FW, model, compute, str(threads), json.dumps(clips)],
-                         check=True, capture_output=True, text=True)
+def in_process(python, script, args, clips):
+    out = subprocess.run([python, "-c", script + MEASURE, *args, json.dumps(clips)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{python} exited with {out.returncode}:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout)
     for name, r in res["single"].items():
         r["wer"] = wer(r.pop("text"), clips[name][1])
@@ -234,13 +230,13 @@ def main():
         clips[name] = (path, make_clip(a.python, seconds, path), seconds)
     result = {
         "kiln": kiln(a.binary, a.model, clips, a.threads),
-        "faster_whisper_float32": faster_whisper(a.python, a.model, clips, "float32", a.threads),
-        "faster_whisper_int8": faster_whisper(a.python, a.model, clips, "int8", a.threads),
+        "faster_whisper_float32": in_process(a.python, FW, [a.model, "float32", str(a.threads)], clips),
+        "faster_whisper_int8": in_process(a.python, FW, [a.model, "int8", str(a.threads)], clips),
         "threads": a.threads,
     }
     engines = [("kiln", "kiln"), ("faster_whisper_float32", "fw f32"), ("faster_whisper_int8", "fw int8")]
     if a.torch_python and a.hf_model:
-        result["transformers_torch"] = transformers_torch(a.torch_python, a.hf_model, clips, a.threads)
+        result["transformers_torch"] = in_process(a.torch_python, TORCH, [a.hf_model, str(a.threads)], clips)
         engines.append(("transformers_torch", "torch"))
     json.dump(result, open(a.out, "w"), indent=1)
     k, f = result["kiln"], result["faster_whisper_float32"]

@@ -322,41 +322,52 @@ impl Network {
         let (h, f, l) = (dims.hidden, dims.ffn, layout);
         let enc_scale = 1.0 / ((h / dims.encoder_heads) as f32).sqrt();
         let dec_scale = 1.0 / ((h / dims.decoder_heads) as f32).sqrt();
-        let conv1 = r.conv(&l.top("encoder", "conv1"), dims.mels, h)?;
-        let conv2 = r.conv(&l.top("encoder", "conv2"), h, h)?;
-        let encoder_layers = (0..dims.encoder_layers)
-            .into_par_iter()
-            .map(|i| {
-                let p = l.layer("encoder", i);
-                Ok(EncoderLayer {
-                    attn_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
-                    qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, enc_scale)?,
-                    attn_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
-                    ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
-                    fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
-                    fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
+        // The layers, the convolutions and the embeddings convert side by side.
+        let convs = || -> Result<_, ModelError> {
+            let conv1 = r.conv(&l.top("encoder", "conv1"), dims.mels, h)?;
+            let conv2 = r.conv(&l.top("encoder", "conv2"), h, h)?;
+            let embeddings = source.get(&l.top("decoder", "embeddings"), &[dims.vocab, h])?.to_vec();
+            Ok((conv1, conv2, embeddings))
+        };
+        let encoder = || {
+            (0..dims.encoder_layers)
+                .into_par_iter()
+                .map(|i| {
+                    let p = l.layer("encoder", i);
+                    Ok(EncoderLayer {
+                        attn_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
+                        qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, enc_scale)?,
+                        attn_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
+                        ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
+                        fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
+                        fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        let decoder_layers = (0..dims.decoder_layers)
-            .into_par_iter()
-            .map(|i| {
-                let p = l.layer("decoder", i);
-                Ok(DecoderLayer {
-                    self_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
-                    self_qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, dec_scale)?,
-                    self_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
-                    cross_norm: r.norm(&l.norm_site(&p, NormSite::CrossAttention), h)?,
-                    cross_q: r.linear(&l.parts(&p, Site::CrossQ), h, h, h, dec_scale)?,
-                    cross_kv: r.linear(&l.parts(&p, Site::CrossKv), h, 2 * h, 0, 1.0)?,
-                    cross_out: r.linear(&l.parts(&p, Site::CrossOut), h, h, 0, 1.0)?,
-                    ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
-                    fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
-                    fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
+                .collect::<Result<Vec<_>, ModelError>>()
+        };
+        let decoder = || {
+            (0..dims.decoder_layers)
+                .into_par_iter()
+                .map(|i| {
+                    let p = l.layer("decoder", i);
+                    Ok(DecoderLayer {
+                        self_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
+                        self_qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, dec_scale)?,
+                        self_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
+                        cross_norm: r.norm(&l.norm_site(&p, NormSite::CrossAttention), h)?,
+                        cross_q: r.linear(&l.parts(&p, Site::CrossQ), h, h, h, dec_scale)?,
+                        cross_kv: r.linear(&l.parts(&p, Site::CrossKv), h, 2 * h, 0, 1.0)?,
+                        cross_out: r.linear(&l.parts(&p, Site::CrossOut), h, h, 0, 1.0)?,
+                        ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
+                        fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
+                        fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        let embeddings = source.get(&l.top("decoder", "embeddings"), &[dims.vocab, h])?;
+                .collect::<Result<Vec<_>, ModelError>>()
+        };
+        let (convs, (encoder_layers, decoder_layers)) = rayon::join(convs, || rayon::join(encoder, decoder));
+        let (conv1, conv2, embeddings) = convs?;
+        let (encoder_layers, decoder_layers) = (encoder_layers?, decoder_layers?);
         Ok(Network {
             dims,
             conv1,
@@ -364,7 +375,7 @@ impl Network {
             encoder_positions: source.get(&l.top("encoder", "positions"), &[dims.audio_ctx, h])?.to_vec(),
             encoder_layers,
             encoder_norm: r.norm(&l.top("encoder", "layer_norm"), h)?,
-            embeddings: embeddings.to_vec(),
+            embeddings,
             decoder_positions: source.get(&l.top("decoder", "positions"), &[dims.text_ctx, h])?.to_vec(),
             decoder_layers,
             decoder_norm: r.norm(&l.top("decoder", "layer_norm"), h)?,
