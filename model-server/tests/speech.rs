@@ -230,3 +230,16 @@ fn a_file_that_is_not_whisper_is_refused_by_name() {
     let err = Whisper::load(dir.path()).err().expect("refused").to_string();
     assert!(err.contains("model.bin") && err.contains("binary version"), "{err}");
 }
+
+#[test]
+fn working_memory_estimates_follow_the_model_size() {
+    let dir = common::whisper_tiny_en_dir();
+    let tiny = Whisper::load(&dir).expect("load tiny.en");
+    // model.bin holds the float16 weights: twice its size is about the float32 weights.
+    let file = 2.0 * std::fs::metadata(dir.join("model.bin")).expect("model.bin").len() as f64;
+    let weights = tiny.network().weight_bytes() as f64;
+    assert!((weights / file - 1.0).abs() < 0.05, "{weights} bytes estimated, {file} in the file");
+    let base = Whisper::load(&common::whisper_base_dir()).expect("load base");
+    let (t, b) = (tiny.transcription_bytes(), base.transcription_bytes());
+    assert!(t > 30 << 20 && b > t, "tiny {t}, base {b}");
+}

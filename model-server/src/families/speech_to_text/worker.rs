@@ -1,5 +1,5 @@
-//! One queue and one OS thread per Whisper model. Up to eight requests are transcribed
-//! together, admitted in arrival order as others finish: their windows share encoder batches
+//! One queue and one OS thread per Whisper model. Up to eight requests (fewer for large models,
+//! whose windows and caches take more memory) are transcribed together, admitted in arrival order as others finish: their windows share encoder batches
 //! and their hypotheses step through the decoder together, so the weights are read once per
 //! step for all of them; each batch's matmuls spread over the inference threads. A request weighs its audio
 //! seconds, so the queue bounds the audio (and memory) waiting, not only the request count.
@@ -51,9 +51,12 @@ impl Slot {
     }
 }
 
-/// Transcriptions in progress together at most: enough to fill a decoder batch on a few cores
-/// while each holds its features (about 115 MB per hour of audio) and decoder caches.
+/// Transcriptions in progress together at most: enough to fill a decoder batch on a few cores.
 const MAX_ACTIVE: usize = 8;
+/// Working memory the transcriptions in progress may hold together (windows' cross-attention
+/// keys and values, decoder caches) when the weights are smaller: at most as much as the
+/// weights take, and at least this, so small models fill a batch and large ones take fewer.
+const ACTIVE_BYTES: usize = 1 << 30;
 
 /// The caller's side of a transcription in progress.
 struct Request {
@@ -113,10 +116,13 @@ impl Worker {
     /// wait for the encoder (in one batch) or steps every decoding hypothesis once (in one
     /// batch), and requests join and leave between passes.
     fn run(&self, model: &Whisper) {
+        let budget = ACTIVE_BYTES.max(model.network().weight_bytes());
+        let max_active = (budget / model.transcription_bytes().max(1)).clamp(1, MAX_ACTIVE);
+        tracing::info!(model = %self.id, max_active, "transcriptions in progress together at most");
         let mut transcriptions: Vec<Transcription> = Vec::new();
         let mut requests: Vec<Request> = Vec::new();
         loop {
-            while transcriptions.len() < MAX_ACTIVE {
+            while transcriptions.len() < max_active {
                 // Block for work only when nothing is in progress.
                 let next = if transcriptions.is_empty() { self.next() } else { self.try_next() };
                 let Some(Tracked { job, in_flight }) = next else { break };

@@ -417,6 +417,16 @@ impl Network {
         Network::load(model, l, dims)
     }
 
+    /// Bytes of the float32 weights, about (the matrices; biases and norms are noise).
+    pub fn weight_bytes(&self) -> usize {
+        let d = self.dims;
+        let (h, f) = (d.hidden, d.ffn);
+        let encoder = d.encoder_layers * (4 * h * h + 2 * h * f);
+        let decoder = d.decoder_layers * (8 * h * h + 2 * h * f);
+        let rest = d.vocab * h + 3 * d.mels * h + 3 * h * h + (d.audio_ctx + d.text_ctx) * h;
+        (encoder + decoder + rest) * std::mem::size_of::<f32>()
+    }
+
     /// Mel frames the encoder takes: twice its positions (3000 for 30 s).
     pub fn frames(&self) -> usize {
         2 * self.dims.audio_ctx

@@ -454,6 +454,15 @@ fn compression_ratio(text: &str) -> f32 {
 }
 
 impl Whisper {
+    /// The most working memory one transcription holds at a time, beyond its features: one
+    /// window's cross-attention keys and values and [`BEST_OF`] full decoder caches (46 MB for
+    /// tiny.en, 1.2 GB for large-v3).
+    pub fn transcription_bytes(&self) -> usize {
+        let d = self.network().dims;
+        let per_position = d.decoder_layers * 2 * d.hidden * std::mem::size_of::<f32>();
+        per_position * (d.audio_ctx + BEST_OF * d.text_ctx)
+    }
+
     /// Checks `options` against this model before any audio is decoded.
     pub fn check_options(&self, options: &Options) -> Result<(), OptionsError> {
         if !self.is_multilingual() {
