@@ -170,11 +170,14 @@ impl Worker {
     }
 
     fn answer(&self, t: Transcription, request: Request) {
-        let seconds = t.duration();
-        let result =
-            if t.is_done() { t.finish() } else { Err(ModelError::Inference("the caller left".to_string())) };
-        let labels = [self.id.name.as_str(), self.id.version.as_str()];
         let _enter = request.span.enter();
+        if !t.is_done() {
+            tracing::info!(done_seconds = t.seconds_done(), "the caller left; transcription stopped");
+            return;
+        }
+        let seconds = t.duration();
+        let result = t.finish();
+        let labels = [self.id.name.as_str(), self.id.version.as_str()];
         match &result {
             Ok(_) => {
                 let elapsed = request.started.elapsed().as_secs_f64();
