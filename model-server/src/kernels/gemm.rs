@@ -291,12 +291,45 @@ fn skinny(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usi
     }
 }
 
+/// An element type [`by_rows`] multiplies in: f32, or f16 (half the bytes to stream, for
+/// weights a checkpoint stores as f16 anyway, so nothing is rounded).
+pub trait RowElement: Copy + Send + Sync {
+    /// `dots[r] = x_r · w` for the first `rows` rows of `xs` (each `w.len()` long).
+    fn dots(xs: &[f32], rows: usize, w: &[Self], dots: &mut [f32; SKINNY_TOKENS]);
+}
+
+impl RowElement for f32 {
+    fn dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; SKINNY_TOKENS]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::Isa::best() == super::Isa::Avx2Fma {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::dots(xs, rows, w, dots) };
+        }
+        for (d, x) in dots.iter_mut().zip(xs.chunks_exact(w.len().max(1))).take(rows) {
+            *d = x.iter().zip(w).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+impl RowElement for half::f16 {
+    fn dots(xs: &[f32], rows: usize, w: &[half::f16], dots: &mut [f32; SKINNY_TOKENS]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::Isa::best() == super::Isa::Avx2Fma && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            return unsafe { avx2::dots_f16(xs, rows, w, dots) };
+        }
+        for (d, x) in dots.iter_mut().zip(xs.chunks_exact(w.len().max(1))).take(rows) {
+            *d = x.iter().zip(w).map(|(a, b)| a * b.to_f32()).sum();
+        }
+    }
+}
+
 /// `dst[t×n] = x[t×k] · Wᵀ` with `w` in PyTorch's row-major `[n × k]` layout, for a wide `n`
 /// (a vocabulary): each weight row is one contiguous run the prefetcher streams, where the
 /// transposed [`Weight`] layout would step a whole (vocabulary-wide) row per input. Up to
 /// [`SKINNY_TOKENS`] rows of `x` share each pass over `w`; each value is the same dot product
 /// whatever the other rows are.
-pub fn by_rows(dst: &mut [f32], x: &[f32], w: &[f32], k: usize, threads: usize) {
+pub fn by_rows<E: RowElement>(dst: &mut [f32], x: &[f32], w: &[E], k: usize, threads: usize) {
     if k == 0 {
         return dst.fill(0.0);
     }
@@ -305,7 +338,6 @@ pub fn by_rows(dst: &mut [f32], x: &[f32], w: &[f32], k: usize, threads: usize) 
     assert!(dst.len() >= tokens * n, "matmul bounds");
     let per_task = n.div_ceil(4 * threads.max(1)).max(1);
     let shared = SharedOut::new(dst);
-    let simd = super::Isa::best() == super::Isa::Avx2Fma;
     let task = |t: usize| {
         let (v0, v1) = (t * per_task, ((t + 1) * per_task).min(n));
         for first in (0..tokens).step_by(SKINNY_TOKENS) {
@@ -313,16 +345,7 @@ pub fn by_rows(dst: &mut [f32], x: &[f32], w: &[f32], k: usize, threads: usize) 
             let xs = &x[first * k..(first + rows) * k];
             let mut dots = [0.0f32; SKINNY_TOKENS];
             for v in v0..v1 {
-                let wv = &w[v * k..(v + 1) * k];
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: `simd` says the CPU has AVX2 and FMA.
-                    unsafe { avx2::dots(xs, rows, wv, &mut dots) };
-                } else {
-                    scalar_dots(xs, rows, wv, &mut dots);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                scalar_dots(xs, rows, wv, &mut dots);
+                E::dots(xs, rows, &w[v * k..(v + 1) * k], &mut dots);
                 for (r, &d) in dots.iter().enumerate().take(rows) {
                     // SAFETY: tasks write disjoint columns of `dst`, borrowed until the loop
                     // ends; (first + r, v) is in bounds (asserted above).
@@ -339,12 +362,6 @@ pub fn by_rows(dst: &mut [f32], x: &[f32], w: &[f32], k: usize, threads: usize) 
     }
 }
 
-fn scalar_dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; SKINNY_TOKENS]) {
-    for (d, x) in dots.iter_mut().zip(xs.chunks_exact(w.len())).take(rows) {
-        *d = x.iter().zip(w).map(|(a, b)| a * b).sum();
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -355,23 +372,58 @@ mod avx2 {
     pub fn dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; super::SKINNY_TOKENS]) {
         let k = w.len();
         assert!(rows <= dots.len() && xs.len() >= rows * k, "dot rows");
-        let body = k / 8 * 8;
+        // SAFETY: i + 8 <= k, within `w`.
+        let load = |i: usize| unsafe { _mm256_loadu_ps(w.as_ptr().add(i)) };
+        finish(xs, rows, k, accumulate(xs, rows, k, load), |i| w[i], dots);
+    }
+
+    /// [`dots`] over f16 weights, widened 8 at a time with F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dots_f16(xs: &[f32], rows: usize, w: &[half::f16], dots: &mut [f32; super::SKINNY_TOKENS]) {
+        let k = w.len();
+        assert!(rows <= dots.len() && xs.len() >= rows * k, "dot rows");
+        // SAFETY: i + 8 <= k, within `w` (8 halves are 16 bytes).
+        let load = |i: usize| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i).cast())) };
+        finish(xs, rows, k, accumulate(xs, rows, k, load), |i| w[i].to_f32(), dots);
+    }
+
+    /// The 8-lane sums `Σ x_r[i..i+8] · load(i)` over the whole 8-wide body of each row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn accumulate(
+        xs: &[f32],
+        rows: usize,
+        k: usize,
+        load: impl Fn(usize) -> __m256,
+    ) -> [__m256; super::SKINNY_TOKENS] {
         let mut acc = [_mm256_setzero_ps(); super::SKINNY_TOKENS];
-        for i in (0..body).step_by(8) {
-            // SAFETY: i + 8 <= body <= k, within `w` and within each row of `xs`.
-            unsafe {
-                let wv = _mm256_loadu_ps(w.as_ptr().add(i));
-                for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(xs.as_ptr().add(r * k + i)), wv, *a);
-                }
+        for i in (0..k / 8 * 8).step_by(8) {
+            let wv = load(i);
+            for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                // SAFETY: i + 8 <= k, within row r of `xs` (checked by the callers).
+                *a = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(xs.as_ptr().add(r * k + i)) }, wv, *a);
             }
         }
+        acc
+    }
+
+    /// Horizontal sums of `acc` plus the scalar tail past the 8-wide body.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn finish(
+        xs: &[f32],
+        rows: usize,
+        k: usize,
+        acc: [__m256; super::SKINNY_TOKENS],
+        w: impl Fn(usize) -> f32,
+        dots: &mut [f32; super::SKINNY_TOKENS],
+    ) {
         for (r, (d, a)) in dots.iter_mut().zip(&acc).enumerate().take(rows) {
             let hi = _mm256_extractf128_ps(*a, 1);
             let s = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            let tail: f32 = (body..k).map(|i| xs[r * k + i] * w[i]).sum();
+            let tail: f32 = (k / 8 * 8..k).map(|i| xs[r * k + i] * w(i)).sum();
             *d = _mm_cvtss_f32(s) + tail;
         }
     }
@@ -534,6 +586,11 @@ mod tests {
                     let mut alone = vec![0.0; n];
                     by_rows(&mut alone, &x[..k], &w, k, threads);
                     assert_eq!(&dst[..n], &alone[..], "the first row batched and alone");
+                    // The weights are exact in f16 (multiples of 1/8 below 2): the same values.
+                    let halves: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    let mut from_halves = vec![0.0; t * n];
+                    by_rows(&mut from_halves, &x, &halves, k, threads);
+                    assert_eq!(from_halves, dst, "f16 weights, {k}x{n}, {t} rows");
                 }
             }
         }

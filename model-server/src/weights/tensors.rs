@@ -197,6 +197,12 @@ impl<'a> Tensor<'a> {
         }
     }
 
+    /// The values in f16 when the file stores exactly that (nothing is rounded), else None.
+    pub fn to_f16(&self) -> Option<Vec<half::f16>> {
+        (self.element == Element::F16 && self.row_scales.is_none())
+            .then(|| self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect())
+    }
+
     pub fn to_vec(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
         self.read_rows(0, &mut out);

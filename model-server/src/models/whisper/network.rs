@@ -65,11 +65,37 @@ pub struct Network {
     encoder_layers: Vec<EncoderLayer>,
     encoder_norm: Norm,
     /// `[vocab × hidden]`: the token lookups, and the tied output projection read row by row.
-    embeddings: Vec<f32>,
+    embeddings: Embeddings,
     decoder_positions: Vec<f32>,
     decoder_layers: Vec<DecoderLayer>,
     decoder_norm: Norm,
     isa: Isa,
+}
+
+/// The decoder's token embeddings, kept in f16 when the checkpoint stores them so: exact, and
+/// half the bytes the output projection streams at every decoder step.
+enum Embeddings {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl Embeddings {
+    /// Token `t`'s row (`out.len()` wide) as f32.
+    fn row(&self, t: usize, out: &mut [f32]) {
+        let h = out.len();
+        match self {
+            Embeddings::F32(e) => out.copy_from_slice(&e[t * h..][..h]),
+            Embeddings::F16(e) => out.iter_mut().zip(&e[t * h..][..h]).for_each(|(o, v)| *o = v.to_f32()),
+        }
+    }
+
+    /// `logits = x · Eᵀ` for each row of `x` (`h` wide).
+    fn project(&self, logits: &mut [f32], x: &[f32], h: usize, threads: usize) {
+        match self {
+            Embeddings::F32(e) => matmul::by_rows(logits, x, e, h, threads),
+            Embeddings::F16(e) => matmul::by_rows(logits, x, e, h, threads),
+        }
+    }
 }
 
 /// One window's encoder output, with each decoder layer's cross-attention K and V of it.
@@ -326,7 +352,11 @@ impl Network {
         let convs = || -> Result<_, ModelError> {
             let conv1 = r.conv(&l.top("encoder", "conv1"), dims.mels, h)?;
             let conv2 = r.conv(&l.top("encoder", "conv2"), h, h)?;
-            let embeddings = source.get(&l.top("decoder", "embeddings"), &[dims.vocab, h])?.to_vec();
+            let embeddings = source.get(&l.top("decoder", "embeddings"), &[dims.vocab, h])?;
+            let embeddings = match embeddings.to_f16() {
+                Some(halves) => Embeddings::F16(halves),
+                None => Embeddings::F32(embeddings.to_vec()),
+            };
             Ok((conv1, conv2, embeddings))
         };
         let encoder = || {
@@ -650,10 +680,10 @@ impl Network {
         let mut x = vec![0.0; rows * h];
         for (step, &start) in steps.iter().zip(&starts) {
             for (i, &t) in step.tokens.iter().enumerate() {
-                let emb = &self.embeddings[t as usize * h..][..h];
                 let pos = &self.decoder_positions[(step.seq.len + i) * h..][..h];
                 let row = &mut x[(start + i) * h..][..h];
-                row.iter_mut().zip(emb.iter().zip(pos)).for_each(|(r, (e, p))| *r = e + p);
+                self.embeddings.row(t as usize, row);
+                row.iter_mut().zip(pos).for_each(|(r, p)| *r += p);
             }
         }
         let mut normed = vec![0.0; rows * h];
@@ -693,7 +723,7 @@ impl Network {
         }
         self.norm_in_place(&mut last, &self.decoder_norm);
         let mut logits = vec![0.0; steps.len() * d.vocab];
-        matmul::by_rows(&mut logits, &last, &self.embeddings, h, threads);
+        self.embeddings.project(&mut logits, &last, h, threads);
         Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
     }
 
