@@ -486,6 +486,37 @@ async fn a_version_rollout_under_continuous_load_loses_no_request() {
 }
 
 /// A text-generation resource: SmolLM2 (GGUF) from a file:// source on the harness's node.
+/// A `ModelDeployment` with one pool, `cpu`, on the harness's real node, in a namespace of its
+/// own, with the operator running: Ready in the cluster and its first ready endpoint's own
+/// `/readyz` showing `model` Ready with a warmup time.
+struct RealPool {
+    // Fields drop in order: the operator stops before its namespace goes.
+    _operator: Operator,
+    ns: TestNamespace,
+    endpoint: String,
+}
+
+impl RealPool {
+    async fn ready(prefix: &str, md: fn(&str, &str) -> Value, name: &str, model: &str) -> RealPool {
+        let client = admin().await;
+        install_crd().await;
+        mark_real_node(&client).await;
+        let ns = TestNamespace::create(&client, prefix).await;
+        let n = ns.name.as_str();
+        let operator = Operator::start(n).await;
+        apply_json(&client, n, &md(n, name)).await.expect("apply md");
+        wait_md_ready(&client, n, name, Duration::from_secs(300)).await;
+        // The endpointslice controller follows pod readiness on its own schedule.
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), n);
+        let endpoint = first_ready_endpoint(&slices, &format!("{name}-cpu"), Duration::from_secs(60)).await;
+        let ready: Value =
+            reqwest::get(format!("http://{endpoint}:8080/readyz")).await.unwrap().json().await.unwrap();
+        assert_eq!(ready["models"][model]["state"], "Ready", "{ready}");
+        assert!(ready["models"][model]["warmupSeconds"].as_f64().is_some(), "{ready}");
+        RealPool { _operator: operator, ns, endpoint }
+    }
+}
+
 fn textgen_md(ns: &str, name: &str) -> Value {
     let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
     let dir = root.join("smollm2");
@@ -518,24 +549,10 @@ fn textgen_md(ns: &str, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_generation_pool_becomes_ready_after_warmup_and_chats() {
-    let client = admin().await;
-    install_crd().await;
-    mark_real_node(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-textgen").await;
-    let n = ns.name.as_str();
-    let _operator = Operator::start(n).await;
-    apply_json(&client, n, &textgen_md(n, "chat")).await.expect("apply md");
-
     // Ready in the cluster only once the real server has loaded and warmed the GGUF model.
-    wait_md_ready(&client, n, "chat", Duration::from_secs(300)).await;
-    // The endpointslice controller follows pod readiness on its own schedule.
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), n);
-    let endpoint = first_ready_endpoint(&slices, "chat-cpu", Duration::from_secs(60)).await;
+    let pool = RealPool::ready("e2e-textgen", textgen_md, "chat", "smollm2:135m-q4").await;
+    let (n, endpoint) = (pool.ns.name.as_str(), pool.endpoint.as_str());
     let http = reqwest::Client::new();
-    let ready: Value =
-        http.get(format!("http://{endpoint}:8080/readyz")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(ready["models"]["smollm2:135m-q4"]["state"], "Ready", "{ready}");
-    assert!(ready["models"]["smollm2:135m-q4"]["warmupSeconds"].as_f64().is_some(), "{ready}");
 
     // An OpenAI chat request through the Service's endpoint.
     let resp: Value = http
@@ -595,22 +612,9 @@ fn speech_md(ns: &str, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_speech_to_text_pool_becomes_ready_after_warmup_and_transcribes() {
-    let client = admin().await;
-    install_crd().await;
-    mark_real_node(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-speech").await;
-    let n = ns.name.as_str();
-    let _operator = Operator::start(n).await;
-    apply_json(&client, n, &speech_md(n, "asr")).await.expect("apply md");
-
-    wait_md_ready(&client, n, "asr", Duration::from_secs(300)).await;
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), n);
-    let endpoint = first_ready_endpoint(&slices, "asr-cpu", Duration::from_secs(60)).await;
+    let pool = RealPool::ready("e2e-speech", speech_md, "asr", "whisper:tiny-en").await;
+    let (n, endpoint) = (pool.ns.name.as_str(), pool.endpoint.as_str());
     let http = reqwest::Client::new();
-    let ready: Value =
-        http.get(format!("http://{endpoint}:8080/readyz")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(ready["models"]["whisper:tiny-en"]["state"], "Ready", "{ready}");
-    assert!(ready["models"]["whisper:tiny-en"]["warmupSeconds"].as_f64().is_some(), "{ready}");
 
     // A clip espeak-ng spoke (make fixtures), through the Service's endpoint: the text is what
     // faster-whisper gives on the same weights and samples.
