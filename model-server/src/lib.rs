@@ -34,6 +34,8 @@ pub mod pull;
 #[cfg(feature = "server")]
 pub mod queue;
 #[cfg(feature = "server")]
+pub mod residency;
+#[cfg(feature = "server")]
 pub mod serve;
 #[cfg(feature = "server")]
 pub mod state;

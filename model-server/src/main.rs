@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_model_server::listener::ConnectionLimits;
-use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelSource, Warmup};
+use kiln_model_server::manifest::{Batching, Family, Load, Manifest, ModelEntry, ModelSource, Warmup};
 use kiln_model_server::pull::{self, PullOptions};
 use kiln_model_server::serve::{self, ServeOptions, ServePlan};
 use kiln_model_server::state::Limits;
@@ -157,6 +157,20 @@ struct ServeArgs {
     max_delay_ms: u32,
     #[arg(long, default_value_t = 1024)]
     max_queue_depth: u32,
+    /// With --model: NAME:VERSION of a --model to load on its first request instead of before
+    /// readiness; repeatable (the manifest carries its own).
+    #[arg(long = "lazy", value_name = "NAME:VERSION")]
+    lazy: Vec<String>,
+    /// With --model: bytes the models may hold at once (a quantity such as 2Gi); lazy models
+    /// are unloaded to stay under it. Default: the memory limit less a margin.
+    #[arg(long, value_parser = parse_quantity)]
+    memory_budget: Option<u64>,
+    /// With --model: unload a lazy model after this many seconds without requests.
+    #[arg(long)]
+    idle_unload_seconds: Option<u32>,
+    /// How long a request waits for its lazy model to load before it gets 503 with Retry-After.
+    #[arg(long, default_value_t = 60.0)]
+    lazy_load_wait_seconds: f64,
 }
 
 fn parse_quantity(s: &str) -> Result<u64, String> {
@@ -234,6 +248,7 @@ fn pull_cmd(args: PullArgs) -> anyhow::Result<()> {
             fallback: None,
             serve: true,
             kv_cache_bytes: None,
+            load: Default::default(),
         };
         Manifest::new(Family::TextEmbedding, vec![check], Warmup::default(), Batching::default())
             .validate()?;
@@ -258,9 +273,18 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
                 max_queue_depth: args.max_queue_depth,
             };
             let mut plan = ServePlan::from_args(args.family, &args.model, warmup, batching)?;
+            for lazy in &args.lazy {
+                let model = plan.models.iter_mut().find(|m| m.id.to_string() == *lazy);
+                let Some(model) = model else {
+                    anyhow::bail!("--lazy {lazy}: no --model {lazy}=DIR to make lazy");
+                };
+                model.load = Load::Lazy;
+            }
             for m in &mut plan.models {
                 m.kv_cache_bytes = args.kv_cache_memory;
             }
+            plan.residency.budget_bytes = args.memory_budget;
+            plan.residency.idle_unload = args.idle_unload_seconds.map(|s| Duration::from_secs(u64::from(s)));
             plan
         }
     };
@@ -273,6 +297,7 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
             tokenize_concurrency: args.tokenize_concurrency.unwrap_or(threads * 2).max(1),
             max_upload_bytes: args.max_upload_bytes,
             max_audio_seconds: args.max_audio_seconds,
+            load_wait: seconds(args.lazy_load_wait_seconds),
         },
         connections: ConnectionLimits {
             max_connections: args.max_connections.max(1),

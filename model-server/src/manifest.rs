@@ -300,6 +300,32 @@ pub struct ModelEntry {
     /// derives it from the memory the pod has left after loading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_bytes: Option<u64>,
+    /// When the server loads it: before readiness, or on its first request.
+    #[serde(default, skip_serializing_if = "Load::is_preload")]
+    pub load: Load,
+}
+
+/// KV-cache memory of a text-generation model that names none, in a pod that also serves lazy
+/// models: deriving it from what the pod has left would leave nothing for them. The server
+/// gives it, and the operator's memory fit counts it.
+pub const SHARED_KV_CACHE_BYTES: u64 = 256 << 20;
+
+/// When a served model is loaded.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Load {
+    /// Loaded and warmed before the pod reports ready; never unloaded.
+    #[default]
+    Preload,
+    /// Loaded on its first request; unloaded least recently used first when another model needs
+    /// the memory, or after `idleUnloadSeconds` without requests.
+    Lazy,
+}
+
+impl Load {
+    pub fn is_preload(&self) -> bool {
+        *self == Load::Preload
+    }
 }
 
 fn yes() -> bool {
@@ -326,6 +352,13 @@ pub struct Manifest {
     /// Where the operator mounts `pvc://` claims (read-only), one directory per claim.
     #[serde(default = "default_pvc_root")]
     pub pvc_root: String,
+    /// Bytes the pod's models may hold at once; lazy models are unloaded to stay under it.
+    /// None: the container's memory limit less a margin for the runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_bytes: Option<u64>,
+    /// A lazy model without requests for this long is unloaded. None: only to make room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_unload_seconds: Option<u32>,
 }
 
 pub fn default_pvc_root() -> String {
@@ -375,6 +408,8 @@ impl Manifest {
             warmup,
             batching,
             pvc_root: default_pvc_root(),
+            memory_budget_bytes: None,
+            idle_unload_seconds: None,
         }
     }
 
@@ -483,6 +518,7 @@ mod tests {
             fallback: None,
             serve: true,
             kv_cache_bytes: None,
+            load: Load::Preload,
         }
     }
 

@@ -38,6 +38,13 @@ pub struct Metrics {
     /// Speech to text: seconds of audio transcribed, and compute seconds per audio second.
     pub audio_seconds: CounterVec,
     pub real_time_factor: HistogramVec,
+    /// Loads and unloads (reason `lru` or `idle`), each load's seconds (read and warmup), the
+    /// pod's memory budget, and the latency of requests that waited for a lazy load.
+    pub model_loads: IntCounterVec,
+    pub model_unloads: IntCounterVec,
+    pub model_load_duration: HistogramVec,
+    pub memory_budget_bytes: IntGauge,
+    pub lazy_first_request: HistogramVec,
 }
 
 impl Metrics {
@@ -121,6 +128,42 @@ impl Metrics {
             .buckets(vec![0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
             MODEL,
         )?;
+        let model_loads = IntCounterVec::new(
+            Opts::new("kiln_model_loads_total", "Models loaded (preload and lazy)"),
+            MODEL,
+        )?;
+        let model_unloads = IntCounterVec::new(
+            Opts::new(
+                "kiln_model_unloads_total",
+                "Lazy models unloaded, by reason: lru (to make room) or idle",
+            ),
+            &["model", "version", "reason"],
+        )?;
+        let model_load_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_model_load_duration_seconds",
+                "Seconds per load, reading the weights and warming up",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            MODEL,
+        )?;
+        let memory_budget_bytes = IntGauge::new(
+            "kiln_memory_budget_bytes",
+            "Bytes the pod's models may hold at once (0: no budget); lazy models are unloaded to stay under it",
+        )?;
+        let lazy_first_request = HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_lazy_first_request_seconds",
+                "Latency of requests that waited for their lazy model to load: load, warmup and answer",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            MODEL,
+        )?;
+        registry.register(Box::new(model_loads.clone()))?;
+        registry.register(Box::new(model_unloads.clone()))?;
+        registry.register(Box::new(model_load_duration.clone()))?;
+        registry.register(Box::new(memory_budget_bytes.clone()))?;
+        registry.register(Box::new(lazy_first_request.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(model_queue_depth.clone()))?;
         registry.register(Box::new(queue_waiting.clone()))?;
@@ -161,6 +204,11 @@ impl Metrics {
             open_connections,
             audio_seconds,
             real_time_factor,
+            model_loads,
+            model_unloads,
+            model_load_duration,
+            memory_budget_bytes,
+            lazy_first_request,
         })
     }
 
@@ -170,6 +218,8 @@ impl Metrics {
         self.model_queue_depth.with_label_values(&l).set(0);
         self.model_queue_waiting.with_label_values(&l).set(0);
         self.model_ready.with_label_values(&l).set(0);
+        self.model_loads.with_label_values(&l).inc_by(0);
+        self.resident_bytes.with_label_values(&l).set(0);
     }
 
     pub fn render(&self) -> String {

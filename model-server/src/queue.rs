@@ -318,6 +318,23 @@ impl<J: Weigh> RequestQueue<J> {
 /// Called once when a model's worker thread dies, with the reason.
 pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// A model's worker thread, to wait for when the model is unloaded: the thread holds the
+/// model's weights until it returns.
+#[derive(Clone, Default)]
+pub struct WorkerThread(Arc<Mutex<Option<std::thread::JoinHandle<()>>>>);
+
+impl WorkerThread {
+    /// Wait for the thread to return (its queue must be closed); at once if it has, or if
+    /// another caller already waited.
+    pub fn join(&self) {
+        let handle = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            // A panic was already reported through the failure hook.
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Run `body` as a model's worker on a thread of its own. A panic does not leave callers
 /// waiting forever: the queue refuses every later request with the reason, the callers still
 /// queued are told through `tell`, and `on_failure` marks the model failed.
@@ -327,8 +344,8 @@ pub fn spawn_worker<J: Weigh + Send + 'static>(
     on_failure: FailureHook,
     tell: impl Fn(J, &str) + Send + 'static,
     body: impl FnOnce() + Send + 'static,
-) -> std::io::Result<()> {
-    std::thread::Builder::new().name(name).spawn(move || {
+) -> std::io::Result<WorkerThread> {
+    let handle = std::thread::Builder::new().name(name).spawn(move || {
         let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) else { return };
         let what = panic
             .downcast_ref::<&str>()
@@ -342,7 +359,7 @@ pub fn spawn_worker<J: Weigh + Send + 'static>(
         }
         on_failure(&reason);
     })?;
-    Ok(())
+    Ok(WorkerThread(Arc::new(Mutex::new(Some(handle)))))
 }
 
 #[cfg(test)]

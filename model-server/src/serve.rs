@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use crate::families::{ModelFamily, Serving};
 use crate::listener::{self, ConnectionLimits};
-use crate::loader::{self, ModelDir, ModelDirs};
+use crate::loader::{self, LoadPlan, ModelDir, ModelDirs};
 use crate::manifest::{Batching, Family, Manifest, ModelRef, Warmup};
 use crate::metrics::Metrics;
-use crate::state::{AppState, Limits, PlannedModel};
+use crate::residency;
+use crate::state::{AppState, Limits, PlannedModel, Residency};
 
 /// Everything `serve` needs, however it was described (manifest or command line).
 pub struct ServePlan {
@@ -21,6 +22,8 @@ pub struct ServePlan {
     pub dirs: ModelDirs,
     pub warmup: Warmup,
     pub batching: Batching,
+    /// The memory budget (None: the container's limit less a margin) and idle unloading.
+    pub residency: Residency,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +44,14 @@ impl ServePlan {
         warmup: Warmup,
         batching: Batching,
     ) -> Result<Self, PlanError> {
-        let mut plan = ServePlan { family, models: Vec::new(), dirs: ModelDirs::new(), warmup, batching };
+        let mut plan = ServePlan {
+            family,
+            models: Vec::new(),
+            dirs: ModelDirs::new(),
+            warmup,
+            batching,
+            residency: Residency::default(),
+        };
         for arg in models {
             let (id, dir) = arg.split_once('=').ok_or_else(|| PlanError::ModelArg(arg.clone()))?;
             let id: ModelRef = id.parse().map_err(|_| PlanError::ModelArg(arg.clone()))?;
@@ -49,7 +59,7 @@ impl ServePlan {
                 return Err(PlanError::ModelArg(arg.clone()));
             }
             plan.dirs.insert(id.clone(), ModelDir { path: PathBuf::from(dir), pinned: None, source: None });
-            plan.models.push(PlannedModel { id, serve: true, fallback: None, kv_cache_bytes: None });
+            plan.models.push(PlannedModel::served(id));
         }
         if plan.models.is_empty() {
             return Err(PlanError::ModelArg(String::new()));
@@ -84,11 +94,17 @@ impl ServePlan {
                     serve: m.serve,
                     fallback: m.fallback.clone(),
                     kv_cache_bytes: m.kv_cache_bytes,
+                    load: m.load,
+                    memory_bytes: m.memory_bytes,
                 })
                 .collect(),
             dirs,
             warmup: manifest.warmup,
             batching: manifest.batching,
+            residency: Residency {
+                budget_bytes: manifest.memory_budget_bytes,
+                idle_unload: manifest.idle_unload_seconds.map(|s| Duration::from_secs(u64::from(s))),
+            },
         })
     }
 }
@@ -127,14 +143,27 @@ pub async fn run<F: ModelFamily>(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
-    let state = Arc::new(AppState::<F>::new(&plan.models, metrics.clone(), options.limits.clone()));
+    let mut residency = plan.residency;
+    // Without a budget in the plan: the container's memory limit less a margin, if limited.
+    residency.budget_bytes =
+        residency.budget_bytes.or_else(|| residency::default_budget(loader::memory_limit()));
+    let (family, count) = (plan.family, plan.models.len());
+    let load_plan = LoadPlan { dirs: plan.dirs, warmup: plan.warmup, batching: plan.batching };
+    let state = Arc::new(AppState::<F>::new(
+        &plan.models,
+        load_plan,
+        metrics.clone(),
+        options.limits.clone(),
+        residency,
+    ));
     let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, family = %plan.family, models = plan.models.len(), "listening; loading models");
+    tracing::info!(%addr, %family, models = count, budget_bytes = ?residency.budget_bytes, "listening; loading models");
 
     let loading = state.clone();
-    let loader = tokio::task::spawn_blocking(move || {
-        loader::load_all(&loading, &plan.dirs, &plan.warmup, &plan.batching);
-    });
+    let loader = tokio::task::spawn_blocking(move || loader::preload_all(&loading));
+    if let Some(idle) = residency.idle_unload {
+        tokio::spawn(unload_idle(Arc::downgrade(&state), idle));
+    }
 
     let draining = state.clone();
     let mut fatal = state.fatal.subscribe();
@@ -160,7 +189,7 @@ pub async fn run<F: ModelFamily>(
     .await;
     // Connections are closed; let queued work finish and the workers stop.
     for slot in state.slots.values() {
-        if let Some(serving) = slot.serving.get() {
+        if let Some(serving) = slot.current() {
             serving.close();
         }
     }
@@ -175,6 +204,20 @@ pub async fn run<F: ModelFamily>(
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Every so often (a quarter of `idle`, between 1 and 10 s), unload the lazy models idle for
+/// `idle`; ends with the server.
+async fn unload_idle<F: ModelFamily>(state: std::sync::Weak<AppState<F>>, idle: Duration) {
+    let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(state) = state.upgrade() else { return };
+        if state.is_draining() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || loader::unload_idle(&state, idle)).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

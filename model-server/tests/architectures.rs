@@ -136,10 +136,9 @@ fn plan(models: &[(ModelRef, &Path, bool, Option<ModelRef>)]) -> ServePlan {
     for (id, dir, serve, fallback) in models {
         dirs.insert(id.clone(), ModelDir { path: dir.to_path_buf(), pinned: None, source: None });
         planned.push(PlannedModel {
-            id: id.clone(),
             serve: *serve,
             fallback: fallback.clone(),
-            kv_cache_bytes: None,
+            ..PlannedModel::served(id.clone())
         });
     }
     ServePlan {
@@ -148,6 +147,7 @@ fn plan(models: &[(ModelRef, &Path, bool, Option<ModelRef>)]) -> ServePlan {
         dirs,
         warmup: Warmup { iterations: 1, ..Warmup::default() },
         batching: Batching::default(),
+        residency: Default::default(),
     }
 }
 

@@ -545,7 +545,7 @@ fn a_sequence_that_fails_in_a_batched_step_fails_alone() {
         metrics: Arc::new(Metrics::new().expect("metrics")),
         on_failure: Arc::new(|_: &str| {}),
     };
-    let scheduler =
+    let (scheduler, _thread) =
         Scheduler::spawn(ModelRef::new("smollm2", "135m"), model.clone(), ctx).expect("scheduler");
     let submit = |prompt: Vec<u32>| {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -178,7 +178,7 @@ async fn readiness_turns_200_only_after_warmup() {
         }
         assert_eq!(status, 503);
         assert_eq!(body["ready"], false);
-        assert!(["Pending", "Loading", "Warming"].contains(&state.as_str()), "{body}");
+        assert!(["Unloaded", "Loading", "Warming"].contains(&state.as_str()), "{body}");
         if saw.last() != Some(&state) {
             saw.push(state);
         }

@@ -4,10 +4,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use common::process::{Proc, exit_status, free_port, rss_kib, spawn_with, wait_ready};
 use kiln_model_server::families::text_embedding::cosine;
 use kiln_model_server::manifest::{Batching, Family, Manifest, ModelEntry, ModelRef, ModelSource, Warmup};
 use kiln_model_server::pull::PullOptions;
@@ -28,6 +29,7 @@ fn entry(name: &str, version: &str, source: &Path, fallback: Option<ModelRef>, s
         fallback,
         serve,
         kv_cache_bytes: None,
+        load: Default::default(),
     }
 }
 
@@ -143,72 +145,8 @@ async fn without_a_fallback_the_server_stays_unready_with_the_error() {
     server.shutdown().await;
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 fn spawn_server(port: u16, extra: &[&str]) -> Proc {
     spawn_with(port, &[format!("minilm:v2={}", common::minilm_dir().display())], extra, &[])
-}
-
-/// The real binary serving `models` (NAME:VERSION=DIR) with `extra` flags and environment.
-fn spawn_with(port: u16, models: &[String], extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-model-server"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--warmup-iterations", "1"]);
-    for m in models {
-        cmd.arg("--model").arg(m);
-    }
-    let child = cmd
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn kiln-model-server");
-    Proc(child)
-}
-
-async fn wait_ready(base: &str) {
-    let client = reqwest::Client::new();
-    for _ in 0..600 {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{base} never became ready");
-}
-
-/// How the process ended, once it has (at most `within` from now).
-async fn exit_status(server: &mut Proc, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = server.0.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,6 +199,7 @@ async fn file_sources_copy_or_link_in_place_and_pvc_goes_through_the_manifest() 
             fallback: None,
             serve: true,
             kv_cache_bytes: None,
+            load: Default::default(),
         }],
         Warmup::default(),
         Batching::default(),
@@ -236,6 +237,7 @@ async fn serve_trusts_only_what_pull_verified() {
         fallback: None,
         serve: true,
         kv_cache_bytes: None,
+        load: Default::default(),
     };
     let manifest = |uri: String| {
         Manifest::new(
@@ -396,6 +398,7 @@ async fn serve_refuses_a_model_that_was_never_pulled() {
             fallback: None,
             serve: true,
             kv_cache_bytes: None,
+            load: Default::default(),
         }],
         Warmup::default(),
         Batching::default(),

@@ -13,7 +13,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
+pub use kiln_model_server::manifest::{Batching, Family, Load, ModelRef, Warmup};
 
 /// Models and the GPU node pools that serve them. The operator creates, per pool, a Deployment,
 /// Service, manifest ConfigMap, PodDisruptionBudget and (with autoscaling) an HPA on queue depth.
@@ -66,6 +66,9 @@ pub use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
     validation = kube::core::Rule::new(
         "self.family == 'text-generation' || self.models.all(m, !has(m.kvCacheMemory))"
     ).message("kvCacheMemory is for text-generation models only; remove it or set family: text-generation").field_path(".models"),
+    validation = kube::core::Rule::new(
+        "self.models.all(m, !has(m.fallback) || !has(m.load) || m.load == 'preload')"
+    ).message("a lazy model cannot name a fallback (a fallback stands in for a model that failed to preload); remove fallback or set load: preload").field_path(".models"),
 )]
 pub struct ModelDeploymentSpec {
     /// What the pods serve; one family per pod.
@@ -129,6 +132,11 @@ pub struct ModelSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = kube::core::Rule::new("isQuantity(self)").message(kube::core::Message::Expression(QUANTITY_MSG.into())))]
     pub kv_cache_memory: Option<String>,
+    /// `preload` (default): loaded and warmed before the pod is ready, never unloaded. `lazy`:
+    /// loaded on its first request (that request waits), unloaded least recently used first
+    /// when another model needs the pool's memoryBudget, or after idleUnloadSeconds idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
 }
 
 /// A model version named by its parts.
@@ -224,6 +232,19 @@ pub struct PoolSpec {
     /// Horizontal autoscaling on the pods' queue depth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Memory the models of one replica may hold at once (a quantity such as 6Gi): each is
+    /// charged its `memory` hint (else its weight files) plus its kvCacheMemory. Lazy models are
+    /// unloaded least recently used first to stay under it. Default: the container's memory
+    /// limit less a margin for the runtime (a tenth, at least 64Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = kube::core::Rule::new("isQuantity(self)").message(kube::core::Message::Expression(QUANTITY_MSG.into())))]
+    pub memory_budget: Option<String>,
+    /// Unload a lazy model after this many seconds without requests; unset, lazy models are
+    /// unloaded only to make room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub idle_unload_seconds: Option<u32>,
 }
 
 fn default_gpu_resource() -> String {
@@ -317,8 +338,25 @@ pub struct ModelStatus {
     /// In-cluster URL of a Service serving this version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// `lazy` when the model loads on its first request (absent: preloaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
+    /// Per pool: of the ready pods that answered, how many hold the model in memory now (lazy
+    /// models, from each pod's `/status`; a preloaded model is loaded in every ready pod).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loaded: Vec<PoolLoaded>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolLoaded {
+    pub pool: String,
+    /// Ready pods whose state is known.
+    pub pods: i32,
+    /// Of those, pods with the model loaded and warm.
+    pub loaded_pods: i32,
 }
 
 impl ModelSpec {

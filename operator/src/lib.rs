@@ -6,6 +6,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod owned;
+pub mod pod_status;
 /// Quantities as bytes, shared with the server (its memory flags parse the same way).
 pub use kiln_model_server::quantity;
 pub mod reconcile;

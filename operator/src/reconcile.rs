@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::cache::{self, Caches};
-use crate::crd::{ModelDeployment, PoolSpec};
+use crate::crd::{Load, ModelDeployment, PoolSpec};
 use crate::metrics::OperatorMetrics;
 use crate::quantity::parse_bytes;
 use crate::resources::{
@@ -26,6 +26,7 @@ use crate::resources::{
     pool_manifest, service,
 };
 use crate::status::{self, Fit, PoolObservation};
+use kiln_model_server::manifest::SHARED_KV_CACHE_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -181,26 +182,50 @@ where
     Ok(removed)
 }
 
+/// How often a resource with lazy models has `status.models[].loaded` refreshed from its pods.
+pub const LAZY_STATUS_REFRESH: Duration = Duration::from_secs(20);
+
 /// KV-cache memory counted for a text-generation model that sets no `kvCacheMemory`: its
 /// server takes what the limit leaves, but a pool that leaves less than this cannot serve.
 pub const MIN_KV_CACHE_BYTES: u64 = 64 << 20;
 
+/// What one replica of `pool` needs against what it has. Preloaded models stay resident, so
+/// they count in full; lazy models take turns, so the largest counts (every lazy model must fit
+/// beside the preloaded ones). A `memoryBudget` caps what the models may hold, and must itself
+/// fit the container beside the runtime headroom.
 fn fit(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSettings) -> Fit {
-    let mut required = settings.memory_headroom_bytes;
     let mut unknown_size = Vec::new();
     let generation = md.spec.family == crate::crd::Family::TextGeneration;
+    let find = |entry: &String| md.spec.models.iter().find(|m| m.id().to_string() == *entry);
+    let lazy = |entry: &String| find(entry).is_some_and(|m| m.load == Some(Load::Lazy));
+    let any_lazy = pool.serve.iter().any(lazy);
+    let (mut preloaded, mut largest_lazy): (u64, Option<(String, u64)>) = (0, None);
     for entry in &pool.serve {
-        let model = md.spec.models.iter().find(|m| m.id().to_string() == *entry);
-        match model.and_then(|m| m.memory.as_deref()).and_then(parse_bytes) {
-            Some(b) => required = required.saturating_add(b),
-            None => unknown_size.push(entry.clone()),
-        }
+        let model = find(entry);
+        let mut charge = match model.and_then(|m| m.memory.as_deref()).and_then(parse_bytes) {
+            Some(b) => b,
+            None => {
+                unknown_size.push(entry.clone());
+                0
+            }
+        };
         if generation {
             let kv = model.and_then(|m| m.kv_cache_memory.as_deref()).and_then(parse_bytes);
-            required = required.saturating_add(kv.unwrap_or(MIN_KV_CACHE_BYTES));
+            // As the server does: a fixed share when lazy models use the pod too.
+            let default = if any_lazy { SHARED_KV_CACHE_BYTES } else { MIN_KV_CACHE_BYTES };
+            charge = charge.saturating_add(kv.unwrap_or(default));
+        }
+        if lazy(entry) {
+            if largest_lazy.as_ref().is_none_or(|(_, b)| charge > *b) {
+                largest_lazy = Some((entry.clone(), charge));
+            }
+        } else {
+            preloaded = preloaded.saturating_add(charge);
         }
     }
-    let available = if pool.gpus > 0 {
+    let models = preloaded.saturating_add(largest_lazy.as_ref().map_or(0, |(_, b)| *b));
+    let headroom = settings.memory_headroom_bytes;
+    let limit = if pool.gpus > 0 {
         pool.gpu_memory.as_deref().and_then(parse_bytes).map(|per| per * u64::from(pool.gpus))
     } else {
         pool.resources
@@ -209,7 +234,25 @@ fn fit(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSettings) -> Fi
             .and_then(|l| l.get("memory"))
             .and_then(|q| parse_bytes(&q.0))
     };
-    Fit { required, available, unknown_size }
+    let budget = pool.memory_budget.as_deref().and_then(parse_bytes);
+    let available = match (limit, budget) {
+        (Some(l), Some(b)) => Some(l.min(b.saturating_add(headroom))),
+        (None, Some(b)) => Some(b.saturating_add(headroom)),
+        (l, None) => l,
+    };
+    let budget_over_limit = match (limit, budget) {
+        (Some(l), Some(b)) if b.saturating_add(headroom) > l => Some((b, l.saturating_sub(headroom))),
+        _ => None,
+    };
+    Fit {
+        required: models.saturating_add(headroom),
+        available,
+        unknown_size,
+        budget_over_limit,
+        largest_lazy: largest_lazy.map(|(name, _)| name),
+        budget: budget.filter(|b| limit.is_none_or(|l| b.saturating_add(headroom) <= l)),
+        headroom,
+    }
 }
 
 async fn event(ctx: &Context, md: &ModelDeployment, type_: EventType, reason: &str, note: String) {
@@ -329,14 +372,18 @@ async fn reconcile_pool(
     }
     let selector = resources::selector_labels(md, pool);
     let selector: Vec<(&str, &str)> = selector.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let pods = cache::labelled(&caches.pods, ns, &selector).iter().map(|p| Pod::clone(p)).collect();
+    let pods: Vec<Pod> = cache::labelled(&caches.pods, ns, &selector).iter().map(|p| Pod::clone(p)).collect();
     // A foreign Deployment of our name says nothing about our pool.
     let deployment = deployment_seen.or_else(|| {
         cache::get(&caches.deployments, ns, &name)
             .filter(|d| controlled_by(d.meta(), &uid))
             .map(|d| (*d).clone())
     });
-    Ok(PoolObservation { deployment, pods, fit, conflicts })
+    let serves_lazy = pool.serve.iter().any(|entry| {
+        md.spec.models.iter().any(|m| m.id().to_string() == *entry && m.load == Some(Load::Lazy))
+    });
+    let reports = if serves_lazy { crate::pod_status::read(&pods).await } else { Vec::new() };
+    Ok(PoolObservation { deployment, pods, fit, conflicts, reports })
 }
 
 /// The pool's objects (those the spec wants) that exist without this resource as their
@@ -393,10 +440,17 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         api.patch_status(&md.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
             .await?;
     }
-    // Owned objects wake us on change; the requeue is a safety net for missed events.
+    // Owned objects wake us on change; the requeue is a safety net for missed events. Lazy
+    // models load and unload without any object changing: their status is refreshed on a
+    // timer.
     let settled = observations.iter().all(|o| o.deployment.is_some())
         && new_status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    Ok(Action::requeue(if settled { Duration::from_secs(300) } else { Duration::from_secs(15) }))
+    let lazy = md.spec.models.iter().any(|m| m.load == Some(Load::Lazy));
+    Ok(Action::requeue(match (settled, lazy) {
+        (false, _) => Duration::from_secs(15),
+        (true, true) => LAZY_STATUS_REFRESH,
+        (true, false) => Duration::from_secs(300),
+    }))
 }
 
 pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -422,6 +476,56 @@ mod tests {
         assert!(!is_subset(&desired, &edited), "a hand edit is noticed and restored");
         let extra = json!({"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "server", "image": "a"}, {"name": "sidecar"}]}}}});
         assert!(!is_subset(&desired, &extra), "lists must match in length");
+    }
+
+    #[test]
+    fn lazy_models_count_once_the_largest_and_the_budget_caps_the_fit() {
+        let settings = OperatorSettings::default();
+        let headroom = settings.memory_headroom_bytes;
+        let mut md = crate::resources::testing::sample("embeddings-many.yaml");
+        let pool = md.spec.pools[0].clone();
+        let f = fit(&md, &pool, &settings);
+        // MiniLM (120Mi) stays; the lazy ones (160Mi each) take turns.
+        assert_eq!(f.required, (120 << 20) + (160 << 20) + headroom);
+        assert_eq!(f.available, Some((300 << 20) + headroom), "the budget, not the 1Gi limit");
+        assert_eq!(f.largest_lazy.as_deref(), Some("bge-small:v1"));
+        assert!(f.fits());
+        // A lazy model that cannot fit beside the preloaded one is a misfit naming it.
+        md.spec.models[2].memory = Some("200Mi".into());
+        let misfit = fit(&md, &pool, &settings);
+        assert!(!misfit.fits());
+        let message = misfit.misfit(&pool);
+        assert!(
+            message.contains("need 320Mi")
+                && message.contains("e5-small:v2")
+                && message.contains("memoryBudget is 300Mi"),
+            "{message}"
+        );
+        // A budget larger than the container can give is refused, naming both.
+        let mut big = pool.clone();
+        big.memory_budget = Some("2Gi".into());
+        let over = fit(&md, &big, &settings);
+        assert!(!over.fits());
+        let message = over.misfit(&big);
+        assert!(message.contains("memoryBudget 2Gi") && message.contains("memory limit"), "{message}");
+        // Every model preloaded: all of them count.
+        md.spec.models.iter_mut().for_each(|m| m.load = None);
+        let all = fit(&md, &pool, &settings);
+        assert_eq!(all.required, (120 << 20) + (160 << 20) + (200 << 20) + headroom);
+        assert_eq!(all.largest_lazy, None);
+    }
+
+    #[test]
+    fn a_lazy_generation_model_without_a_kv_budget_counts_the_shared_one() {
+        let settings = OperatorSettings::default();
+        let mut md = crate::resources::testing::sample("textgen-pvc.yaml");
+        md.spec.models[0].kv_cache_memory = None;
+        md.spec.models[0].load = Some(crate::crd::Load::Lazy);
+        let pool = md.spec.pools[0].clone();
+        assert_eq!(
+            fit(&md, &pool, &settings).required,
+            (200 << 20) + SHARED_KV_CACHE_BYTES + settings.memory_headroom_bytes
+        );
     }
 
     #[test]

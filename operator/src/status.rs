@@ -6,7 +6,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
-use crate::crd::{ModelDeployment, ModelDeploymentStatus, ModelState, ModelStatus, PoolStatus};
+use crate::crd::{
+    Load, ModelDeployment, ModelDeploymentStatus, ModelState, ModelStatus, PoolLoaded, PoolStatus,
+};
 use crate::quantity::format_bytes;
 use crate::resources::{SERVER_PORT, pool_object_name};
 
@@ -17,11 +19,52 @@ pub struct Fit {
     pub available: Option<u64>,
     /// Served models without a size hint (not counted in `required`).
     pub unknown_size: Vec<String>,
+    /// The pool's memoryBudget and what the memory limit leaves beside the headroom, when the
+    /// budget is larger.
+    pub budget_over_limit: Option<(u64, u64)>,
+    /// The lazy model counted in `required` (the largest), if the pool has lazy models.
+    pub largest_lazy: Option<String>,
+    /// The pool's memoryBudget when it is what bounds `available` (then `available` is the
+    /// budget plus `headroom`).
+    pub budget: Option<u64>,
+    pub headroom: u64,
 }
 
 impl Fit {
     pub fn fits(&self) -> bool {
-        self.available.is_none_or(|a| self.required <= a)
+        self.available.is_none_or(|a| self.required <= a) && self.budget_over_limit.is_none()
+    }
+
+    /// Why the pool's models do not fit, for status and events.
+    pub fn misfit(&self, pool: &crate::crd::PoolSpec) -> String {
+        if let Some((budget, room)) = self.budget_over_limit {
+            return format!(
+                "pool {}: memoryBudget {} is more than the {} its memory limit leaves beside the runtime headroom; lower memoryBudget or raise the limit; pods left as they were",
+                pool.name,
+                format_bytes(budget),
+                format_bytes(room),
+            );
+        }
+        let counted = match &self.largest_lazy {
+            Some(lazy) => format!(" (the preloaded models plus the largest lazy one, {lazy})"),
+            None => String::new(),
+        };
+        if let Some(budget) = self.budget {
+            return format!(
+                "pool {}: models {} need {}{counted} but its memoryBudget is {}; raise memoryBudget or move a model to another pool; pods left as they were",
+                pool.name,
+                pool.serve.join(", "),
+                format_bytes(self.required.saturating_sub(self.headroom)),
+                format_bytes(budget),
+            );
+        }
+        format!(
+            "pool {}: models {} need {}{counted} but a replica has {}; pods left as they were",
+            pool.name,
+            pool.serve.join(", "),
+            format_bytes(self.required),
+            format_bytes(self.available.unwrap_or(0)),
+        )
     }
 }
 
@@ -35,6 +78,8 @@ pub struct PoolObservation {
     /// Objects of the pool's names that this resource does not control (`Kind ns/name`):
     /// nothing is written to the pool while any exists.
     pub conflicts: Vec<String>,
+    /// What the pool's ready pods report of their models (asked only when it serves lazy ones).
+    pub reports: Vec<crate::pod_status::PodReport>,
 }
 
 /// Container states that mean "this will not get better by waiting".
@@ -142,17 +187,7 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
             ));
         }
         if !obs.fit.fits() {
-            degraded.push((
-                pool.name.clone(),
-                "InsufficientMemory".into(),
-                format!(
-                    "pool {}: models {} need {} but a replica has {}; pods left as they were",
-                    pool.name,
-                    pool.serve.join(", "),
-                    format_bytes(obs.fit.required),
-                    format_bytes(obs.fit.available.unwrap_or(0)),
-                ),
-            ));
+            degraded.push((pool.name.clone(), "InsufficientMemory".into(), obs.fit.misfit(pool)));
         }
         // One problem per pool is enough to act on; the first pod by name keeps it stable.
         let mut pods: Vec<&Pod> = obs.pods.iter().collect();
@@ -193,6 +228,8 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
         });
     }
 
+    let reports: Vec<(&str, &[crate::pod_status::PodReport])> =
+        md.spec.pools.iter().zip(pools).map(|(p, o)| (p.name.as_str(), o.reports.as_slice())).collect();
     let models: Vec<ModelStatus> = md
         .spec
         .models
@@ -221,12 +258,32 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
                 .find(|p| p.ready_replicas > 0)
                 .or(serving.first())
                 .map(|p| format!("http://{}.{ns}.svc:{SERVER_PORT}", p.service));
+            let lazy = m.load == Some(Load::Lazy);
+            // A preloaded model is in every ready pod (that is what ready means); a lazy one
+            // where the pods say so.
+            let loaded = serving
+                .iter()
+                .map(|p| match reports.iter().find(|(pool, _)| *pool == p.name) {
+                    Some((_, reports)) if lazy => PoolLoaded {
+                        pool: p.name.clone(),
+                        pods: reports.len() as i32,
+                        loaded_pods: reports.iter().filter(|r| r.loaded.contains(&id)).count() as i32,
+                    },
+                    _ => PoolLoaded {
+                        pool: p.name.clone(),
+                        pods: p.ready_replicas,
+                        loaded_pods: p.ready_replicas,
+                    },
+                })
+                .collect();
             Some(ModelStatus {
                 name: m.name.clone(),
                 version: m.version.clone(),
                 pools: serving.iter().map(|p| p.name.clone()).collect(),
                 state,
                 endpoint,
+                load: lazy.then_some(Load::Lazy),
+                loaded,
                 message: if any_ready { None } else { stuck },
             })
         })
@@ -323,7 +380,15 @@ mod tests {
     }
 
     fn fit(required: u64, available: Option<u64>) -> Fit {
-        Fit { required, available, unknown_size: vec![] }
+        Fit {
+            required,
+            available,
+            unknown_size: vec![],
+            budget_over_limit: None,
+            largest_lazy: None,
+            budget: None,
+            headroom: 0,
+        }
     }
 
     fn cond<'a>(s: &'a ModelDeploymentStatus, t: &str) -> &'a Condition {
@@ -339,12 +404,14 @@ mod tests {
                 pods: vec![],
                 fit: fit(1, Some(2)),
                 conflicts: vec![],
+                reports: vec![],
             },
             PoolObservation {
                 deployment: Some(deploy(3, 3, 3)),
                 pods: vec![],
                 fit: fit(1, Some(2)),
                 conflicts: vec![],
+                reports: vec![],
             },
         ];
         let s = compute(&md, &obs);
@@ -369,6 +436,7 @@ mod tests {
                 pods: vec![],
                 fit: fit(1, None),
                 conflicts: vec![],
+                reports: vec![],
             }],
         );
         assert_eq!(cond(&s, "Ready").status, "False");
@@ -376,7 +444,13 @@ mod tests {
         assert!(cond(&s, "Progressing").message.contains("cpu"));
         let s = compute(
             &md,
-            &[PoolObservation { deployment: None, pods: vec![], fit: fit(1, None), conflicts: vec![] }],
+            &[PoolObservation {
+                deployment: None,
+                pods: vec![],
+                fit: fit(1, None),
+                conflicts: vec![],
+                reports: vec![],
+            }],
         );
         assert_eq!(s.models[0].state, ModelState::Pending);
         assert_eq!(s.ready.as_deref(), Some("0/2"));
@@ -392,6 +466,7 @@ mod tests {
                 pods: vec![],
                 fit: fit(3 << 30, Some(1 << 30)),
                 conflicts: vec![],
+                reports: vec![],
             }],
         );
         let d = cond(&s, "Degraded");
@@ -415,6 +490,7 @@ mod tests {
                 pods: vec![],
                 fit: fit(1, None),
                 conflicts: vec!["Service ml/embeddings-cpu".into()],
+                reports: vec![],
             }],
         );
         let d = cond(&s, "Degraded");
@@ -436,6 +512,7 @@ mod tests {
             pods: vec![],
             fit: fit(1, None),
             conflicts: vec![],
+            reports: vec![],
         }];
         let first = compute(&md, &obs);
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -463,6 +540,7 @@ mod tests {
             pods: vec![pending],
             fit: fit(1, None),
             conflicts: vec![],
+            reports: vec![],
         }];
         let s = compute(&md, &obs);
         let d = cond(&s, "Degraded");
@@ -493,6 +571,7 @@ mod tests {
             pods: vec![crashing.clone()],
             fit: fit(1, None),
             conflicts: vec![],
+            reports: vec![],
         }];
         let s = compute(&md, &obs);
         let d = cond(&s, "Degraded");
@@ -508,5 +587,37 @@ mod tests {
         );
         assert_eq!(pod_problem(&fine), None);
         assert!(pod_problem(&crashing).is_some());
+    }
+
+    #[test]
+    fn a_lazy_model_is_loaded_where_the_pods_say_and_a_preloaded_one_in_every_ready_pod() {
+        let md = crate::resources::testing::sample("embeddings-many.yaml");
+        let d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"generation": 1},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+        }))
+        .expect("deployment");
+        let report = |pod: &str, loaded: &[&str]| crate::pod_status::PodReport {
+            pod: pod.into(),
+            loaded: loaded.iter().map(|s| s.to_string()).collect(),
+        };
+        let obs = [PoolObservation {
+            deployment: Some(d),
+            pods: vec![],
+            fit: fit(1, None),
+            conflicts: vec![],
+            reports: vec![report("a", &["minilm:v2", "bge-small:v1"]), report("b", &["minilm:v2"])],
+        }];
+        let s = compute(&md, &obs);
+        let model = |name: &str| s.models.iter().find(|m| m.name == name).expect("model").clone();
+        let loaded =
+            |name: &str| model(name).loaded.iter().map(|l| (l.pods, l.loaded_pods)).collect::<Vec<_>>();
+        assert_eq!(model("minilm").load, None);
+        assert_eq!(loaded("minilm"), [(2, 2)], "preloaded: every ready pod");
+        assert_eq!(model("bge-small").load, Some(Load::Lazy));
+        assert_eq!(loaded("bge-small"), [(2, 1)]);
+        assert_eq!(loaded("e5-small"), [(2, 0)]);
+        assert_eq!(model("e5-small").state, ModelState::Ready, "a lazy model not loaded is still servable");
     }
 }

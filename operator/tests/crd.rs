@@ -160,7 +160,10 @@ fn samples_are_accepted_and_parse() {
         md.validate_cel().expect("derived CEL check agrees");
         n += 1;
     }
-    assert_eq!(n, 4, "four samples: CPU embeddings, A/B GPU, text generation from PVC, speech to text");
+    assert_eq!(
+        n, 5,
+        "five samples: CPU embeddings, A/B GPU, text generation from PVC, speech to text, several lazy models"
+    );
 }
 
 /// Set `pointer` in `obj` (creating nothing: the parent must exist) or remove it with `None`.

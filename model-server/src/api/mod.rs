@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::families::{ModelFamily, Serving, Shared, endpoints};
+use crate::loader::{Lease, NotServing};
 use crate::manifest::{Family, ModelRef};
 use crate::queue::SubmitError;
 use crate::state::AppState;
@@ -29,6 +30,8 @@ pub struct ApiError {
     kind: &'static str,
     code: &'static str,
     message: String,
+    /// Retry-After in seconds for 429 and 503 (default 1).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -38,7 +41,7 @@ impl ApiError {
         code: &'static str,
         message: impl Into<String>,
     ) -> Self {
-        ApiError { status, kind, code, message: message.into() }
+        ApiError { status, kind, code, message: message.into(), retry_after: None }
     }
     pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
@@ -82,12 +85,30 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<NotServing> for ApiError {
+    fn from(e: NotServing) -> Self {
+        let message = e.to_string();
+        match e {
+            NotServing::Loading { retry_after, .. } => {
+                ApiError { retry_after: Some(retry_after), ..ApiError::unavailable("model_loading", message) }
+            }
+            NotServing::Failed { .. } | NotServing::Died { .. } => {
+                ApiError::unavailable("model_failed", message)
+            }
+            NotServing::NoRoom(_) => ApiError::unavailable("memory_budget", message),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
         let mut resp = (self.status, Json(body)).into_response();
         if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let seconds = self.retry_after.unwrap_or(1).to_string();
+            if let Ok(value) = HeaderValue::from_str(&seconds) {
+                resp.headers_mut().insert(header::RETRY_AFTER, value);
+            }
         }
         resp
     }
@@ -142,7 +163,7 @@ fn model_progress<F: ModelFamily>(state: &AppState<F>) -> Value {
     let models: serde_json::Map<String, Value> = state
         .slots
         .values()
-        .filter(|s| s.serve || s.serving.get().is_some())
+        .filter(|s| s.serve || s.current().is_some())
         .map(|s| (s.id.to_string(), serde_json::to_value(s.progress()).unwrap_or(Value::Null)))
         .collect();
     Value::Object(models)
@@ -170,10 +191,16 @@ async fn status<F: ModelFamily>(State(state): State<Shared<F>>) -> Json<Value> {
                 m.insert("model".into(), json!(s.id.name));
                 m.insert("version".into(), json!(s.id.version));
                 m.insert("serve".into(), json!(s.serve));
-                m.insert("queueDepth".into(), json!(s.serving.get().map(Serving::in_flight).unwrap_or(0)));
-                m.insert("queueWaiting".into(), json!(s.serving.get().map(Serving::waiting).unwrap_or(0)));
-                if let Some(serving) = s.serving.get() {
+                let serving = s.current();
+                m.insert("queueDepth".into(), json!(serving.as_ref().map(|s| s.in_flight()).unwrap_or(0)));
+                m.insert("queueWaiting".into(), json!(serving.as_ref().map(|s| s.waiting()).unwrap_or(0)));
+                if let Some(serving) = serving {
                     m.extend(serving.status());
+                }
+                let last = s.last_used();
+                if last > 0 {
+                    let idle = state.now_ms().saturating_sub(last) as f64 / 1000.0;
+                    m.insert("idleSeconds".into(), json!(idle));
                 }
             }
             v
@@ -188,6 +215,7 @@ async fn status<F: ModelFamily>(State(state): State<Shared<F>>) -> Json<Value> {
         "queueWaiting": state.queue_waiting(),
         "openConnections": state.metrics.open_connections.get(),
         "residentBytes": crate::loader::rss_bytes(),
+        "memoryBudgetBytes": state.residency.budget_bytes,
         "models": models,
     }))
 }
@@ -197,10 +225,24 @@ async fn metrics<F: ModelFamily>(State(state): State<Shared<F>>) -> Response {
 }
 
 async fn models<F: ModelFamily>(State(state): State<Shared<F>>) -> Json<Value> {
+    // OpenAI's fields, then where the model stands here: lazy models are listed before they
+    // load, with their state, so a client can tell a cold model from a warm one.
     let data: Vec<Value> = state
         .served
         .iter()
-        .map(|id| json!({"id": id.to_string(), "object": "model", "created": 0, "owned_by": "kiln"}))
+        .map(|id| {
+            let mut item = json!({"id": id.to_string(), "object": "model", "created": 0, "owned_by": "kiln"});
+            if let Some(slot) = state.slots.get(id) {
+                let p = slot.progress();
+                item["load"] = json!(p.load);
+                item["state"] = json!(p.state);
+                item["step"] = json!(p.step);
+                if let Some(percent) = p.percent {
+                    item["percent"] = json!(percent);
+                }
+            }
+            item
+        })
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -222,12 +264,14 @@ pub trait RequestBody: DeserializeOwned + Send + 'static {
 /// `model` this pod serves, that model loaded and ready, and the body's fields typed as `T`.
 /// Checks that need the model (such as `dimensions`) come after this, so a model still loading
 /// always answers 503 first.
-pub struct Inference<T> {
+pub struct Inference<F: ModelFamily, T> {
     pub body: T,
     pub id: ModelRef,
+    /// The loaded model, held until the request is answered.
+    pub lease: Lease<F>,
 }
 
-impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for Inference<T> {
+impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for Inference<F, T> {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &Shared<F>) -> Result<Self, ApiError> {
@@ -242,14 +286,11 @@ impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for I
         let bytes = read_body(req.into_body(), limit, limits.body_read_timeout).await?;
         let object = parse_object(&bytes)?;
         let id = resolve(state, object.get("model"))?;
-        if let Err(e) = ready(state, &id) {
-            // Counted under the model like every answer about it.
-            record(state, &id, e.status, Instant::now());
-            return Err(e);
-        }
+        // Counted under the model like every answer about it.
+        let lease = ready(state, &id).await.inspect_err(|e| record(state, &id, e.status, Instant::now()))?;
         let body = typed::<T>(Value::Object(object))
             .inspect_err(|e| record(state, &id, e.status, Instant::now()))?;
-        Ok(Inference { body, id })
+        Ok(Inference { body, id, lease })
     }
 }
 
@@ -353,27 +394,12 @@ fn resolve<F: ModelFamily>(state: &AppState<F>, requested: Option<&Value>) -> Re
     }
 }
 
-/// The model answering for `id`, or why there is none (loading, failed to load, worker died).
-/// A draining server still answers: its readiness is down so no new traffic comes, and what
-/// arrives during the drain delay (clients that have not yet seen the endpoint go) is served.
-pub(crate) fn ready<'a, F: ModelFamily>(
-    state: &'a AppState<F>,
-    id: &ModelRef,
-) -> Result<&'a F::Serving, ApiError> {
-    if let Some(serving) = state.serving(id) {
-        return match serving.failure() {
-            Some(reason) => Err(ApiError::model_failed(id, &reason)),
-            None => Ok(serving),
-        };
-    }
-    let progress = state.slots.get(id).map(|s| s.progress());
-    Err(match progress {
-        Some(p) if p.error.is_some() => ApiError::unavailable(
-            "model_failed",
-            format!("model {id} failed to load: {}", p.error.unwrap_or_default()),
-        ),
-        _ => ApiError::unavailable("model_loading", format!("model {id} is still loading; retry shortly")),
-    })
+/// A lease on the model answering for `id` (a lazy one is loaded first, the request waiting up
+/// to `--lazy-load-wait-seconds`), or why there is none: loading, failed to load, no room in
+/// the memory budget, worker died. A draining server still answers: its readiness is down so
+/// no new traffic comes, and what arrives during the drain delay is served.
+pub(crate) async fn ready<F: ModelFamily>(state: &Shared<F>, id: &ModelRef) -> Result<Lease<F>, ApiError> {
+    crate::loader::acquire(state, id).await.map_err(ApiError::from)
 }
 
 /// What a model's worker answered through `rx`: its result, its error, or (when it died

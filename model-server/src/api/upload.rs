@@ -11,18 +11,21 @@ use serde_json::Value;
 
 use super::{ApiError, RequestBody, read_body, ready, record, resolve, typed};
 use crate::families::{ModelFamily, Shared};
+use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
 /// Text fields may hold a prompt; more than this is not a form a client means to send.
 const MAX_FIELD_BYTES: usize = 64 << 10;
 const MAX_FIELDS: usize = 64;
 
-pub struct Upload<T> {
+pub struct Upload<F: ModelFamily, T> {
     pub body: T,
     pub id: ModelRef,
     pub file: Bytes,
     /// The part's file name (its extension is a format hint), possibly empty.
     pub file_name: String,
+    /// The loaded model, held until the request is answered.
+    pub lease: Lease<F>,
 }
 
 fn unsupported(given: &str) -> ApiError {
@@ -40,7 +43,7 @@ fn bad_form(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_form", message)
 }
 
-impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for Upload<T> {
+impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for Upload<F, T> {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &Shared<F>) -> Result<Self, ApiError> {
@@ -109,10 +112,7 @@ impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for U
             }
         }
         let id = resolve(state, fields.get("model"))?;
-        if let Err(e) = ready(state, &id) {
-            record(state, &id, e.status, Instant::now());
-            return Err(e);
-        }
+        let lease = ready(state, &id).await.inspect_err(|e| record(state, &id, e.status, Instant::now()))?;
         let Some((file, file_name)) = file else {
             let e = ApiError::bad_request(
                 "missing_file",
@@ -123,6 +123,6 @@ impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for U
         };
         let body = typed::<T>(Value::Object(fields))
             .inspect_err(|e| record(state, &id, e.status, Instant::now()))?;
-        Ok(Upload { body, id, file, file_name })
+        Ok(Upload { body, id, file, file_name, lease })
     }
 }

@@ -78,6 +78,8 @@ pub trait Serving: Send + Sync + 'static {
     fn failure(&self) -> Option<String>;
     /// Refuse new requests; queued and running ones finish.
     fn close(&self);
+    /// Close and wait for the worker to return: it holds the model's weights until then.
+    fn stop(&self);
     /// Its own fields of `/status` (dimension, context length, KV cache...).
     fn status(&self) -> serde_json::Map<String, serde_json::Value>;
 }

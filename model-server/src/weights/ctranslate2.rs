@@ -207,6 +207,7 @@ impl Ct2Model {
             _ => None,
         };
         let data = &self.map[var.start..var.end];
+        super::progress::read(data.len());
         Tensor::new(data, element, rows, cols, scales)
             .ok_or_else(|| self.err(format!("variable {name}: its bytes do not match its dims")))
     }

@@ -5,6 +5,24 @@ pub mod ctranslate2;
 pub mod gguf;
 pub mod tensors;
 
+/// Weight bytes read by the checkpoint readers, process-wide: what the loader reports as a
+/// load's progress (loads run one at a time, so the difference over a load is that load's).
+pub mod progress {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static READ: AtomicU64 = AtomicU64::new(0);
+
+    /// A reader took `bytes` of weights out of a checkpoint.
+    pub fn read(bytes: usize) {
+        READ.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Weight bytes read so far by this process.
+    pub fn total() -> u64 {
+        READ.load(Ordering::Relaxed)
+    }
+}
+
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;

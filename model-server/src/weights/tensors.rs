@@ -110,6 +110,7 @@ impl Tensors {
         let data = data
             .filter(|d| rows.checked_mul(cols).and_then(|n| n.checked_mul(element.bytes())) == Some(d.len()))
             .ok_or_else(|| err(format!("tensor {name}: its byte range does not match its shape")))?;
+        super::progress::read(data.len());
         Ok(Tensor { data, element, rows, cols, row_scales: None })
     }
 

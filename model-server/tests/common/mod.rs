@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 pub mod faulty_http;
+pub mod process;
 
 use std::path::PathBuf;
 

@@ -109,6 +109,7 @@ fn steady_world(md: &mut ModelDeployment) -> BTreeMap<String, Value> {
         pods: vec![],
         fit: fit(md, &pool, &settings()),
         conflicts: vec![],
+        reports: vec![],
     };
     md.status = Some(status::compute(md, &[observed]));
     let me = serde_json::to_value(&*md).expect("md");

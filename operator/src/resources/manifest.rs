@@ -1,6 +1,6 @@
 //! The server manifest of one pool: its `serve` list plus the fallbacks they name.
 
-use kiln_model_server::manifest::{Manifest, ModelEntry, ModelRef, ModelSource};
+use kiln_model_server::manifest::{Load, Manifest, ModelEntry, ModelRef, ModelSource};
 
 use crate::crd::{ModelDeployment, PoolSpec};
 use crate::quantity::parse_bytes;
@@ -43,6 +43,8 @@ pub fn pool_manifest(md: &ModelDeployment, pool: &PoolSpec) -> Result<Manifest, 
             fallback: m.fallback.as_ref().map(|f| ModelRef::new(&f.name, &f.version)),
             serve,
             kv_cache_bytes,
+            // A fallback loads when the model it stands in for fails to preload.
+            load: if serve { m.load.unwrap_or_default() } else { Load::Preload },
         });
         Ok(())
     };
@@ -57,7 +59,15 @@ pub fn pool_manifest(md: &ModelDeployment, pool: &PoolSpec) -> Result<Manifest, 
     for fb in fallbacks {
         push(fb, false, &mut entries)?;
     }
-    let manifest = Manifest::new(spec.family, entries, spec.warmup.clone(), spec.batching.clone());
+    let mut manifest = Manifest::new(spec.family, entries, spec.warmup.clone(), spec.batching.clone());
+    manifest.memory_budget_bytes = match &pool.memory_budget {
+        Some(q) => Some(parse_bytes(q).ok_or_else(|| ManifestError::Memory {
+            model: format!("pool {}", pool.name),
+            value: q.clone(),
+        })?),
+        None => None,
+    };
+    manifest.idle_unload_seconds = pool.idle_unload_seconds;
     manifest.validate().map_err(|source| ManifestError::Invalid { pool: pool.name.clone(), source })?;
     Ok(manifest)
 }
@@ -78,6 +88,26 @@ mod tests {
         assert_eq!(m.models[0].memory_bytes, Some(450 << 20));
         let a100 = pool_manifest(&md, &md.spec.pools[0]).expect("manifest");
         assert_eq!(a100.models.len(), 1, "the A pool serves only v1");
+    }
+
+    #[test]
+    fn lazy_models_and_the_pool_budget_reach_the_server() {
+        let md = sample("embeddings-many.yaml");
+        let m = pool_manifest(&md, &md.spec.pools[0]).expect("manifest");
+        let loads: Vec<(String, Load)> = m.models.iter().map(|e| (e.id().to_string(), e.load)).collect();
+        assert_eq!(
+            loads,
+            [
+                ("minilm:v2".to_string(), Load::Preload),
+                ("bge-small:v1".to_string(), Load::Lazy),
+                ("e5-small:v2".to_string(), Load::Lazy)
+            ]
+        );
+        assert_eq!(m.memory_budget_bytes, Some(300 << 20));
+        assert_eq!(m.idle_unload_seconds, Some(600));
+        // The server reads back what the operator wrote.
+        let read = Manifest::from_json(&m.to_json()).expect("parse");
+        assert_eq!(read, m);
     }
 
     #[test]

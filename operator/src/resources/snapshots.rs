@@ -36,6 +36,12 @@ fn cpu_pool() {
     insta::assert_yaml_snapshot!(desired(&sample("embeddings-cpu.yaml")));
 }
 
+/// One preloaded and two lazy models under a memory budget: the manifest carries both.
+#[test]
+fn lazy_models_under_a_budget() {
+    insta::assert_yaml_snapshot!(desired(&sample("embeddings-many.yaml")));
+}
+
 /// Two GPU pools with tolerations, one fixed and one autoscaled on queue depth.
 #[test]
 fn ab_gpu_pools_with_autoscaling() {

@@ -19,6 +19,7 @@ use crate::manifest::{Family, ModelRef};
 use crate::models::whisper::Whisper;
 use crate::models::whisper::transcribe::Options;
 use crate::models::{ModelError, architecture};
+use crate::queue::WorkerThread;
 use crate::weights::ctranslate2::Ct2Model;
 use crate::weights::model_type;
 use worker::Worker;
@@ -75,8 +76,8 @@ impl ModelFamily for SpeechToText {
     }
 
     fn start(id: &ModelRef, model: Arc<Whisper>, ctx: StartContext) -> std::io::Result<SpeechServing> {
-        let worker = Worker::spawn(id.clone(), model.clone(), ctx)?;
-        Ok(SpeechServing { model, worker })
+        let (worker, thread) = Worker::spawn(id.clone(), model.clone(), ctx)?;
+        Ok(SpeechServing { model, worker, thread })
     }
 
     fn routes() -> Router<Shared<Self>> {
@@ -88,6 +89,7 @@ impl ModelFamily for SpeechToText {
 pub struct SpeechServing {
     pub model: Arc<Whisper>,
     pub worker: Worker,
+    thread: WorkerThread,
 }
 
 impl Serving for SpeechServing {
@@ -105,6 +107,11 @@ impl Serving for SpeechServing {
 
     fn close(&self) {
         self.worker.queue().close();
+    }
+
+    fn stop(&self) {
+        self.worker.queue().close();
+        self.thread.join();
     }
 
     fn status(&self) -> serde_json::Map<String, Value> {

@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 
 use super::SpeechToText;
 use super::audio::{self, AudioError};
-use crate::api::{ApiError, Inference, RequestBody, Upload, counted, ready, tokenize, worker_answer};
+use crate::api::{ApiError, Inference, RequestBody, Upload, counted, tokenize, worker_answer};
 use crate::families::Shared;
+use crate::loader::Lease;
 use crate::manifest::ModelRef;
 use crate::models::whisper::Task;
 use crate::models::whisper::transcribe::{FALLBACK_TEMPERATURES, Options, Transcript};
@@ -148,12 +149,12 @@ fn audio_error(e: AudioError) -> ApiError {
 /// workers, queue it and wait for the transcript.
 async fn run(
     state: &Shared<SpeechToText>,
+    serving: &Lease<SpeechToText>,
     id: &ModelRef,
     bytes: bytes::Bytes,
     extension: String,
     options: Options,
 ) -> Result<Transcript, ApiError> {
-    let serving = ready(state, id)?;
     serving
         .model
         .check_options(&options)
@@ -174,24 +175,24 @@ fn extension(file_name: &str) -> String {
 
 async fn transcriptions(
     State(state): State<Shared<SpeechToText>>,
-    request: Result<Upload<AudioForm>, ApiError>,
+    request: Result<Upload<SpeechToText, AudioForm>, ApiError>,
 ) -> Response {
     openai(state, request, Task::Transcribe).await
 }
 
 async fn translations(
     State(state): State<Shared<SpeechToText>>,
-    request: Result<Upload<AudioForm>, ApiError>,
+    request: Result<Upload<SpeechToText, AudioForm>, ApiError>,
 ) -> Response {
     openai(state, request, Task::Translate).await
 }
 
 async fn openai(
     state: Shared<SpeechToText>,
-    request: Result<Upload<AudioForm>, ApiError>,
+    request: Result<Upload<SpeechToText, AudioForm>, ApiError>,
     task: Task,
 ) -> Response {
-    let Upload { body: form, id, file, file_name } = match request {
+    let Upload { body: form, id, file, file_name, lease } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -203,7 +204,7 @@ async fn openai(
         let language =
             if task == Task::Translate { None } else { form.language.clone().filter(|l| !l.is_empty()) };
         let options = Options { language, task, prompt: form.prompt.clone(), temperatures };
-        let transcript = run(&state, &id, file, extension(&file_name), options).await?;
+        let transcript = run(&state, &lease, &id, file, extension(&file_name), options).await?;
         Ok(render(&transcript, format, task))
     })
     .await
@@ -211,9 +212,9 @@ async fn openai(
 
 async fn asr_transcribe(
     State(state): State<Shared<SpeechToText>>,
-    request: Result<Inference<AsrRequest>, ApiError>,
+    request: Result<Inference<SpeechToText, AsrRequest>, ApiError>,
 ) -> Response {
-    let Inference { body: req, id } = match request {
+    let Inference { body: req, id, lease } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -245,7 +246,7 @@ async fn asr_transcribe(
         }
         let language = req.language.filter(|l| !l.is_empty());
         let options = Options { language, task, prompt: req.prompt, ..Options::transcribe() };
-        let transcript = run(&state, &id, bytes.into(), String::new(), options).await?;
+        let transcript = run(&state, &lease, &id, bytes.into(), String::new(), options).await?;
         let segments: Vec<Value> = transcript
             .segments
             .iter()

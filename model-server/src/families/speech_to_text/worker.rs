@@ -15,7 +15,9 @@ use crate::metrics::Metrics;
 use crate::models::ModelError;
 use crate::models::whisper::Whisper;
 use crate::models::whisper::transcribe::{Options, Transcript, Transcription};
-use crate::queue::{InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
+use crate::queue::{
+    InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, WorkerThread, spawn_worker,
+};
 
 use super::audio::RATE;
 
@@ -76,7 +78,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(id: ModelRef, model: Arc<Whisper>, ctx: StartContext) -> std::io::Result<Self> {
+    pub fn spawn(
+        id: ModelRef,
+        model: Arc<Whisper>,
+        ctx: StartContext,
+    ) -> std::io::Result<(Self, WorkerThread)> {
         let queue = ctx.queue(&id);
         let StartContext { metrics, on_failure, .. } = ctx;
         let worker = Worker { queue: queue.clone(), id: id.clone(), metrics };
@@ -84,8 +90,8 @@ impl Worker {
         let tell = |job: Job, reason: &str| {
             let _ = job.reply.send(Err(ModelError::Inference(reason.to_string())));
         };
-        spawn_worker(format!("whisper-{id}"), queue, on_failure, tell, move || run.run(&model))?;
-        Ok(worker)
+        let thread = spawn_worker(format!("whisper-{id}"), queue, on_failure, tell, move || run.run(&model))?;
+        Ok((worker, thread))
     }
 
     /// A place in the queue, taken before the audio is decoded, or why there is none.

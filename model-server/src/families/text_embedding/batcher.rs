@@ -15,7 +15,7 @@ use crate::families::StartContext;
 use crate::manifest::{Batching, ModelRef};
 use crate::metrics::Metrics;
 use crate::models::ModelError;
-use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
+use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, WorkerThread, spawn_worker};
 
 pub type BatchResult = Result<Vec<Vec<f32>>, ModelError>;
 
@@ -54,7 +54,11 @@ impl BatchSlot {
 
 impl Batcher {
     /// Start the worker thread for `model`.
-    pub fn spawn(id: ModelRef, model: Arc<EmbeddingModel>, ctx: StartContext) -> std::io::Result<Self> {
+    pub fn spawn(
+        id: ModelRef,
+        model: Arc<EmbeddingModel>,
+        ctx: StartContext,
+    ) -> std::io::Result<(Self, WorkerThread)> {
         let queue = ctx.queue(&id);
         let StartContext { batching: config, metrics, on_failure, .. } = ctx;
         let batcher = Batcher { queue: queue.clone(), config, id: id.clone(), metrics };
@@ -62,8 +66,9 @@ impl Batcher {
         let tell = |job: Job, reason: &str| {
             let _ = job.reply.send(Err(ModelError::Inference(reason.to_string())));
         };
-        spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || worker.run(&model))?;
-        Ok(batcher)
+        let thread =
+            spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || worker.run(&model))?;
+        Ok((batcher, thread))
     }
 
     /// A place in the queue, or why there is none (full, closed, failed).

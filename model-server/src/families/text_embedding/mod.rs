@@ -18,6 +18,7 @@ use crate::manifest::{Family, ModelRef};
 use crate::models::bert::BertConfig;
 use crate::models::bert::packed::PackedBert;
 use crate::models::{Architecture, Encoder, ModelError, architecture};
+use crate::queue::WorkerThread;
 use crate::weights::model_type;
 use batcher::Batcher;
 pub use pooling::EncoderSettings;
@@ -53,8 +54,8 @@ impl ModelFamily for TextEmbedding {
         model: Arc<EmbeddingModel>,
         ctx: StartContext,
     ) -> std::io::Result<EmbeddingServing> {
-        let batcher = Batcher::spawn(id.clone(), model.clone(), ctx)?;
-        Ok(EmbeddingServing { model, batcher })
+        let (batcher, thread) = Batcher::spawn(id.clone(), model.clone(), ctx)?;
+        Ok(EmbeddingServing { model, batcher, thread })
     }
 
     fn routes() -> Router<Shared<Self>> {
@@ -66,6 +67,7 @@ impl ModelFamily for TextEmbedding {
 pub struct EmbeddingServing {
     pub model: Arc<EmbeddingModel>,
     pub batcher: Batcher,
+    thread: WorkerThread,
 }
 
 impl Serving for EmbeddingServing {
@@ -83,6 +85,11 @@ impl Serving for EmbeddingServing {
 
     fn close(&self) {
         self.batcher.close();
+    }
+
+    fn stop(&self) {
+        self.batcher.close();
+        self.thread.join();
     }
 
     fn status(&self) -> serde_json::Map<String, Value> {

@@ -10,8 +10,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::TextEmbedding;
-use crate::api::{ApiError, Inference, RequestBody, counted, ready, tokenize, worker_answer};
+use crate::api::{ApiError, Inference, RequestBody, counted, tokenize, worker_answer};
 use crate::families::Shared;
+use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
 pub fn routes() -> Router<Shared<TextEmbedding>> {
@@ -87,10 +88,10 @@ struct Embedded {
 /// workers, queue, and wait for the batch.
 async fn embed_texts(
     state: &Shared<TextEmbedding>,
+    serving: &Lease<TextEmbedding>,
     id: &ModelRef,
     texts: Vec<String>,
 ) -> Result<Embedded, ApiError> {
-    let serving = ready(state, id)?;
     let (model, batcher) = (serving.model.clone(), serving.batcher.clone());
     let place = batcher.reserve().map_err(ApiError::from)?;
     let tokens =
@@ -106,9 +107,9 @@ async fn embed_texts(
 
 async fn embeddings(
     State(state): State<Shared<TextEmbedding>>,
-    request: Result<Inference<EmbeddingsRequest>, ApiError>,
+    request: Result<Inference<TextEmbedding, EmbeddingsRequest>, ApiError>,
 ) -> Response {
-    let Inference { body: req, id } = match request {
+    let Inference { body: req, id, lease } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -128,7 +129,7 @@ async fn embeddings(
                 format!("{} inputs in one request; the limit is {}", texts.len(), state.limits.max_inputs),
             ));
         }
-        let dimension = ready(&state, &id)?.model.dimension();
+        let dimension = lease.model.dimension();
         match &req.dimensions {
             None | Some(Value::Null) => {}
             Some(Value::Number(n)) if n.as_u64() == Some(dimension as u64) => {}
@@ -142,7 +143,7 @@ async fn embeddings(
             }
         }
         let base64 = req.encoding_format == Some(EncodingFormat::Base64);
-        let out = embed_texts(&state, &id, texts).await?;
+        let out = embed_texts(&state, &lease, &id, texts).await?;
         let total: usize = out.tokens.iter().sum();
         let data: Vec<Value> = out
             .vectors
@@ -176,14 +177,14 @@ async fn embeddings(
 
 async fn embed_text(
     State(state): State<Shared<TextEmbedding>>,
-    request: Result<Inference<EmbedTextRequest>, ApiError>,
+    request: Result<Inference<TextEmbedding, EmbedTextRequest>, ApiError>,
 ) -> Response {
-    let Inference { body: req, id } = match request {
+    let Inference { body: req, id, lease } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     counted(&state, &id, || async {
-        let mut out = embed_texts(&state, &id, vec![req.text]).await?;
+        let mut out = embed_texts(&state, &lease, &id, vec![req.text]).await?;
         let embedding = out.vectors.pop().unwrap_or_default();
         Ok(Json(json!({
             "embedding": embedding,

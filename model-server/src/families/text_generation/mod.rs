@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::{ModelFamily, Serving, Shared, StartContext};
 use crate::manifest::{Family, ModelRef};
 use crate::models::ModelError;
+use crate::queue::WorkerThread;
 use model::{ChatMessage, GenerationModel, SamplingParams};
 use scheduler::Scheduler;
 
@@ -65,8 +66,8 @@ impl ModelFamily for TextGeneration {
             full_context_sequences = kv_budget / (per_token * model.context_length() as u64).max(1),
             "KV-cache budget"
         );
-        let scheduler = Scheduler::spawn(id.clone(), model.clone(), ctx)?;
-        Ok(GenerationServing { model, scheduler })
+        let (scheduler, thread) = Scheduler::spawn(id.clone(), model.clone(), ctx)?;
+        Ok(GenerationServing { model, scheduler, thread })
     }
 
     fn routes() -> Router<Shared<Self>> {
@@ -78,6 +79,7 @@ impl ModelFamily for TextGeneration {
 pub struct GenerationServing {
     pub model: Arc<GenerationModel>,
     pub scheduler: Scheduler,
+    thread: WorkerThread,
 }
 
 impl Serving for GenerationServing {
@@ -95,6 +97,11 @@ impl Serving for GenerationServing {
 
     fn close(&self) {
         self.scheduler.close();
+    }
+
+    fn stop(&self) {
+        self.scheduler.close();
+        self.thread.join();
     }
 
     fn status(&self) -> serde_json::Map<String, Value> {

@@ -22,8 +22,9 @@ use tokio::sync::mpsc;
 use super::TextGeneration;
 use super::model::{ChatMessage, FinishReason, SamplingParams};
 use super::scheduler::{Event, Request, Scheduler};
-use crate::api::{ApiError, Inference, RequestBody, WORKER_DEATH_GRACE, counted, ready, tokenize};
+use crate::api::{ApiError, Inference, RequestBody, WORKER_DEATH_GRACE, counted, tokenize};
 use crate::families::Shared;
+use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
 /// OpenAI's default `max_tokens` for `/v1/completions`; chat defaults to the rest of the context.
@@ -187,39 +188,39 @@ enum PromptInput {
 
 async fn chat_completions(
     State(state): State<Shared<TextGeneration>>,
-    request: Result<Inference<GenerationRequest>, ApiError>,
+    request: Result<Inference<TextGeneration, GenerationRequest>, ApiError>,
 ) -> Response {
     handle(state, request, Kind::Chat).await
 }
 
 async fn completions(
     State(state): State<Shared<TextGeneration>>,
-    request: Result<Inference<GenerationRequest>, ApiError>,
+    request: Result<Inference<TextGeneration, GenerationRequest>, ApiError>,
 ) -> Response {
     handle(state, request, Kind::Completion).await
 }
 
 async fn handle(
     state: Shared<TextGeneration>,
-    request: Result<Inference<GenerationRequest>, ApiError>,
+    request: Result<Inference<TextGeneration, GenerationRequest>, ApiError>,
     kind: Kind,
 ) -> Response {
-    let Inference { body: req, id } = match request {
+    let Inference { body: req, id, lease } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let (shared, model) = (state.clone(), id.clone());
-    counted(&state, &id, || async move { generate(shared, model, req, kind).await }).await
+    counted(&state, &id, || async move { generate(shared, lease, model, req, kind).await }).await
 }
 
 async fn generate(
     state: Shared<TextGeneration>,
+    serving: Lease<TextGeneration>,
     id: ModelRef,
     req: GenerationRequest,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let parsed = validate(req, kind)?;
-    let serving = ready(&state, &id)?;
     let (model, scheduler) = (serving.model.clone(), serving.scheduler.clone());
     // A queue place first: a full queue refuses before any tokenizing is done.
     let place = scheduler.reserve()?;

@@ -28,7 +28,9 @@ use crate::manifest::ModelRef;
 use crate::metrics::Metrics;
 use crate::models::ModelError;
 use crate::models::llama::{SequenceCache, Step};
-use crate::queue::{InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, spawn_worker};
+use crate::queue::{
+    InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, WorkerThread, spawn_worker,
+};
 
 /// Prompt tokens a step may prefill while other sequences are decoding. At 135M parameters on
 /// 2 cores a chunk this size costs running streams about three decode steps' time (90 ms).
@@ -157,7 +159,11 @@ pub fn reservation(prompt: usize, max_tokens: usize, context: usize) -> usize {
 impl Scheduler {
     /// Start the scheduler thread for `model`, with `ctx.memory_for_requests` as its KV-cache
     /// budget.
-    pub fn spawn(id: ModelRef, model: Arc<GenerationModel>, ctx: StartContext) -> std::io::Result<Self> {
+    pub fn spawn(
+        id: ModelRef,
+        model: Arc<GenerationModel>,
+        ctx: StartContext,
+    ) -> std::io::Result<(Self, WorkerThread)> {
         let queue = ctx.queue(&id);
         let StartContext {
             batching: config, metrics, on_failure, memory_for_requests: kv_budget_bytes, ..
@@ -177,8 +183,9 @@ impl Scheduler {
         let tell = |queued: Queued, reason: &str| {
             let _ = queued.request.events.send(Event::Failed(reason.to_string()));
         };
-        spawn_worker(format!("generate-{id}"), queue.clone(), on_failure, tell, move || worker.run())?;
-        Ok(Scheduler { queue, kv, context })
+        let thread =
+            spawn_worker(format!("generate-{id}"), queue.clone(), on_failure, tell, move || worker.run())?;
+        Ok((Scheduler { queue, kv, context }, thread))
     }
 
     /// A place in the queue, or why there is none (full, closed, failed).

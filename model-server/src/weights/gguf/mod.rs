@@ -40,5 +40,9 @@ pub fn tensor<R: std::io::Read + std::io::Seek>(
     device: &Device,
     name: &str,
 ) -> Result<QTensor, ModelError> {
-    ct.tensor(reader, name, device).map_err(|e| ModelError::Unsupported(format!("GGUF tensor {name}: {e}")))
+    let t = ct
+        .tensor(reader, name, device)
+        .map_err(|e| ModelError::Unsupported(format!("GGUF tensor {name}: {e}")))?;
+    super::progress::read(t.storage_size_in_bytes());
+    Ok(t)
 }
