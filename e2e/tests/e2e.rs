@@ -642,6 +642,76 @@ async fn a_speech_to_text_pool_becomes_ready_after_warmup_and_transcribes() {
     assert!(table.contains("speech-to-text") && table.contains("1/1"), "{table}");
 }
 
+/// `cpu_md` with a second copy of MiniLM (`spare:v1`, the same files) loaded lazily, under a
+/// memory budget that holds both.
+fn lazy_md(ns: &str, name: &str) -> Value {
+    let mut md = cpu_md(ns, name, 1);
+    let mut spare = md["spec"]["models"][0].clone();
+    spare["name"] = json!("spare");
+    spare["version"] = json!("v1");
+    spare["load"] = json!("lazy");
+    md["spec"]["models"].as_array_mut().expect("models").push(spare);
+    md["spec"]["pools"][0]["serve"] = json!(["minilm:v2", "spare:v1"]);
+    md["spec"]["pools"][0]["memoryBudget"] = json!("400Mi");
+    md
+}
+
+/// `status.models[]`'s entry for `name`: its `load`, and its first pool's (pods, loadedPods).
+fn lazy_status(status: &Value, name: &str) -> Option<(String, i64, i64)> {
+    let m = status["models"].as_array()?.iter().find(|m| m["name"] == name)?;
+    let pool = &m["loaded"][0];
+    Some((m["load"].as_str()?.to_string(), pool["pods"].as_i64()?, pool["loadedPods"].as_i64()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_with_a_lazy_model_is_ready_before_it_loads_and_serves_it_on_demand() {
+    // Ready in the cluster once the preloaded model is warm; the lazy one is not loaded yet.
+    let pool = RealPool::ready("e2e-lazy", lazy_md, "lazy", "minilm:v2").await;
+    let (n, endpoint) = (pool.ns.name.as_str(), pool.endpoint.as_str());
+    let client = admin().await;
+    let http = reqwest::Client::new();
+    let readyz: Value =
+        http.get(format!("http://{endpoint}:8080/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(readyz["models"]["spare:v1"]["state"], "Unloaded", "{readyz}");
+    // The operator reads the pod's own report: lazy, held by none of the one ready pod.
+    wait_for("status.models to show spare:v1 lazy and unloaded", Duration::from_secs(90), || async {
+        let s = md_status(&client, n, "lazy").await;
+        match lazy_status(&s, "spare") {
+            Some((load, 1, 0)) if load == "lazy" => Ok(()),
+            other => Err(format!("{other:?}: {s}")),
+        }
+    })
+    .await;
+
+    // The first request loads it and is answered.
+    let resp: Value = http
+        .post(format!("http://{endpoint}:8080/v1/embeddings"))
+        .json(&json!({"model": "spare", "input": "Loaded on demand, answered on the first request."}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["data"][0]["embedding"].as_array().map(Vec::len), Some(384), "{resp}");
+    let status: Value =
+        http.get(format!("http://{endpoint}:8080/status")).send().await.unwrap().json().await.unwrap();
+    let spare = status["models"].as_array().unwrap().iter().find(|m| m["model"] == "spare").cloned().unwrap();
+    assert_eq!((spare["state"].as_str(), spare["loads"].as_u64()), (Some("Ready"), Some(1)), "{spare}");
+
+    // ...and the resource says so, on its next refresh from the pods.
+    wait_for("status.models to show spare:v1 loaded in the pod", Duration::from_secs(90), || async {
+        let s = md_status(&client, n, "lazy").await;
+        match lazy_status(&s, "spare") {
+            Some((_, 1, 1)) => Ok(()),
+            other => Err(format!("{other:?}: {s}")),
+        }
+    })
+    .await;
+    let table = kubectl(&["get", "md", "-n", n]).unwrap();
+    assert!(table.contains("1/1") && table.contains("minilm:v2,spare:v1"), "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_pools_place_pods_roll_only_the_changed_pool_and_report_misfits() {
     let client = admin().await;
