@@ -141,6 +141,26 @@ def main():
             fb = '-' if b is None else f'{b:.1f}'
             print(f'| {name:38} | {fa:>9} | {fb:>9} | {ratio(a, b, invert=lower_better):>10} |')
 
+    lz = load(os.path.join(out, 'lazy.json'))
+    if lz:
+        print('\nLazy loading (2 threads): a request whose model is not in memory; targets: MiniLM first '
+              'request < 1 s, RSS after unload within 10% of before the load')
+        print(f'| {"measure":52} | {"p50, ms":>9} | {"max, ms":>9} |')
+        print(f'|{"-" * 54}|{"-" * 11}|{"-" * 11}|')
+        for name, key in (('MiniLM first request (load, warmup, answer)', 'minilm_first_request'),
+                          ('MiniLM request once warm', 'minilm_warm_request'),
+                          ('MiniLM swap (unload one, load another, answer)', 'minilm_swap'),
+                          ('SmolLM2 first chat, 8 tokens (load, warmup, answer)', 'smollm2_first_chat'),
+                          ('SmolLM2 chat once warm', 'smollm2_warm_chat'),
+                          ('torch: SentenceTransformer(dir) + first encode', 'torch_load_and_first_encode')):
+            r = lz.get(key)
+            if r:
+                print(f'| {name:52} | {r["p50_ms"]:>9.1f} | {r["max_ms"]:>9.1f} |')
+        rss = lz.get('rss_mib') or {}
+        if rss:
+            print(f"RSS, MiB: before the load {rss.get('before_load')}, loaded {rss.get('loaded')}, "
+                  f"after the idle unload {rss.get('after_unload')} ({rss.get('after_over_before')}x before)")
+
 
 if __name__ == '__main__':
     main()

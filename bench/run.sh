@@ -5,7 +5,8 @@
 #        SKIP_CLUSTER=1 (no operator-at-scale part), BENCH_MDS (default 1000),
 #        SKIP_GENERATION=1 (no text-generation part; it builds llama.cpp's llama-server once),
 #        SKIP_BGE_M3=1 (no BGE-M3-shaped XLM-RoBERTa part; it writes a 1.1 GB checkpoint once),
-#        SKIP_SPEECH=1 (no speech-to-text part: Kiln against faster-whisper)
+#        SKIP_SPEECH=1 (no speech-to-text part: Kiln against faster-whisper),
+#        SKIP_LAZY=1 (no lazy-loading part: first request, swap, RSS after unload)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -49,6 +50,19 @@ if [ "${SKIP_SPEECH:-0}" != 1 ]; then
     "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-tiny-en" \
     "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-reference-venv/bin/python" "$OUT/speech.json" \
     "${torch_args[@]}"
+fi
+
+if [ "${SKIP_LAZY:-0}" != 1 ]; then
+  # Lazy models: first-request latency, swaps under a budget, RSS across an unload; the Python
+  # baseline's load-on-demand cost beside them.
+  echo "== lazy loading: first request, swap, RSS after unload"
+  lazy_args=()
+  if [ "${SKIP_BASELINE:-0}" != 1 ]; then
+    bash "$SHARED/python-baseline/run.sh" setup
+    lazy_args=(--torch-python "${KILN_CACHE:-$HOME/.cache/kiln}/python-baseline/venv/bin/python")
+  fi
+  python3 "$ROOT/bench/lazy.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$MODEL" \
+    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/smollm2" "$OUT/lazy.json" "${lazy_args[@]}"
 fi
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
