@@ -137,7 +137,8 @@ impl<F: ModelFamily> Drop for Lease<F> {
 }
 
 /// The model answering for served `id`, loading it first when it is lazy and not in memory.
-/// Concurrent callers share one load; a caller waits at most `wait`, then gets `Loading`.
+/// Concurrent callers share one load; a caller waits at most `limits.load_wait`
+/// (`--lazy-load-wait-seconds`), then gets `Loading` (the load goes on).
 pub async fn acquire<F: ModelFamily>(
     state: &Arc<AppState<F>>,
     id: &ModelRef,
@@ -157,7 +158,7 @@ pub async fn acquire<F: ModelFamily>(
             },
         };
         let mut changed = slot.changed.subscribe();
-        if let Some(serving) = state.target(id).and_then(|s| s.lease(state.now_ms())) {
+        if let Some(serving) = slot.lease(state.now_ms()) {
             if let Some(reason) = serving.failure() {
                 return Err(NotServing::Died { id: id.clone(), reason });
             }
@@ -171,7 +172,11 @@ pub async fn acquire<F: ModelFamily>(
         let now = Instant::now();
         // Under the progress lock: exactly one request claims the load.
         let decision = slot.decide(|p| match p.state {
-            LoadState::Loading | LoadState::Warming if slot.load == Load::Lazy => Next::Wait,
+            // Ready but not leased: installed or taken out just now; the change that says so is
+            // on its way, and this request sees it.
+            LoadState::Loading | LoadState::Warming | LoadState::Ready if slot.load == Load::Lazy => {
+                Next::Wait
+            }
             LoadState::Failed | LoadState::FallenBack
                 if slot.load == Load::Preload || p.failed_at.is_some_and(|t| now - t < LAZY_RETRY) =>
             {
@@ -461,10 +466,16 @@ fn load_one<F: ModelFamily>(state: &Arc<AppState<F>>, plan: &LoadPlan, id: &Mode
         p.since = Some(Instant::now());
     });
     let t1 = Instant::now();
-    for i in 0..plan.warmup.iterations {
-        slot.update(|p| p.step = format!("warmup {}/{}", i + 1, plan.warmup.iterations));
-        F::warm(&model, &plan.warmup.inputs).map_err(|e| format!("warmup failed: {e}"))?;
-        tracing::info!(pass = i + 1, of = plan.warmup.iterations, "warmup");
+    // A lazy load has a request waiting on it: one pass over the first input proves the model
+    // runs and touches its kernels; the full warmup would only delay that request.
+    let (passes, inputs) = match slot.load {
+        Load::Preload => (plan.warmup.iterations, &plan.warmup.inputs[..]),
+        Load::Lazy => (plan.warmup.iterations.min(1), &plan.warmup.inputs[..plan.warmup.inputs.len().min(1)]),
+    };
+    for i in 0..passes {
+        slot.update(|p| p.step = format!("warmup {}/{passes}", i + 1));
+        F::warm(&model, inputs).map_err(|e| format!("warmup failed: {e}"))?;
+        tracing::info!(pass = i + 1, of = passes, "warmup");
     }
     let warmup_seconds = t1.elapsed().as_secs_f64();
     let memory_for_requests = kv_cache_bytes(state, slot).unwrap_or_else(|| spare_memory(state, plan, id));
