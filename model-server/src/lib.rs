@@ -8,6 +8,7 @@
 //! - `kernels/` and `weights/`: what architectures share (GEMM, quantized matmul, row kernels;
 //!   safetensors, JSON configs, GGUF metadata);
 //! - `api`, `listener`, `queue`, `loader`, `state`, `serve`, `metrics`: the server around them;
+//! - `images`: images in requests, decoded with limits and preprocessed as a checkpoint says;
 //! - `pull`: the verified model cache.
 
 pub mod manifest;
@@ -19,6 +20,8 @@ pub mod api;
 pub mod failpoint;
 #[cfg(feature = "server")]
 pub mod families;
+#[cfg(feature = "server")]
+pub mod images;
 #[cfg(feature = "server")]
 pub mod kernels;
 #[cfg(feature = "server")]

@@ -393,14 +393,9 @@ pub fn unload_idle<F: ModelFamily>(state: &AppState<F>, idle_unload: Duration) {
 /// buffers are many mid-sized allocations), so without this RSS would not fall on unload.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: malloc_trim only walks glibc's own arenas; it takes no pointers from us.
-        unsafe {
-            malloc_trim(0);
-        }
+    // SAFETY: malloc_trim only walks glibc's own arenas; it takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
