@@ -20,6 +20,15 @@ the sentences and, per pooling, the vectors sentence-transformers computes on th
   BGE-M3 ships, and reference vectors for mean pooling too (as multilingual-e5 ships).
 - bert: BertModel of the same size with a WordPiece tokenizer trained on the same corpus; mean
   pooling and normalization as all-MiniLM ships.
+- siglip: SiglipModel (both towers 64 wide, 2 layers; 32-pixel images in 8-pixel patches; the
+  attention-pooling head) with a Unigram tokenizer that appends </s>, texts padded to 16 tokens
+  as SigLIP's processor pads to its maximum; preprocessor_config.json as SigLIP ships it, at 32.
+- clip: CLIPModel of the same size with quick-GELU, 24-pixel crops of a 28-pixel shortest edge,
+  32-wide projections, and a byte-level BPE tokenizer with <|startoftext|> and <|endoftext|>.
+For these two, reference.json holds the sentences, their token ids, the images (the files of
+tests/data/images, written by scripts/image_references.py) and the text and image features
+transformers computes (before normalisation) on the float16 weights upcast to float32.
+`--only siglip clip` writes just those.
 The corpus defaults to the license texts every Debian machine has under
 /usr/share/common-licenses, the texts the benchmark corpus is cut from.
 """
@@ -32,7 +41,8 @@ import random
 import torch
 from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
+                          XLMRobertaConfig, XLMRobertaModel)
 
 SEED = 20261202
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 64, 2, 4, 128
@@ -210,6 +220,120 @@ def randomize(model):
                 p.copy_(0.3 * torch.randn_like(p))
 
 
+TEXT_LEN = 16
+IMAGES = ["gradient-97x61.png", "rings-200x120.png", "tall-40x150.png", "alpha-50x30.png", "rings-200x120.jpg"]
+TEXTS = [
+    "a photo of a dog",
+    "Kiln keeps pods out of endpoints until the model is warm.",
+    "",
+    "THE SOFTWARE IS PROVIDED AS IS",
+    # Longer than TEXT_LEN tokens: cut at the limit.
+    " ".join(["Each contributor grants a patent license to make, use and sell the work."] * 4),
+]
+
+
+def image_text_references(out, model, tok, processor, pad_id, images_dir):
+    """Token ids (padded or cut to TEXT_LEN), text and image features of the float16 weights
+    upcast to float32, as the server will compute them."""
+    from PIL import Image
+    model = model.float().eval()
+    # Cut as the tokenizer cuts (its special tokens kept), then padded to the fixed length.
+    tok.enable_truncation(TEXT_LEN)
+    ids = []
+    for text in TEXTS:
+        enc = tok.encode(text).ids
+        ids.append(enc + [pad_id] * (TEXT_LEN - len(enc)))
+    tok.no_truncation()
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=torch.tensor(ids))
+        text = getattr(text, "pooler_output", text)
+        pixels = []
+        for name in IMAGES:
+            with Image.open(os.path.join(images_dir, name)) as img:
+                img.load()
+                pixels.append(processor(img, return_tensors="pt")["pixel_values"][0])
+        image = model.get_image_features(pixel_values=torch.stack(pixels))
+        image = getattr(image, "pooler_output", image)
+    write_json(os.path.join(out, "reference.json"), {
+        "texts": TEXTS, "input_ids": ids, "images": IMAGES,
+        "text_embeds": [[round(float(x), 7) for x in v] for v in text],
+        "image_embeds": [[round(float(x), 7) for x in v] for v in image],
+    })
+
+
+def siglip(out, lines, images_dir):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    os.makedirs(out, exist_ok=True)
+    specials = ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(r"\s+", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=VOCAB, special_tokens=specials, unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    pad, eos = tok.token_to_id("<pad>"), tok.token_to_id("</s>")
+    write_json(os.path.join(out, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": TEXT_LEN,
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+    })
+    config = SiglipConfig(
+        text_config={"vocab_size": tok.get_vocab_size(), "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+                     "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "max_position_embeddings": TEXT_LEN,
+                     "pad_token_id": pad, "eos_token_id": eos, "bos_token_id": None},
+        vision_config={"hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+                       "num_attention_heads": HEADS, "image_size": 32, "patch_size": 8},
+    )
+    torch.manual_seed(SEED + 3)
+    model = SiglipModel(config)
+    randomize(model)
+    model.half().save_pretrained(out, safe_serialization=True)
+    processor = SiglipImageProcessorPil(size={"height": 32, "width": 32}, resample=3, image_mean=[0.5] * 3,
+                                        image_std=[0.5] * 3)
+    processor.save_pretrained(out)
+    image_text_references(out, model, tok, processor, pad, images_dir)
+
+
+def clip(out, lines, images_dir):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    os.makedirs(out, exist_ok=True)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(r"\s+", " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    write_json(os.path.join(out, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": TEXT_LEN,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    })
+    # eos_token_id other than 2: the pooled token is the first <|endoftext|>, as current CLIP
+    # checkpoints declare (2 would select the legacy argmax of the ids).
+    assert eos != 2
+    config = CLIPConfig(
+        text_config={"vocab_size": tok.get_vocab_size(), "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+                     "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "max_position_embeddings": TEXT_LEN,
+                     "hidden_act": "quick_gelu", "pad_token_id": eos, "bos_token_id": bos, "eos_token_id": eos},
+        vision_config={"hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+                       "num_attention_heads": HEADS, "image_size": 24, "patch_size": 8, "hidden_act": "quick_gelu"},
+        projection_dim=32,
+    )
+    torch.manual_seed(SEED + 4)
+    model = CLIPModel(config)
+    randomize(model)
+    model.half().save_pretrained(out, safe_serialization=True)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}, resample=3,
+                                      do_center_crop=True)
+    processor.save_pretrained(out)
+    image_text_references(out, model, tok, processor, eos, images_dir)
+
+
 def bge_m3_shaped(out, lines):
     """For benchmarks, not committed: XLM-RoBERTa with BGE-M3's shape (1024 wide, 24 layers, 16
     heads, 8194 positions, 250,002 ids) and random weights, its sentence-transformers files (CLS
@@ -237,6 +361,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "model-server", "tests", "data", "tiny"))
     ap.add_argument("--corpus", nargs="*", default=sorted(glob.glob("/usr/share/common-licenses/*")))
     ap.add_argument("--bge-m3-shaped", metavar="DIR", help="write only the full-size random checkpoint, to DIR")
+    ap.add_argument("--only", nargs="*", choices=["xlm-roberta", "bert", "siglip", "clip"],
+                    default=["xlm-roberta", "bert", "siglip", "clip"])
     a = ap.parse_args()
     random.seed(SEED)
     lines = corpus_lines([p for p in a.corpus if os.path.isfile(p)])
@@ -245,9 +371,16 @@ def main():
         bge_m3_shaped(a.bge_m3_shaped, lines)
         print(f"wrote {a.bge_m3_shaped}")
         return
-    xlm_roberta(os.path.join(a.out, "xlm-roberta"), lines)
-    bert(os.path.join(a.out, "bert"), lines)
-    print(f"wrote {a.out}")
+    images = os.path.join(os.path.dirname(__file__), "..", "model-server", "tests", "data", "images")
+    writers = {
+        "xlm-roberta": lambda: xlm_roberta(os.path.join(a.out, "xlm-roberta"), lines),
+        "bert": lambda: bert(os.path.join(a.out, "bert"), lines),
+        "siglip": lambda: siglip(os.path.join(a.out, "siglip"), lines, images),
+        "clip": lambda: clip(os.path.join(a.out, "clip"), lines, images),
+    }
+    for name in a.only:
+        writers[name]()
+    print(f"wrote {', '.join(a.only)} to {a.out}")
 
 
 if __name__ == "__main__":
