@@ -8,7 +8,7 @@ usage: python3 scripts/tiny_models.py [--out model-server/tests/data/tiny] [--co
 
 Run it by hand in a virtual environment with the reference libraries:
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.15.0 transformers==5.23.0 \\
-        sentence-transformers==6.2.0 tokenizers==0.23.3
+        sentence-transformers==6.2.0 tokenizers==0.23.3 pillow==11.3.0
     /tmp/ref/bin/python scripts/tiny_models.py
 and commit what it writes; the tests only read the committed files (CI has no torch).
 
