@@ -258,7 +258,7 @@ fn load_lazy<F: ModelFamily>(state: &Arc<AppState<F>>, id: &ModelRef) {
     let Some(slot) = state.slots.get(id) else { return };
     let span = tracing::info_span!("lazy_load", model = %id.name, version = %id.version);
     let _enter = span.enter();
-    let need = charge(state, plan, slot);
+    let need = charge(state, slot);
     if let Err(no_room) = make_room(state, id, need) {
         tracing::warn!(error = %no_room, "no room to load");
         slot.update(|p| {
@@ -285,10 +285,8 @@ fn load_lazy<F: ModelFamily>(state: &Arc<AppState<F>>, id: &ModelRef) {
 
 /// What `slot` is charged against the budget: its memory hint, else its weight files, plus its
 /// KV-cache budget.
-fn charge<F: ModelFamily>(state: &AppState<F>, plan: &LoadPlan, slot: &Slot<F>) -> u64 {
-    let weights = slot
-        .memory_bytes
-        .unwrap_or_else(|| plan.dirs.get(&slot.id).map(|d| weight_bytes(&d.path)).unwrap_or(0));
+fn charge<F: ModelFamily>(state: &AppState<F>, slot: &Slot<F>) -> u64 {
+    let weights = slot.memory_bytes.unwrap_or(slot.weight_bytes);
     weights.saturating_add(kv_cache_bytes(state, slot).unwrap_or(0))
 }
 
@@ -399,7 +397,8 @@ fn release_freed_memory() {
     }
 }
 
-fn weight_bytes(dir: &Path) -> u64 {
+/// Bytes of the weight files in `dir`.
+pub(crate) fn weight_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -439,13 +438,12 @@ fn load_one<F: ModelFamily>(state: &Arc<AppState<F>>, plan: &LoadPlan, id: &Mode
     if let Some(pinned) = &entry.pinned {
         crate::pull::cache::check(dir, pinned, entry.source.as_deref()).map_err(|e| e.to_string())?;
     }
-    let bytes = weight_bytes(dir);
-    let charge = charge(state, plan, slot);
+    let bytes = slot.weight_bytes;
+    let charge = charge(state, slot);
     let t0 = Instant::now();
     slot.update(|p| {
         p.state = LoadState::Loading;
         p.step = format!("reading weights from {}", dir.display());
-        p.weight_bytes = bytes;
         p.charge_bytes = charge;
         p.read_base = crate::weights::progress::total();
         p.since = Some(t0);
@@ -473,7 +471,7 @@ fn load_one<F: ModelFamily>(state: &Arc<AppState<F>>, plan: &LoadPlan, id: &Mode
         tracing::info!(pass = i + 1, of = passes, "warmup");
     }
     let warmup_seconds = t1.elapsed().as_secs_f64();
-    let memory_for_requests = kv_cache_bytes(state, slot).unwrap_or_else(|| spare_memory(state, plan, id));
+    let memory_for_requests = kv_cache_bytes(state, slot).unwrap_or_else(|| spare_memory(state, id));
     let ctx = StartContext {
         batching: plan.batching.clone(),
         max_queued_tokens: state.limits.max_queued_tokens,
@@ -521,7 +519,7 @@ fn failure_hook<F: ModelFamily>(state: &Arc<AppState<F>>, id: &ModelRef) -> Fail
 /// KV cache): what the container's memory limit (or, without one, the machine's available
 /// memory) leaves after what the process holds now, the weights still to load and a margin,
 /// shared among the served models still to start that name no budget (this one included).
-fn spare_memory<F: ModelFamily>(state: &AppState<F>, plan: &LoadPlan, id: &ModelRef) -> u64 {
+fn spare_memory<F: ModelFamily>(state: &AppState<F>, id: &ModelRef) -> u64 {
     let rss = rss_bytes();
     let limit = memory_limit().unwrap_or_else(|| available_memory().saturating_add(rss));
     let pending: Vec<&ModelRef> = state
@@ -531,7 +529,7 @@ fn spare_memory<F: ModelFamily>(state: &AppState<F>, plan: &LoadPlan, id: &Model
         .filter(|m| state.slots.get(*m).is_some_and(|s| s.current().is_none()))
         .collect();
     let weights_to_load: u64 =
-        pending.iter().filter_map(|m| plan.dirs.get(*m)).map(|d| weight_bytes(&d.path)).sum();
+        pending.iter().filter_map(|m| state.slots.get(*m)).map(|s| s.weight_bytes).sum();
     let sharing = 1 + pending
         .iter()
         .filter(|m| state.slots.get(**m).is_some_and(|s| s.kv_cache_bytes.is_none()))

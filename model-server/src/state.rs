@@ -58,9 +58,6 @@ pub struct Progress {
     /// Times loaded, and unloaded, since the process started.
     pub loads: u32,
     pub unloads: u32,
-    /// Seconds since a request last used it (absent while never used).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idle_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// For FallenBack: the version answering in this one's place.
@@ -83,7 +80,7 @@ pub struct Progress {
 pub const LAZY_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Progress {
-    fn new(load: Load) -> Self {
+    fn new(load: Load, weight_bytes: u64) -> Self {
         Progress {
             state: LoadState::Unloaded,
             step: match load {
@@ -91,7 +88,7 @@ impl Progress {
                 Load::Lazy => "loads on its first request".to_string(),
             },
             load,
-            weight_bytes: 0,
+            weight_bytes,
             bytes_read: None,
             percent: None,
             charge_bytes: 0,
@@ -101,7 +98,6 @@ impl Progress {
             resident_bytes: 0,
             loads: 0,
             unloads: 0,
-            idle_seconds: None,
             error: None,
             served_by: None,
             since: None,
@@ -122,6 +118,8 @@ pub struct Slot<F: ModelFamily> {
     pub kv_cache_bytes: Option<u64>,
     /// The plan's memory hint for the model, if any.
     pub memory_bytes: Option<u64>,
+    /// Bytes of its weight files on disk, read once at start.
+    pub weight_bytes: u64,
     pub progress: Mutex<Progress>,
     /// The model with its worker, while loaded. Requests hold a clone (a lease) until they are
     /// answered, so a model is unloaded only when this is the last one.
@@ -187,23 +185,27 @@ impl<F: ModelFamily> Slot<F> {
         *self.serving_lock() = Some(Arc::new(serving));
     }
 
-    /// Take the model out if nothing uses it: no request holds a lease and its queue is empty.
-    /// Taken under the lock that leases take, so no request can lease it in between.
+    /// Take the model out if nothing uses it. Taken under the lock that leases take, so no
+    /// request can lease it in between.
     pub fn take_if_unused(&self) -> Option<Arc<F::Serving>> {
         let mut guard = self.serving_lock();
-        let unused = guard.as_ref().is_some_and(|s| Arc::strong_count(s) == 1 && s.in_flight() == 0);
-        if unused { guard.take() } else { None }
+        if guard.as_ref().is_some_and(|s| !in_use(s)) { guard.take() } else { None }
     }
 
-    /// Whether a request holds a lease or its queue has work.
+    /// Whether the loaded model is in use.
     pub fn busy(&self) -> bool {
-        self.serving_lock().as_ref().is_some_and(|s| Arc::strong_count(s) > 1 || s.in_flight() > 0)
+        self.serving_lock().as_ref().is_some_and(in_use)
     }
 
     /// Milliseconds after start of its last use (0: never used).
     pub fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
     }
+}
+
+/// A request holds a lease on the model (a clone beside the slot's own) or its queue has work.
+fn in_use<S: Serving>(serving: &Arc<S>) -> bool {
+    Arc::strong_count(serving) > 1 || serving.in_flight() > 0
 }
 
 /// One model of the plan: a served model, or one present only as another's fallback.
@@ -318,6 +320,8 @@ impl<F: ModelFamily> AppState<F> {
                 metrics.register_model(&id);
                 // A fallback is kept once loaded, like the model it stands in for.
                 let load = if m.serve { m.load } else { Load::Preload };
+                let weight_bytes =
+                    plan.dirs.get(&id).map(|d| crate::loader::weight_bytes(&d.path)).unwrap_or(0);
                 let slot = Slot {
                     id: id.clone(),
                     serve: m.serve,
@@ -325,7 +329,8 @@ impl<F: ModelFamily> AppState<F> {
                     fallback: m.fallback.clone(),
                     kv_cache_bytes: m.kv_cache_bytes,
                     memory_bytes: m.memory_bytes,
-                    progress: Mutex::new(Progress::new(load)),
+                    weight_bytes,
+                    progress: Mutex::new(Progress::new(load, weight_bytes)),
                     serving: Mutex::new(None),
                     last_used: AtomicU64::new(0),
                     changed: tokio::sync::watch::channel(0).0,
