@@ -363,6 +363,23 @@ impl ModelSpec {
     pub fn id(&self) -> ModelRef {
         ModelRef::new(&self.name, &self.version)
     }
+
+    /// Loaded on its first request (`load: lazy`).
+    pub fn is_lazy(&self) -> bool {
+        self.load == Some(Load::Lazy)
+    }
+}
+
+impl ModelDeploymentSpec {
+    /// The model a `pools[].serve` entry names, if listed.
+    pub fn served(&self, entry: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.id().to_string() == entry)
+    }
+
+    /// Whether `pool` serves a lazy model.
+    pub fn serves_lazy(&self, pool: &PoolSpec) -> bool {
+        pool.serve.iter().any(|entry| self.served(entry).is_some_and(ModelSpec::is_lazy))
+    }
 }
 
 /// The CRD as `kubectl apply` takes it.

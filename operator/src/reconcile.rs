@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::cache::{self, Caches};
-use crate::crd::{Load, ModelDeployment, PoolSpec};
+use crate::crd::{ModelDeployment, ModelSpec, PoolSpec};
 use crate::metrics::OperatorMetrics;
 use crate::quantity::parse_bytes;
 use crate::resources::{
@@ -196,12 +196,10 @@ pub const MIN_KV_CACHE_BYTES: u64 = 64 << 20;
 fn fit(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSettings) -> Fit {
     let mut unknown_size = Vec::new();
     let generation = md.spec.family == crate::crd::Family::TextGeneration;
-    let find = |entry: &String| md.spec.models.iter().find(|m| m.id().to_string() == *entry);
-    let lazy = |entry: &String| find(entry).is_some_and(|m| m.load == Some(Load::Lazy));
-    let any_lazy = pool.serve.iter().any(lazy);
+    let any_lazy = md.spec.serves_lazy(pool);
     let (mut preloaded, mut largest_lazy): (u64, Option<(String, u64)>) = (0, None);
     for entry in &pool.serve {
-        let model = find(entry);
+        let model = md.spec.served(entry);
         let mut charge = match model.and_then(|m| m.memory.as_deref()).and_then(parse_bytes) {
             Some(b) => b,
             None => {
@@ -215,7 +213,7 @@ fn fit(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSettings) -> Fi
             let default = if any_lazy { SHARED_KV_CACHE_BYTES } else { MIN_KV_CACHE_BYTES };
             charge = charge.saturating_add(kv.unwrap_or(default));
         }
-        if lazy(entry) {
+        if model.is_some_and(ModelSpec::is_lazy) {
             if largest_lazy.as_ref().is_none_or(|(_, b)| charge > *b) {
                 largest_lazy = Some((entry.clone(), charge));
             }
@@ -379,10 +377,7 @@ async fn reconcile_pool(
             .filter(|d| controlled_by(d.meta(), &uid))
             .map(|d| (*d).clone())
     });
-    let serves_lazy = pool.serve.iter().any(|entry| {
-        md.spec.models.iter().any(|m| m.id().to_string() == *entry && m.load == Some(Load::Lazy))
-    });
-    let reports = if serves_lazy { crate::pod_status::read(&pods).await } else { Vec::new() };
+    let reports = if md.spec.serves_lazy(pool) { crate::pod_status::read(&pods).await } else { Vec::new() };
     Ok(PoolObservation { deployment, pods, fit, conflicts, reports })
 }
 
@@ -445,7 +440,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     // timer.
     let settled = observations.iter().all(|o| o.deployment.is_some())
         && new_status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    let lazy = md.spec.models.iter().any(|m| m.load == Some(Load::Lazy));
+    let lazy = md.spec.models.iter().any(ModelSpec::is_lazy);
     Ok(Action::requeue(match (settled, lazy) {
         (false, _) => Duration::from_secs(15),
         (true, true) => LAZY_STATUS_REFRESH,

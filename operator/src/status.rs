@@ -258,7 +258,7 @@ pub fn compute(md: &ModelDeployment, pools: &[PoolObservation]) -> ModelDeployme
                 .find(|p| p.ready_replicas > 0)
                 .or(serving.first())
                 .map(|p| format!("http://{}.{ns}.svc:{SERVER_PORT}", p.service));
-            let lazy = m.load == Some(Load::Lazy);
+            let lazy = m.is_lazy();
             // A preloaded model is in every ready pod (that is what ready means); a lazy one
             // where the pods say so.
             let loaded = serving
