@@ -40,13 +40,12 @@ impl Server {
         self.http.get(format!("{}/metrics", self.base)).send().await.expect("get").text().await.expect("text")
     }
 
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http.post(format!("{}{path}", self.base)).json(&body).send().await.expect("send")
+    }
+
     async fn embed(&self, model: &str, text: &str) -> reqwest::Response {
-        self.http
-            .post(format!("{}/v1/embeddings", self.base))
-            .json(&json!({"model": model, "input": text}))
-            .send()
-            .await
-            .expect("send")
+        self.post("/v1/embeddings", json!({"model": model, "input": text})).await
     }
 
     async fn embedding(&self, model: &str, text: &str) -> Vec<f32> {
@@ -254,21 +253,13 @@ async fn a_lazy_text_generation_model_loads_on_its_first_chat() {
     )
     .await;
     assert_eq!(server.model("smollm2").await["state"], "Unloaded");
-    let resp: Value = server
-        .http
-        .post(format!("{}/v1/chat/completions", server.base))
-        .json(&json!({
-            "model": "smollm2",
-            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-            "temperature": 0,
-            "max_tokens": 12
-        }))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let chat = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        "temperature": 0,
+        "max_tokens": 12
+    });
+    let resp: Value = server.post("/v1/chat/completions", chat).await.json().await.expect("json");
     let answer = resp["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(answer.contains("Paris"), "{resp}");
     let m = server.model("smollm2").await;
@@ -291,16 +282,8 @@ async fn a_lazy_speech_model_loads_on_its_first_transcription() {
     let clip = common::speech_reference().into_iter().find(|c| c.name == "kiln").expect("reference clip");
     let wav = std::fs::read(common::speech_reference_dir().join("kiln.wav")).expect("clip");
     let audio = base64::engine::general_purpose::STANDARD.encode(wav);
-    let resp: Value = server
-        .http
-        .post(format!("{}/asr/transcribe", server.base))
-        .json(&json!({"audio_base64": audio, "language": "en"}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let request = json!({"audio_base64": audio, "language": "en"});
+    let resp: Value = server.post("/asr/transcribe", request).await.json().await.expect("json");
     assert_eq!(resp["text"], clip.transcript.as_str(), "{resp}");
     let m = server.model("whisper").await;
     assert_eq!((m["state"].as_str(), m["loads"].as_u64()), (Some("Ready"), Some(1)), "{m}");
