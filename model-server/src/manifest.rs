@@ -26,18 +26,21 @@ pub enum Family {
     TextEmbedding,
     TextGeneration,
     SpeechToText,
+    ImageTextEmbedding,
 }
 
 impl Family {
     /// Every family this build serves: the CRD accepts exactly these, so a resource naming a
     /// family the server cannot serve is refused at apply instead of crash-looping its pods.
-    pub const ALL: [Family; 3] = [Family::TextEmbedding, Family::TextGeneration, Family::SpeechToText];
+    pub const ALL: [Family; 4] =
+        [Family::TextEmbedding, Family::TextGeneration, Family::SpeechToText, Family::ImageTextEmbedding];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Family::TextEmbedding => "text-embedding",
             Family::TextGeneration => "text-generation",
             Family::SpeechToText => "speech-to-text",
+            Family::ImageTextEmbedding => "image-text-embedding",
         }
     }
 }

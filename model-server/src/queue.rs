@@ -103,6 +103,22 @@ impl<J: Weigh> QueueState<J> {
         before - self.jobs.len()
     }
 
+    /// Take out the jobs `pick` chooses, visited oldest first; the rest keep their order.
+    pub fn take_where(&mut self, mut pick: impl FnMut(&J) -> bool) -> Vec<Tracked<J>> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.jobs.len());
+        for tracked in self.jobs.drain(..) {
+            if pick(&tracked.job) {
+                self.tokens = self.tokens.saturating_sub(tracked.job.tokens());
+                taken.push(tracked);
+            } else {
+                kept.push_back(tracked);
+            }
+        }
+        self.jobs = kept;
+        taken
+    }
+
     /// Everything still queued, for a worker that is going away.
     pub fn drain(&mut self) -> Vec<Tracked<J>> {
         self.tokens = 0;

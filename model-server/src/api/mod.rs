@@ -21,6 +21,7 @@ use crate::manifest::{Family, ModelRef};
 use crate::queue::SubmitError;
 use crate::state::AppState;
 
+pub mod embeddings;
 mod upload;
 pub use upload::Upload;
 

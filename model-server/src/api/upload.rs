@@ -114,10 +114,8 @@ impl<F: ModelFamily, T: RequestBody> axum::extract::FromRequest<Shared<F>> for U
         let id = resolve(state, fields.get("model"))?;
         let lease = ready(state, &id).await.inspect_err(|e| record(state, &id, e.status, Instant::now()))?;
         let Some((file, file_name)) = file else {
-            let e = ApiError::bad_request(
-                "missing_file",
-                "the form has no `file` part; send the audio as `file`",
-            );
+            let e =
+                ApiError::bad_request("missing_file", "the form has no `file` part; send the file as `file`");
             record(state, &id, e.status, Instant::now());
             return Err(e);
         };

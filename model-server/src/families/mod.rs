@@ -3,6 +3,8 @@
 //! loaded models. The server is generic over [`ModelFamily`]; [`serve`] is the registry, the
 //! one place a family is named. Adding a family is its folder and one line there.
 
+pub mod batcher;
+pub mod image_text_embedding;
 pub mod speech_to_text;
 pub mod text_embedding;
 pub mod text_generation;
@@ -116,4 +118,5 @@ registry! {
     TextEmbedding => text_embedding::TextEmbedding,
     TextGeneration => text_generation::TextGeneration,
     SpeechToText => speech_to_text::SpeechToText,
+    ImageTextEmbedding => image_text_embedding::ImageTextEmbedding,
 }

@@ -9,6 +9,7 @@
 //! call on baseline x86-64) cost more than the matmuls they sit between.
 
 pub mod attention;
+pub mod encoder;
 pub mod gemm;
 pub mod quant;
 
@@ -47,6 +48,54 @@ pub fn bias_gelu(x: &mut [f32], bias: &[f32], isa: Isa) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { avx2::bias_gelu(x, bias) },
         _ => scalar::bias_gelu(x, bias),
+    }
+}
+
+/// The feed-forward activations checkpoints declare (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU with erf (`gelu`).
+    Gelu,
+    /// GELU's tanh approximation (`gelu_pytorch_tanh`, `gelu_new`): SigLIP.
+    GeluTanh,
+    /// `x·σ(1.702·x)` (`quick_gelu`): OpenAI's CLIP.
+    QuickGelu,
+}
+
+impl Activation {
+    /// The activation a `hidden_act` names, if the kernels have it.
+    pub fn from_name(name: &str) -> Option<Activation> {
+        match name {
+            "gelu" => Some(Activation::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Activation::GeluTanh),
+            "quick_gelu" => Some(Activation::QuickGelu),
+            _ => None,
+        }
+    }
+
+    /// Both approximations are `x·σ(a·x + b·x³)`: 0.5·(1 + tanh(u)) = σ(2u).
+    fn gate(self) -> (f32, f32) {
+        // √(2/π), in f64 so the f32 constants are correctly rounded.
+        let k = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+        match self {
+            Activation::GeluTanh => ((2.0 * k) as f32, (2.0 * k * 0.044715) as f32),
+            Activation::QuickGelu | Activation::Gelu => (1.702, 0.0),
+        }
+    }
+}
+
+/// `x[r] = act(x[r] + bias)` for every row `r` of `x` (rows of `bias.len()`).
+pub fn bias_activation(x: &mut [f32], bias: &[f32], act: Activation, isa: Isa) {
+    debug_assert_eq!(x.len() % bias.len(), 0);
+    if act == Activation::Gelu {
+        return bias_gelu(x, bias, isa);
+    }
+    let (a, b) = act.gate();
+    match isa {
+        // SAFETY: as in `bias_gelu`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2::bias_sigmoid_gate(x, bias, a, b) },
+        _ => scalar::bias_sigmoid_gate(x, bias, a, b),
     }
 }
 
@@ -223,6 +272,19 @@ pub(crate) mod scalar {
         }
     }
 
+    #[inline(always)]
+    pub fn sigmoid_gate(x: f32, a: f32, b: f32) -> f32 {
+        x / (1.0 + exp(-x * (a + b * x * x)))
+    }
+
+    pub fn bias_sigmoid_gate(x: &mut [f32], bias: &[f32], a: f32, b: f32) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, c) in row.iter_mut().zip(bias) {
+                *v = sigmoid_gate(*v + c, a, b);
+            }
+        }
+    }
+
     pub fn softmax(x: &mut [f32], n: usize) {
         for row in x.chunks_exact_mut(n) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -339,6 +401,24 @@ pub(crate) mod avx2 {
             }
             for (v, b) in row.into_remainder().iter_mut().zip(b.remainder()) {
                 *v = scalar::gelu(*v + b);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn bias_sigmoid_gate(x: &mut [f32], bias: &[f32], a: f32, b: f32) {
+        let (va, vb, one) = (_mm256_set1_ps(a), _mm256_set1_ps(b), _mm256_set1_ps(1.0));
+        for row in x.chunks_exact_mut(bias.len()) {
+            let mut row = row.chunks_exact_mut(8);
+            let mut bs = bias.chunks_exact(8);
+            for (r, c) in (&mut row).zip(&mut bs) {
+                let v = _mm256_add_ps(load(r), load(c));
+                let z = _mm256_mul_ps(v, _mm256_fmadd_ps(vb, _mm256_mul_ps(v, v), va));
+                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), z));
+                store(r, _mm256_div_ps(v, _mm256_add_ps(one, e)));
+            }
+            for (v, c) in row.into_remainder().iter_mut().zip(bs.remainder()) {
+                *v = scalar::sigmoid_gate(*v + c, a, b);
             }
         }
     }
@@ -486,6 +566,13 @@ mod tests {
             bias_gelu(&mut b, &bias, Isa::Scalar);
             assert!(close(&a, &b), "gelu n={n}");
 
+            for act in [Activation::GeluTanh, Activation::QuickGelu] {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                bias_activation(&mut a, &bias, act, isa);
+                bias_activation(&mut b, &bias, act, Isa::Scalar);
+                assert!(close(&a, &b), "{act:?} n={n}");
+            }
+
             let (mut a, mut b) = (x.clone(), x.clone());
             softmax(&mut a, n, isa);
             softmax(&mut b, n, Isa::Scalar);
@@ -497,6 +584,24 @@ mod tests {
             bias_layer_norm(&mut b, &bias, &gamma, &beta, 1e-12, Isa::Scalar);
             assert!(close(&a, &b), "layer norm n={n}");
         }
+    }
+
+    #[test]
+    fn tanh_gelu_and_quick_gelu_match_their_definitions() {
+        let (c, k) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+        for i in -1000..1000 {
+            let x = i as f64 / 100.0;
+            let tanh = 0.5 * x * (1.0 + (c * (x + k * x * x * x)).tanh());
+            let quick = x / (1.0 + (-1.702 * x).exp());
+            for (act, want) in [(Activation::GeluTanh, tanh), (Activation::QuickGelu, quick)] {
+                let mut got = [x as f32];
+                bias_activation(&mut got, &[0.0], act, Isa::Scalar);
+                assert!((got[0] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()), "{act:?}({x})");
+            }
+        }
+        assert_eq!(Activation::from_name("gelu_pytorch_tanh"), Some(Activation::GeluTanh));
+        assert_eq!(Activation::from_name("quick_gelu"), Some(Activation::QuickGelu));
+        assert_eq!(Activation::from_name("relu"), None);
     }
 
     #[test]

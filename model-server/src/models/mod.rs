@@ -6,7 +6,9 @@
 //! [`crate::weights`] (safetensors, JSON configs, GGUF metadata); none imports another.
 
 pub mod bert;
+pub mod clip;
 pub mod llama;
+pub mod siglip;
 pub mod whisper;
 
 use std::path::Path;
@@ -50,6 +52,27 @@ pub trait Encoder: Send + Sync {
     fn max_positions(&self) -> usize;
 }
 
+/// What an image-text architecture (two towers, one embedding space) gives the
+/// image-text-embedding family. Deterministic and thread-safe, like [`Encoder`].
+pub trait ImageTextEncoder: Send + Sync {
+    /// One feature vector (not normalised) per image; images are [`Self::image_size`].
+    fn embed_images(
+        &self,
+        images: &[&crate::images::preprocess::PixelValues],
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// One feature vector (not normalised) per text, from its token ids.
+    fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Width of both towers' features.
+    fn dimension(&self) -> usize;
+    /// (height, width) of the pixel values the vision tower takes.
+    fn image_size(&self) -> (usize, usize);
+    /// Most token ids a text may have.
+    fn max_text_tokens(&self) -> usize;
+    /// Whether texts are padded to [`Self::max_text_tokens`] (SigLIP was trained on padded
+    /// texts and attends to the padding).
+    fn pads_text(&self) -> bool;
+}
+
 /// Every architecture this build runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -62,6 +85,10 @@ pub enum Architecture {
     /// Whisper encoder-decoder (speech to text), from CTranslate2's `WhisperSpec` or a Hugging
     /// Face `whisper` checkpoint.
     Whisper,
+    /// SigLIP's image and text towers (sigmoid loss, attention-pooling head).
+    Siglip,
+    /// CLIP's image and text towers (class-token and end-of-text pooling, projections).
+    Clip,
 }
 
 /// The one table: the name a checkpoint declares, the architecture that runs it, and the
@@ -73,6 +100,8 @@ const ARCHITECTURES: &[(&str, Architecture, Family)] = &[
     ("mistral", Architecture::Llama, Family::TextGeneration),
     ("WhisperSpec", Architecture::Whisper, Family::SpeechToText),
     ("whisper", Architecture::Whisper, Family::SpeechToText),
+    ("siglip", Architecture::Siglip, Family::ImageTextEmbedding),
+    ("clip", Architecture::Clip, Family::ImageTextEmbedding),
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,6 +180,11 @@ mod tests {
         assert_eq!(whisper("WhisperSpec"), Ok(Architecture::Whisper));
         let err = whisper("TransformerSpec").expect_err("not Whisper").to_string();
         assert!(err.contains("speech-to-text family runs WhisperSpec, whisper"), "{err}");
+        let image_text = |t: &str| architecture(Family::ImageTextEmbedding, Some(t), "model_type", file);
+        assert_eq!(image_text("siglip"), Ok(Architecture::Siglip));
+        assert_eq!(image_text("clip"), Ok(Architecture::Clip));
+        let err = image_text("siglip2").expect_err("not run").to_string();
+        assert!(err.contains("image-text-embedding family runs siglip, clip"), "{err}");
         let none = architecture(Family::TextGeneration, None, "model_type", file).expect_err("undeclared");
         assert!(none.to_string().contains("declares no model_type"), "{none}");
     }

@@ -3,7 +3,6 @@
 //! normalisation, sequence limit), served through a dynamic batcher at `/v1/embeddings` and
 //! `/embed/text`.
 
-pub mod batcher;
 pub mod pooling;
 mod routes;
 
@@ -13,6 +12,7 @@ use std::sync::Arc;
 use axum::Router;
 use serde_json::{Value, json};
 
+use super::batcher::{BatchModel, BatchResult, Batcher};
 use super::{ModelFamily, Serving, Shared, StartContext};
 use crate::manifest::{Family, ModelRef};
 use crate::models::bert::BertConfig;
@@ -20,7 +20,6 @@ use crate::models::bert::packed::PackedBert;
 use crate::models::{Architecture, Encoder, ModelError, architecture};
 use crate::queue::WorkerThread;
 use crate::weights::model_type;
-use batcher::Batcher;
 pub use pooling::EncoderSettings;
 
 /// This family's endpoints.
@@ -66,7 +65,7 @@ impl ModelFamily for TextEmbedding {
 /// An embedding model with its batcher running.
 pub struct EmbeddingServing {
     pub model: Arc<EmbeddingModel>,
-    pub batcher: Batcher,
+    pub batcher: Batcher<Vec<u32>>,
     thread: WorkerThread,
 }
 
@@ -128,7 +127,7 @@ impl EmbeddingModel {
             Architecture::Bert | Architecture::XlmRoberta => {
                 Arc::new(PackedBert::load(dir, &BertConfig::read(dir, arch)?)?)
             }
-            Architecture::Llama | Architecture::Whisper => {
+            Architecture::Llama | Architecture::Whisper | Architecture::Siglip | Architecture::Clip => {
                 return Err(ModelError::Unsupported(format!("{arch:?} is not an encoder")));
             }
         };
@@ -182,6 +181,13 @@ impl EmbeddingModel {
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
         let tokens = texts.iter().map(|t| self.tokenize(t)).collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+        self.embed_tokens(&ids)
+    }
+}
+
+impl BatchModel<Vec<u32>> for EmbeddingModel {
+    fn run(&self, inputs: &[&Vec<u32>]) -> BatchResult {
+        let ids: Vec<&[u32]> = inputs.iter().map(|i| i.as_slice()).collect();
         self.embed_tokens(&ids)
     }
 }

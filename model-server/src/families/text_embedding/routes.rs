@@ -1,15 +1,14 @@
 //! `POST /v1/embeddings` (OpenAI) and `POST /embed/text` (the product's own endpoint).
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::TextEmbedding;
+use crate::api::embeddings::{Embedded, EmbeddingsRequest};
 use crate::api::{ApiError, Inference, RequestBody, counted, tokenize, worker_answer};
 use crate::families::Shared;
 use crate::loader::Lease;
@@ -17,49 +16,6 @@ use crate::manifest::ModelRef;
 
 pub fn routes() -> Router<Shared<TextEmbedding>> {
     Router::new().route("/v1/embeddings", post(embeddings)).route("/embed/text", post(embed_text))
-}
-
-/// OpenAI's embeddings request. `model` is resolved by [`Inference`]; unknown fields (`user`)
-/// are ignored, as OpenAI does.
-#[derive(Deserialize)]
-struct EmbeddingsRequest {
-    input: Input,
-    #[serde(default)]
-    encoding_format: Option<EncodingFormat>,
-    /// Accepted only when it equals the model's dimension (checked against the model).
-    #[serde(default)]
-    dimensions: Option<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Input {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum EncodingFormat {
-    Float,
-    Base64,
-}
-
-impl RequestBody for EmbeddingsRequest {
-    fn field_error(field: &str, missing: bool, _detail: &str) -> ApiError {
-        match (field, missing) {
-            ("input", true) => ApiError::bad_request("missing_input", "`input` is required"),
-            ("input", false) => ApiError::unprocessable(
-                "invalid_input",
-                "`input` must be a string or an array of strings (token arrays are not supported)",
-            ),
-            ("encoding_format", _) => ApiError::bad_request(
-                "invalid_encoding_format",
-                "`encoding_format` must be \"float\" or \"base64\"",
-            ),
-            (other, _) => ApiError::unprocessable("invalid_body", format!("`{other}` is not valid here")),
-        }
-    }
 }
 
 /// The product's `{"text": "..."}`.
@@ -76,12 +32,6 @@ impl RequestBody for EmbedTextRequest {
             (other, _) => ApiError::unprocessable("invalid_body", format!("`{other}` is not valid here")),
         }
     }
-}
-
-struct Embedded {
-    vectors: Vec<Vec<f32>>,
-    tokens: Vec<usize>,
-    truncated: Vec<bool>,
 }
 
 /// Take a queue place (so a full queue refuses before any tokenizing), tokenize off the async
@@ -109,68 +59,14 @@ async fn embeddings(
     State(state): State<Shared<TextEmbedding>>,
     request: Result<Inference<TextEmbedding, EmbeddingsRequest>, ApiError>,
 ) -> Response {
-    let Inference { body: req, id, lease } = match request {
+    let Inference { body: mut req, id, lease } = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     counted(&state, &id, || async {
-        let texts = match req.input {
-            Input::One(s) => vec![s],
-            Input::Many(items) if items.is_empty() => {
-                return Err(ApiError::bad_request("empty_input", "`input` must not be an empty array"));
-            }
-            Input::Many(items) => items,
-        };
-        if texts.len() > state.limits.max_inputs {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "too_many_inputs",
-                format!("{} inputs in one request; the limit is {}", texts.len(), state.limits.max_inputs),
-            ));
-        }
-        let dimension = lease.model.dimension();
-        match &req.dimensions {
-            None | Some(Value::Null) => {}
-            Some(Value::Number(n)) if n.as_u64() == Some(dimension as u64) => {}
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    "dimensions_not_supported",
-                    format!(
-                        "model {id} returns {dimension} dimensions and cannot shorten them; omit `dimensions`"
-                    ),
-                ));
-            }
-        }
-        let base64 = req.encoding_format == Some(EncodingFormat::Base64);
+        let texts = req.texts(&id, lease.model.dimension(), state.limits.max_inputs)?;
         let out = embed_texts(&state, &lease, &id, texts).await?;
-        let total: usize = out.tokens.iter().sum();
-        let data: Vec<Value> = out
-            .vectors
-            .iter()
-            .zip(&out.truncated)
-            .enumerate()
-            .map(|(i, (v, &truncated))| {
-                let embedding = if base64 {
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-                } else {
-                    json!(v)
-                };
-                let mut item = json!({"object": "embedding", "index": i, "embedding": embedding});
-                if truncated {
-                    item["truncated"] = json!(true);
-                }
-                item
-            })
-            .collect();
-        Ok(Json(json!({
-            "object": "list",
-            "data": data,
-            "model": id.to_string(),
-            "usage": {"prompt_tokens": total, "total_tokens": total},
-        }))
-        .into_response())
+        Ok(req.response(&id, &out))
     })
     .await
 }

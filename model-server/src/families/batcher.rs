@@ -1,16 +1,17 @@
-//! Dynamic batching for the text-embedding family, one queue and one dedicated OS thread per
+//! Dynamic batching for the embedding families, one queue and one dedicated OS thread per
 //! model.
 //!
-//! Requests are tokenized before they get here; the worker closes a batch at `maxBatchSize`
-//! inputs or `maxDelayMilliseconds` after its oldest request arrived, orders the inputs by
-//! length, runs the encoder and scatters results back in the caller's order.
+//! Requests are tokenized (or decoded) before they get here; the worker closes a batch at
+//! `maxBatchSize` inputs or `maxDelayMilliseconds` after its oldest request arrived, orders the
+//! inputs by length, runs the model and scatters results back in the caller's order. Inputs
+//! batch only with their own group: an image-text model's image and text requests share one
+//! queue and worker (one forward pass at a time on the pod's cores) and form separate batches.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::EmbeddingModel;
 use crate::families::StartContext;
 use crate::manifest::{Batching, ModelRef};
 use crate::metrics::Metrics;
@@ -19,65 +20,101 @@ use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, Worke
 
 pub type BatchResult = Result<Vec<Vec<f32>>, ModelError>;
 
-pub struct Job {
-    inputs: Vec<Vec<u32>>,
+/// An input a batcher queues.
+pub trait BatchInput: Send + 'static {
+    /// What it weighs in the queue's token bound, and orders a batch by.
+    fn tokens(&self) -> usize;
+    /// Inputs batch only with inputs of the same group.
+    fn group(&self) -> u8 {
+        0
+    }
+}
+
+impl BatchInput for Vec<u32> {
+    fn tokens(&self) -> usize {
+        self.len()
+    }
+}
+
+/// What runs a batch: one vector per input, in input order.
+pub trait BatchModel<I>: Send + Sync + 'static {
+    fn run(&self, inputs: &[&I]) -> BatchResult;
+}
+
+pub struct Job<I> {
+    inputs: Vec<I>,
+    group: u8,
+    tokens: usize,
     arrived: Instant,
     reply: oneshot::Sender<BatchResult>,
 }
 
-impl Weigh for Job {
+impl<I> Weigh for Job<I> {
     fn tokens(&self) -> usize {
-        self.inputs.iter().map(Vec::len).sum()
+        self.tokens
     }
 }
 
-/// Handle to one embedding model's queue; cheap to clone.
-#[derive(Clone)]
-pub struct Batcher {
-    queue: Arc<RequestQueue<Job>>,
+/// Handle to one model's queue; cheap to clone.
+pub struct Batcher<I> {
+    queue: Arc<RequestQueue<Job<I>>>,
     config: Batching,
     id: ModelRef,
     metrics: Arc<Metrics>,
 }
 
-/// A place in an embedding model's queue, taken before tokenization.
-pub struct BatchSlot(Reservation<Job>);
+impl<I> Clone for Batcher<I> {
+    fn clone(&self) -> Self {
+        Batcher {
+            queue: self.queue.clone(),
+            config: self.config.clone(),
+            id: self.id.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
 
-impl BatchSlot {
-    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
-    pub fn submit(self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+/// A place in a model's queue, taken before tokenization.
+pub struct BatchSlot<I>(Reservation<Job<I>>);
+
+impl<I: BatchInput> BatchSlot<I> {
+    /// Queue inputs (of one group); the receiver yields one vector per input, in order.
+    pub fn submit(self, inputs: Vec<I>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.0.push(Job { inputs, arrived: Instant::now(), reply })?;
+        let group = inputs.first().map_or(0, BatchInput::group);
+        let tokens = inputs.iter().map(BatchInput::tokens).sum();
+        self.0.push(Job { inputs, group, tokens, arrived: Instant::now(), reply })?;
         Ok(rx)
     }
 }
 
-impl Batcher {
+impl<I: BatchInput> Batcher<I> {
     /// Start the worker thread for `model`.
-    pub fn spawn(
+    pub fn spawn<M: BatchModel<I>>(
         id: ModelRef,
-        model: Arc<EmbeddingModel>,
+        model: Arc<M>,
         ctx: StartContext,
     ) -> std::io::Result<(Self, WorkerThread)> {
         let queue = ctx.queue(&id);
         let StartContext { batching: config, metrics, on_failure, .. } = ctx;
         let batcher = Batcher { queue: queue.clone(), config, id: id.clone(), metrics };
         let worker = batcher.clone();
-        let tell = |job: Job, reason: &str| {
+        let tell = |job: Job<I>, reason: &str| {
             let _ = job.reply.send(Err(ModelError::Inference(reason.to_string())));
         };
-        let thread =
-            spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || worker.run(&model))?;
+        let thread = spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || {
+            worker.run(model.as_ref())
+        })?;
         Ok((batcher, thread))
     }
 
     /// A place in the queue, or why there is none (full, closed, failed).
-    pub fn reserve(&self) -> Result<BatchSlot, SubmitError> {
+    pub fn reserve(&self) -> Result<BatchSlot<I>, SubmitError> {
         self.queue.reserve().map(BatchSlot)
     }
 
-    /// Queue tokenized inputs; the receiver yields one embedding per input, in order.
-    pub fn submit(&self, inputs: Vec<Vec<u32>>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+    /// Queue inputs; the receiver yields one vector per input, in order.
+    pub fn submit(&self, inputs: Vec<I>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
         self.reserve()?.submit(inputs)
     }
 
@@ -102,7 +139,7 @@ impl Batcher {
     }
 
     /// The queue, for callers waiting on an answer ([`crate::api::worker_answer`]).
-    pub fn queue(&self) -> &RequestQueue<Job> {
+    pub fn queue(&self) -> &RequestQueue<Job<I>> {
         &self.queue
     }
 
@@ -111,7 +148,7 @@ impl Batcher {
         self.queue.close();
     }
 
-    fn run(&self, model: &EmbeddingModel) {
+    fn run<M: BatchModel<I>>(&self, model: &M) {
         while let Some(batch) = self.next_batch() {
             if crate::failpoint::hit("batch-panic", &self.id) {
                 panic!("failpoint batch-panic");
@@ -121,7 +158,7 @@ impl Batcher {
     }
 
     /// Block until a batch is due; None once closed and drained.
-    fn next_batch(&self) -> Option<Vec<Tracked<Job>>> {
+    fn next_batch(&self) -> Option<Vec<Tracked<Job<I>>>> {
         let max_inputs = self.config.max_batch_size.max(1) as usize;
         let max_delay = Duration::from_millis(u64::from(self.config.max_delay_milliseconds));
         let mut q = self.queue.lock();
@@ -130,22 +167,25 @@ impl Batcher {
             let dropped = q.retain(|j| !j.reply.is_closed());
             self.queue.taken(dropped);
             if let Some(oldest) = q.front() {
-                let waiting: usize = q.iter().map(|j| j.inputs.len()).sum();
+                let group = oldest.group;
+                let waiting: usize = q.iter().filter(|j| j.group == group).map(|j| j.inputs.len()).sum();
                 let due = oldest.arrived + max_delay;
                 let now = Instant::now();
                 if waiting >= max_inputs || now >= due || q.closed {
-                    let mut batch = Vec::new();
-                    let mut n = 0;
-                    while let Some(job) = q.front() {
-                        // Always take at least one job, even one larger than a batch.
-                        if !batch.is_empty() && n + job.inputs.len() > max_inputs {
-                            break;
+                    // The oldest job's group, in arrival order, up to the first that would not
+                    // fit; always at least one job, even one larger than a batch.
+                    let (mut n, mut full) = (0, false);
+                    let batch = q.take_where(|job| {
+                        if full || job.group != group {
+                            return false;
+                        }
+                        if n > 0 && n + job.inputs.len() > max_inputs {
+                            full = true;
+                            return false;
                         }
                         n += job.inputs.len();
-                        if let Some(job) = q.pop_front() {
-                            batch.push(job);
-                        }
-                    }
+                        true
+                    });
                     self.queue.taken(batch.len());
                     return Some(batch);
                 }
@@ -158,7 +198,7 @@ impl Batcher {
         }
     }
 
-    fn execute(&self, model: &EmbeddingModel, batch: Vec<Tracked<Job>>) {
+    fn execute<M: BatchModel<I>>(&self, model: &M, batch: Vec<Tracked<Job<I>>>) {
         let max_inputs = self.config.max_batch_size.max(1) as usize;
         // Flatten, remembering where each input goes, and order by length.
         let mut order: Vec<(usize, usize)> = batch
@@ -166,17 +206,17 @@ impl Batcher {
             .enumerate()
             .flat_map(|(j, t)| (0..t.job.inputs.len()).map(move |i| (j, i)))
             .collect();
-        order.sort_by_key(|&(j, i)| batch[j].job.inputs[i].len());
+        order.sort_by_key(|&(j, i)| batch[j].job.inputs[i].tokens());
         let mut results: Vec<Vec<Option<Vec<f32>>>> =
             batch.iter().map(|t| vec![None; t.job.inputs.len()]).collect();
         let mut failure: Option<ModelError> = None;
         for chunk in order.chunks(max_inputs) {
-            let inputs: Vec<&[u32]> = chunk.iter().map(|&(j, i)| batch[j].job.inputs[i].as_slice()).collect();
+            let inputs: Vec<&I> = chunk.iter().map(|&(j, i)| &batch[j].job.inputs[i]).collect();
             self.metrics
                 .batch_size
                 .with_label_values(&[&self.id.name, &self.id.version])
                 .observe(inputs.len() as f64);
-            match model.embed_tokens(&inputs) {
+            match model.run(&inputs) {
                 Ok(vectors) => {
                     for (&(j, i), v) in chunk.iter().zip(vectors) {
                         results[j][i] = Some(v);

@@ -1,0 +1,290 @@
+//! `POST /embed/vision` (JSON `image_base64` or `images_base64`, or a multipart `file`),
+//! `POST /embed/text` (`text`, one or a list) and OpenAI's `POST /v1/embeddings` (text).
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ImageTextEmbedding, Input};
+use crate::api::embeddings::{Embedded, EmbeddingsRequest, too_many_inputs};
+use crate::api::{ApiError, Inference, RequestBody, Upload, counted, tokenize, worker_answer};
+use crate::families::Shared;
+use crate::images::{ImageError, ImageLimits};
+use crate::loader::Lease;
+use crate::manifest::ModelRef;
+
+/// Images in one request: each becomes a few MB of pixel values until its batch runs.
+pub const MAX_IMAGES_PER_REQUEST: usize = 64;
+
+pub fn routes() -> Router<Shared<ImageTextEmbedding>> {
+    Router::new()
+        .route("/embed/vision", post(embed_vision))
+        .route("/embed/text", post(embed_text))
+        .route("/v1/embeddings", post(embeddings))
+}
+
+/// The JSON form of `/embed/vision`: one image or a list, base64-encoded.
+#[derive(Deserialize)]
+struct VisionRequest {
+    #[serde(default)]
+    image_base64: Option<String>,
+    #[serde(default)]
+    images_base64: Option<Vec<String>>,
+}
+
+impl RequestBody for VisionRequest {
+    const CARRIES_FILE: bool = true;
+
+    fn field_error(field: &str, _missing: bool, _detail: &str) -> ApiError {
+        match field {
+            "image_base64" => {
+                ApiError::unprocessable("invalid_image_base64", "`image_base64` must be a string")
+            }
+            f if f.starts_with("images_base64") => ApiError::unprocessable(
+                "invalid_images_base64",
+                "`images_base64` must be an array of strings",
+            ),
+            other => ApiError::unprocessable("invalid_body", format!("`{other}` is not valid here")),
+        }
+    }
+}
+
+/// The multipart form of `/embed/vision`: the image is the `file` part; `model` may be given.
+#[derive(Deserialize)]
+struct VisionForm {}
+
+impl RequestBody for VisionForm {
+    fn field_error(field: &str, _missing: bool, _detail: &str) -> ApiError {
+        ApiError::bad_request("invalid_field", format!("form field `{field}` must be text"))
+    }
+}
+
+/// `{"text": "..."}` or `{"text": ["...", "..."]}`.
+#[derive(Deserialize)]
+struct EmbedTextRequest {
+    text: TextInput,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RequestBody for EmbedTextRequest {
+    fn field_error(field: &str, missing: bool, _detail: &str) -> ApiError {
+        match (field, missing) {
+            ("text", true) => ApiError::bad_request("missing_text", "`text` is required"),
+            ("text", false) => {
+                ApiError::unprocessable("invalid_text", "`text` must be a string or an array of strings")
+            }
+            (other, _) => ApiError::unprocessable("invalid_body", format!("`{other}` is not valid here")),
+        }
+    }
+}
+
+/// An image as it arrived, decoded off the async workers.
+enum Encoded {
+    Base64(String),
+    Raw(Bytes),
+}
+
+/// The 4xx an image refused by the decoder gets; `field` names where it was.
+fn image_error(field: &str, e: ImageError) -> ApiError {
+    let message = format!("{field}: {e}");
+    match e {
+        ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. } | ImageError::OverLimit(_) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "image_too_large", message)
+        }
+        ImageError::Unsupported(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_image",
+            message,
+        ),
+        ImageError::Corrupt(_) => ApiError::bad_request("invalid_image", message),
+    }
+}
+
+/// Take a queue place (a full queue refuses before any decoding), decode and preprocess the
+/// images on the blocking pool, queue them, and wait for their batch.
+async fn embed_images(
+    state: &Shared<ImageTextEmbedding>,
+    lease: &Lease<ImageTextEmbedding>,
+    id: &ModelRef,
+    images: Vec<(String, Encoded)>,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let (model, batcher) = (lease.model.clone(), lease.batcher.clone());
+    let place = batcher.reserve().map_err(ApiError::from)?;
+    let limits = ImageLimits { max_bytes: state.limits.max_upload_bytes, ..ImageLimits::default() };
+    let inputs = tokenize(state, move || {
+        images
+            .into_iter()
+            .map(|(field, encoded)| {
+                let bytes = match encoded {
+                    Encoded::Raw(b) => b.to_vec(),
+                    Encoded::Base64(s) => {
+                        base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| {
+                            ApiError::bad_request("invalid_base64", format!("{field} is not base64: {e}"))
+                        })?
+                    }
+                };
+                model.image(&bytes, &limits).map_err(|e| image_error(&field, e))
+            })
+            .collect::<Result<Vec<Input>, ApiError>>()
+    })
+    .await??;
+    let rx = place.submit(inputs).map_err(ApiError::from)?;
+    worker_answer(rx, batcher.queue(), id).await
+}
+
+async fn embed_texts(
+    state: &Shared<ImageTextEmbedding>,
+    lease: &Lease<ImageTextEmbedding>,
+    id: &ModelRef,
+    texts: Vec<String>,
+) -> Result<Embedded, ApiError> {
+    let (model, batcher) = (lease.model.clone(), lease.batcher.clone());
+    let place = batcher.reserve().map_err(ApiError::from)?;
+    let tokens =
+        tokenize(state, move || texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>())
+            .await?
+            .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
+    let counts = tokens.iter().map(|t| t.ids.len()).collect();
+    let truncated = tokens.iter().map(|t| t.truncated).collect();
+    let rx =
+        place.submit(tokens.into_iter().map(|t| Input::Text(t.ids)).collect()).map_err(ApiError::from)?;
+    let vectors = worker_answer(rx, batcher.queue(), id).await?;
+    Ok(Embedded { vectors, tokens: counts, truncated })
+}
+
+fn is_multipart(req: &Request) -> bool {
+    let given = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    given.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("multipart/form-data")
+}
+
+async fn embed_vision(State(state): State<Shared<ImageTextEmbedding>>, req: Request) -> Response {
+    // One image or a list of them, with the lease and model they go to.
+    let (id, lease, images, one) = if is_multipart(&req) {
+        match Upload::<ImageTextEmbedding, VisionForm>::from_request(req, &state).await {
+            Ok(Upload { id, lease, file, .. }) => {
+                (id, lease, vec![("`file`".to_string(), Encoded::Raw(file))], true)
+            }
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        match Inference::<ImageTextEmbedding, VisionRequest>::from_request(req, &state).await {
+            Ok(Inference { body, id, lease }) => {
+                let images = match (body.image_base64, body.images_base64) {
+                    (Some(one), None) => {
+                        Ok((vec![("`image_base64`".to_string(), Encoded::Base64(one))], true))
+                    }
+                    (None, Some(many)) if many.is_empty() => Err(ApiError::bad_request(
+                        "empty_input",
+                        "`images_base64` must not be an empty array",
+                    )),
+                    (None, Some(many)) if many.len() > MAX_IMAGES_PER_REQUEST => {
+                        Err(too_many_inputs(many.len(), MAX_IMAGES_PER_REQUEST))
+                    }
+                    (None, Some(many)) => Ok((
+                        many.into_iter()
+                            .enumerate()
+                            .map(|(i, s)| (format!("`images_base64[{i}]`"), Encoded::Base64(s)))
+                            .collect(),
+                        false,
+                    )),
+                    (Some(_), Some(_)) => Err(ApiError::bad_request(
+                        "ambiguous_input",
+                        "send either `image_base64` or `images_base64`, not both",
+                    )),
+                    (None, None) => Err(ApiError::bad_request(
+                        "missing_image",
+                        "`image_base64` (one image) or `images_base64` (a list) is required, or post multipart/form-data with the image as `file`",
+                    )),
+                };
+                match images {
+                    Ok((images, one)) => (id, lease, images, one),
+                    Err(e) => return counted(&state, &id, || async { Err(e) }).await,
+                }
+            }
+            Err(e) => return e.into_response(),
+        }
+    };
+    counted(&state, &id, || async {
+        let mut vectors = embed_images(&state, &lease, &id, images).await?;
+        let dimension = lease.model.dimension();
+        let body = if one {
+            json!({"embedding": vectors.pop().unwrap_or_default(), "dimension": dimension, "model": id.to_string()})
+        } else {
+            json!({"embeddings": vectors, "dimension": dimension, "model": id.to_string()})
+        };
+        Ok(Json(body).into_response())
+    })
+    .await
+}
+
+async fn embed_text(
+    State(state): State<Shared<ImageTextEmbedding>>,
+    request: Result<Inference<ImageTextEmbedding, EmbedTextRequest>, ApiError>,
+) -> Response {
+    let Inference { body: req, id, lease } = match request {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    counted(&state, &id, || async {
+        let (texts, one) = match req.text {
+            TextInput::One(t) => (vec![t], true),
+            TextInput::Many(items) if items.is_empty() => {
+                return Err(ApiError::bad_request("empty_input", "`text` must not be an empty array"));
+            }
+            TextInput::Many(items) if items.len() > state.limits.max_inputs => {
+                return Err(too_many_inputs(items.len(), state.limits.max_inputs));
+            }
+            TextInput::Many(items) => (items, false),
+        };
+        let mut out = embed_texts(&state, &lease, &id, texts).await?;
+        let dimension = lease.model.dimension();
+        let body = if one {
+            json!({
+                "embedding": out.vectors.pop().unwrap_or_default(),
+                "dimension": dimension,
+                "model": id.to_string(),
+                "tokens": out.tokens.first().copied().unwrap_or(0),
+                "truncated": out.truncated.first().copied().unwrap_or(false),
+            })
+        } else {
+            json!({
+                "embeddings": out.vectors,
+                "dimension": dimension,
+                "model": id.to_string(),
+                "tokens": out.tokens,
+                "truncated": out.truncated,
+            })
+        };
+        Ok(Json(body).into_response())
+    })
+    .await
+}
+
+async fn embeddings(
+    State(state): State<Shared<ImageTextEmbedding>>,
+    request: Result<Inference<ImageTextEmbedding, EmbeddingsRequest>, ApiError>,
+) -> Response {
+    let Inference { body: mut req, id, lease } = match request {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    counted(&state, &id, || async {
+        let texts = req.texts(&id, lease.model.dimension(), state.limits.max_inputs)?;
+        let out = embed_texts(&state, &lease, &id, texts).await?;
+        Ok(req.response(&id, &out))
+    })
+    .await
+}

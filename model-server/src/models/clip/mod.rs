@@ -1,0 +1,380 @@
+//! CLIP (`model_type: clip`): two towers trained contrastively into one space.
+//! - vision: patch embedding (no bias) after a learned class token, positions, `pre_layrnorm`,
+//!   the pre-LayerNorm encoder, the class token through `post_layernorm` and
+//!   `visual_projection`;
+//! - text: token + position embeddings, the encoder with a causal mask, `final_layer_norm`, the
+//!   end-of-text token through `text_projection`. With the causal mask nothing after that token
+//!   changes it, so texts run unpadded.
+//!
+//! Features come out unnormalised; the family normalises them as CLIP's forward does.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde::Deserialize;
+
+use crate::images::preprocess::PixelValues;
+use crate::kernels::encoder::{
+    self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, load_linear, load_norm,
+};
+use crate::kernels::gemm::Linear;
+use crate::kernels::{Activation, Norm};
+use crate::models::{ImageTextEncoder, ModelError};
+use crate::weights::read_json;
+use crate::weights::tensors::{Scope, Tensors};
+
+/// `config.json`, with transformers' defaults for what a checkpoint leaves out.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    #[serde(default)]
+    pub text_config: TextConfig,
+    #[serde(default)]
+    pub vision_config: VisionConfig,
+    #[serde(default = "default_projection")]
+    pub projection_dim: usize,
+}
+
+fn default_projection() -> usize {
+    512
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub eos_token_id: Option<u32>,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        TextConfig {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: Some(49407),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        VisionConfig {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// Which token's output is the text's feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndOfText {
+    /// The first occurrence of this id (position 0 when absent, as transformers' argmax gives).
+    Id(u32),
+    /// The largest id: checkpoints that declare `eos_token_id: 2` predate the id being set, and
+    /// transformers then pools at the argmax, which is `<|endoftext|>` in CLIP's vocabulary.
+    LargestId,
+}
+
+impl EndOfText {
+    fn position(self, ids: &[u32]) -> usize {
+        match self {
+            EndOfText::Id(eos) => ids.iter().position(|&t| t == eos).unwrap_or(0),
+            // The first of equal maxima, as torch's argmax.
+            EndOfText::LargestId => {
+                ids.iter()
+                    .enumerate()
+                    .fold((0, 0), |(bp, bv), (p, &v)| if v > bv { (p, v) } else { (bp, bv) })
+                    .0
+            }
+        }
+    }
+}
+
+struct TextTower {
+    token: Vec<f32>,
+    position: Vec<f32>,
+    encoder: PreNormEncoder,
+    final_norm: Norm,
+    projection: Linear,
+    vocab: usize,
+    positions: usize,
+    end: EndOfText,
+}
+
+struct VisionTower {
+    class: Vec<f32>,
+    patches: PatchEmbedding,
+    position: Vec<f32>,
+    pre_norm: Norm,
+    encoder: PreNormEncoder,
+    post_norm: Norm,
+    projection: Linear,
+    image_size: usize,
+}
+
+pub struct Clip {
+    text: TextTower,
+    vision: VisionTower,
+    dimension: usize,
+}
+
+fn activation(path: &Path, name: &str) -> Result<Activation, ModelError> {
+    Activation::from_name(name).ok_or_else(|| ModelError::Files {
+        path: path.display().to_string(),
+        message: format!(
+            "hidden_act {name:?} is not one this build runs (gelu, gelu_pytorch_tanh, quick_gelu)"
+        ),
+    })
+}
+
+impl Clip {
+    pub fn load(dir: &Path) -> Result<Clip, ModelError> {
+        let path = dir.join("config.json");
+        let config: ClipConfig = read_json(&path)?;
+        let (t, v) = (&config.text_config, &config.vision_config);
+        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+            return Err(ModelError::Files {
+                path: path.display().to_string(),
+                message: format!(
+                    "image_size {} is not a multiple of patch_size {}",
+                    v.image_size, v.patch_size
+                ),
+            });
+        }
+        let dims =
+            |hidden, heads, intermediate, layers, eps: f64, act: &str| -> Result<EncoderDims, ModelError> {
+                Ok(EncoderDims {
+                    hidden,
+                    heads,
+                    intermediate,
+                    layers,
+                    eps: eps as f32,
+                    activation: activation(&path, act)?,
+                })
+            };
+        let text_dims = dims(
+            t.hidden_size,
+            t.num_attention_heads,
+            t.intermediate_size,
+            t.num_hidden_layers,
+            t.layer_norm_eps,
+            &t.hidden_act,
+        )?;
+        let vision_dims = dims(
+            v.hidden_size,
+            v.num_attention_heads,
+            v.intermediate_size,
+            v.num_hidden_layers,
+            v.layer_norm_eps,
+            &v.hidden_act,
+        )?;
+        let end = match t.eos_token_id {
+            None | Some(2) => EndOfText::LargestId,
+            Some(id) => EndOfText::Id(id),
+        };
+        let p = config.projection_dim;
+        let tensors = Tensors::open(dir)?;
+        let root = tensors.scope("");
+        let (text, vision) =
+            rayon::join(|| load_text(&root, t, text_dims, p, end), || load_vision(&root, v, vision_dims, p));
+        Ok(Clip { text: text?, vision: vision?, dimension: p })
+    }
+}
+
+fn load_text(
+    root: &Scope,
+    c: &TextConfig,
+    dims: EncoderDims,
+    p: usize,
+    end: EndOfText,
+) -> Result<TextTower, ModelError> {
+    let h = c.hidden_size;
+    let s = root.scope("text_model");
+    let e = s.scope("embeddings");
+    Ok(TextTower {
+        token: e.get("token_embedding.weight", &[c.vocab_size, h])?.to_vec(),
+        position: e.get("position_embedding.weight", &[c.max_position_embeddings, h])?.to_vec(),
+        encoder: PreNormEncoder::load(&s.scope("encoder"), dims)?,
+        final_norm: load_norm(&s.scope("final_layer_norm"), h)?,
+        projection: load_linear(&root.scope("text_projection"), p, h, false)?,
+        vocab: c.vocab_size,
+        positions: c.max_position_embeddings,
+        end,
+    })
+}
+
+fn load_vision(
+    root: &Scope,
+    c: &VisionConfig,
+    dims: EncoderDims,
+    p: usize,
+) -> Result<VisionTower, ModelError> {
+    let h = c.hidden_size;
+    let s = root.scope("vision_model");
+    let e = s.scope("embeddings");
+    let patches = PatchEmbedding::load(&e.scope("patch_embedding"), h, c.num_channels, c.patch_size, false)?;
+    let grid = patches.grid(c.image_size, c.image_size);
+    Ok(VisionTower {
+        class: e.get("class_embedding", &[h])?.to_vec(),
+        patches,
+        position: e.get("position_embedding.weight", &[grid + 1, h])?.to_vec(),
+        pre_norm: load_norm(&s.scope("pre_layrnorm"), h)?,
+        encoder: PreNormEncoder::load(&s.scope("encoder"), dims)?,
+        post_norm: load_norm(&s.scope("post_layernorm"), h)?,
+        projection: load_linear(&root.scope("visual_projection"), p, h, false)?,
+        image_size: c.image_size,
+    })
+}
+
+impl VisionTower {
+    fn forward(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let size = self.image_size;
+        if let Some(bad) =
+            images.iter().find(|i| i.height != size || i.width != size || i.data.len() != 3 * size * size)
+        {
+            return Err(ModelError::Inference(format!(
+                "pixel values of {}x{}; the vision tower takes {size}x{size}",
+                bad.width, bad.height
+            )));
+        }
+        let h = self.encoder.dims().hidden;
+        let seq = self.position.len() / h;
+        let grid = seq - 1;
+        let patches = self.patches.embed(images);
+        // Each image: its class token, then its patches; positions over all of them.
+        let mut x = vec![0.0; images.len() * seq * h];
+        x.par_chunks_mut(seq * h).zip(patches.par_chunks(grid * h)).for_each(|(img, p)| {
+            img[..h].copy_from_slice(&self.class);
+            img[h..].copy_from_slice(p);
+            enc::add_rows(img, &self.position);
+        });
+        self.encoder.norm_in_place(&mut x, &self.pre_norm);
+        let (spans, _) = Span::pack(images.iter().map(|_| seq));
+        self.encoder.forward(&mut x, &spans, false);
+        let mut class: Vec<f32> = x.chunks_exact(seq * h).flat_map(|img| img[..h].to_vec()).collect();
+        self.encoder.norm_in_place(&mut class, &self.post_norm);
+        let width = self.projection.bias.len();
+        let mut out = vec![0.0; images.len() * width];
+        enc::project(&mut out, &class, &self.projection);
+        Ok(out.chunks_exact(width).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl TextTower {
+    fn forward(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        for ids in texts {
+            if ids.len() > self.positions {
+                return Err(ModelError::Inference(format!(
+                    "{} tokens; the text tower takes {}",
+                    ids.len(),
+                    self.positions
+                )));
+            }
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+                return Err(ModelError::Inference(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.vocab
+                )));
+            }
+        }
+        let h = self.encoder.dims().hidden;
+        let (spans, tokens) = Span::pack(texts.iter().map(|t| t.len()));
+        let mut x = vec![0.0; tokens * h];
+        for (ids, span) in texts.iter().zip(&spans) {
+            for (pos, &id) in ids.iter().enumerate() {
+                let row = &mut x[(span.start + pos) * h..][..h];
+                let (tok, p) = (&self.token[id as usize * h..][..h], &self.position[pos * h..][..h]);
+                row.iter_mut().zip(tok).zip(p).for_each(|((r, t), p)| *r = t + p);
+            }
+        }
+        self.encoder.forward(&mut x, &spans, true);
+        let mut pooled = vec![0.0; texts.len() * h];
+        for ((row, span), ids) in pooled.chunks_exact_mut(h).zip(&spans).zip(texts) {
+            if span.len > 0 {
+                row.copy_from_slice(&x[(span.start + self.end.position(ids)) * h..][..h]);
+            }
+        }
+        self.encoder.norm_in_place(&mut pooled, &self.final_norm);
+        let width = self.projection.bias.len();
+        let mut out = vec![0.0; texts.len() * width];
+        enc::project(&mut out, &pooled, &self.projection);
+        Ok(out.chunks_exact(width).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl ImageTextEncoder for Clip {
+    fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.vision.forward(images)
+    }
+
+    fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.text.forward(texts)
+    }
+
+    fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    fn image_size(&self) -> (usize, usize) {
+        (self.vision.image_size, self.vision.image_size)
+    }
+
+    fn max_text_tokens(&self) -> usize {
+        self.text.positions
+    }
+
+    fn pads_text(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_text_token_is_found_as_transformers_finds_it() {
+        assert_eq!(EndOfText::Id(7).position(&[0, 5, 7, 7, 7]), 2);
+        assert_eq!(EndOfText::Id(7).position(&[0, 5, 6]), 0);
+        assert_eq!(EndOfText::LargestId.position(&[49406, 320, 49407, 49407]), 2);
+    }
+}
