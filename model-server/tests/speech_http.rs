@@ -16,34 +16,13 @@ fn wav_path(name: &str) -> std::path::PathBuf {
     std::fs::canonicalize(common::speech_reference_dir().join(format!("{name}.wav"))).expect("clip")
 }
 
-/// A multipart/form-data body: text fields, then the file part.
-fn form(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
-    let boundary = "kiln-test-boundary-7d1c";
-    let mut body = Vec::new();
-    for (name, value) in fields {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
-                .as_bytes(),
-        );
-    }
-    if let Some((file_name, bytes)) = file {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
 async fn post_form(
     server: &TestServer,
     path: &str,
     fields: &[(&str, &str)],
     file: Option<(&str, &[u8])>,
 ) -> (u16, String) {
-    let (content_type, body) = form(fields, file);
+    let (content_type, body) = common::multipart(fields, file);
     let r = reqwest::Client::new()
         .post(server.url(path))
         .header("content-type", content_type)
