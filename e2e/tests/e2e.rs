@@ -642,6 +642,82 @@ async fn a_speech_to_text_pool_becomes_ready_after_warmup_and_transcribes() {
     assert!(table.contains("speech-to-text") && table.contains("1/1"), "{table}");
 }
 
+/// config/samples/image-text-embedding.yaml as shipped (family, model name, warmup, batching),
+/// with its source pointed at the tiny SigLIP checkpoint transformers wrote (pinned by digest)
+/// and its pool sized for the harness's node.
+fn image_text_md(ns: &str, name: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("config/samples/image-text-embedding.yaml")).unwrap();
+    let mut md: Value = serde_norway::from_str(&text).unwrap();
+    let dir = repo().join("model-server/tests/data/tiny/siglip");
+    let files = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ];
+    let sha256: serde_json::Map<String, Value> =
+        files.iter().map(|f| (f.to_string(), json!(sha256_file(&dir.join(f))))).collect();
+    md["metadata"] = json!({"name": name, "namespace": ns});
+    let model = &mut md["spec"]["models"][0];
+    model["source"] = json!({"uri": format!("file://{}/", dir.display()), "sha256": sha256});
+    model["memory"] = json!("64Mi");
+    let pool = &mut md["spec"]["pools"][0];
+    pool["nodeSelector"] = json!({"kiln.dev/pool": "cpu", "kiln.dev/harness": "real"});
+    pool["resources"] = json!({"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}});
+    pool["replicas"] = json!(1);
+    md
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_text_sample_becomes_ready_and_embeds_images_and_queries_in_one_space() {
+    let model = "siglip:so400m-384";
+    let pool = RealPool::ready("e2e-image-text", image_text_md, "video-search", model).await;
+    let (n, endpoint) = (pool.ns.name.as_str(), pool.endpoint.as_str());
+    let http = reqwest::Client::new();
+    let data = repo().join("model-server/tests/data");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(data.join("tiny/siglip/reference.json")).unwrap()).unwrap();
+    let cosine = |a: &Value, b: &Value| {
+        let (a, b): (Vec<f64>, Vec<f64>) =
+            (serde_json::from_value(a.clone()).unwrap(), serde_json::from_value(b.clone()).unwrap());
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        dot / (a.iter().map(|x| x * x).sum::<f64>().sqrt() * b.iter().map(|x| x * x).sum::<f64>().sqrt())
+    };
+    // A keyframe as the product sends it, through the Service's endpoint.
+    let file = reference["images"][1].as_str().unwrap();
+    use base64::Engine as _;
+    let image = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(data.join("images").join(file)).unwrap());
+    let resp: Value = http
+        .post(format!("http://{endpoint}:8080/embed/vision"))
+        .json(&json!({"image_base64": image}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["model"], model, "{resp}");
+    let c = cosine(&resp["embedding"], &reference["image_embeds"][1]);
+    assert!(c >= 0.9999, "image: cosine {c} {resp}");
+    // A search query, in the same space.
+    let resp: Value = http
+        .post(format!("http://{endpoint}:8080/embed/text"))
+        .json(&json!({"text": reference["texts"][0], "model": "siglip"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let c = cosine(&resp["embedding"], &reference["text_embeds"][0]);
+    assert!(c >= 0.9999, "text: cosine {c} {resp}");
+    assert_eq!(resp["dimension"], reference["image_embeds"][1].as_array().unwrap().len(), "{resp}");
+    let table = kubectl(&["get", "md", "-n", n]).unwrap();
+    assert!(table.contains("image-text-embedding") && table.contains("1/1"), "{table}");
+}
+
 /// `cpu_md` with a second copy of MiniLM (`spare:v1`, the same files) loaded lazily, under a
 /// memory budget that holds both.
 fn lazy_md(ns: &str, name: &str) -> Value {

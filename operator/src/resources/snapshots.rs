@@ -66,3 +66,9 @@ fn ab_gpu_pools_without_autoscaling() {
 fn pvc_source() {
     insta::assert_yaml_snapshot!(desired(&sample("textgen-pvc.yaml")));
 }
+
+/// Image-text embeddings (SigLIP) on a CPU pool: the family and batching reach the manifest.
+#[test]
+fn image_text_embeddings() {
+    insta::assert_yaml_snapshot!(desired(&sample("image-text-embedding.yaml")));
+}
