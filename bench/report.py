@@ -161,6 +161,29 @@ def main():
             print(f"RSS, MiB: before the load {rss.get('before_load')}, loaded {rss.get('loaded')}, "
                   f"after the idle unload {rss.get('after_unload')} ({rss.get('after_over_before')}x before)")
 
+    it = load(os.path.join(out, 'image-text.json'))
+    for name, row in ((it or {}).get('checkpoints') or {}).items():
+        k, t = row.get('kiln', {}), row.get('torch', {})
+        print(f"\nImage-text, SigLIP {name} at {row.get('image_size')} px ({it.get('threads')} threads, "
+              f"{it.get('images')} JPEG keyframes; Kiln over HTTP); smallest cosine to torch: images "
+              f"{row.get('min_image_cosine', 0):.7f}, queries {row.get('min_text_cosine', 0):.7f}")
+        print(f'| {"measure":38} | {"kiln":>9} | {"torch":>9} | {"kiln/torch":>10} | {"target":>8} |')
+        print(f'|{"-" * 40}|{"-" * 11}|{"-" * 11}|{"-" * 12}|{"-" * 10}|')
+        for label, key, target in (('images/s, batch 32', 'images_per_s', '2x'),
+                                   ('image batch-1 p50, ms', 'image_p50_ms', '0.5x'),
+                                   ('image batch-1 p99, ms', 'image_p99_ms', ''),
+                                   ('query batch-1 p50, ms', 'text_p50_ms', '0.5x'),
+                                   ('query batch-1 p99, ms', 'text_p99_ms', ''),
+                                   ('peak RSS, MiB', 'rss_mib', ''),
+                                   ('load, s', 'load_s', ''),
+                                   ('start to ready (kiln), s', 'ready_s', '')):
+            a, b = k.get(key), t.get(key) if key != 'ready_s' else None
+            fmt = (lambda v: f'{v:.3f}') if key == 'images_per_s' else (lambda v: f'{v:.1f}')
+            fa = '-' if a is None else fmt(a)
+            fb = '-' if b is None else fmt(b)
+            value = '-' if a is None or not b else f'{a / b:.2f}x'
+            print(f'| {label:38} | {fa:>9} | {fb:>9} | {value:>10} | {target:>8} |')
+
 
 if __name__ == '__main__':
     main()

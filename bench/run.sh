@@ -6,7 +6,9 @@
 #        SKIP_GENERATION=1 (no text-generation part; it builds llama.cpp's llama-server once),
 #        SKIP_BGE_M3=1 (no BGE-M3-shaped XLM-RoBERTa part; it writes a 1.1 GB checkpoint once),
 #        SKIP_SPEECH=1 (no speech-to-text part: Kiln against faster-whisper),
-#        SKIP_LAZY=1 (no lazy-loading part: first request, swap, RSS after unload)
+#        SKIP_LAZY=1 (no lazy-loading part: first request, swap, RSS after unload),
+#        SKIP_IMAGE_TEXT=1 (no image-text part: SigLIP base and so400m against transformers),
+#        IMAGE_TEXT_MODELS (default base,so400m)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -63,6 +65,26 @@ if [ "${SKIP_LAZY:-0}" != 1 ]; then
   fi
   python3 "$ROOT/bench/lazy.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$MODEL" \
     "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/smollm2" "$OUT/lazy.json" "${lazy_args[@]}"
+fi
+
+if [ "${SKIP_IMAGE_TEXT:-0}" != 1 ] && [ "${SKIP_BASELINE:-0}" != 1 ]; then
+  # SigLIP at base-224 and so400m-384 (random weights): Kiln's server against transformers on
+  # torch. The baseline's venv plus Pillow (transformers' PIL image processor), in a venv of its
+  # own so the baseline stays as shipped.
+  echo "== image-text embeddings: kiln vs transformers (SigLIP)"
+  bash "$SHARED/python-baseline/run.sh" setup
+  base_venv="${KILN_CACHE:-$HOME/.cache/kiln}/python-baseline/venv"
+  image_venv="${KILN_CACHE:-$HOME/.cache/kiln}/image-text-bench-venv-pillow-11.3.0"
+  if [ ! -f "$image_venv/.kiln-complete" ]; then
+    rm -rf "$image_venv"
+    python3 -m venv "$image_venv"
+    site=$("$base_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$site" >"$("$image_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/baseline.pth"
+    "$image_venv/bin/python" -m pip install --quiet --disable-pip-version-check pillow==11.3.0
+    touch "$image_venv/.kiln-complete"
+  fi
+  python3 "$ROOT/bench/image_text.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" \
+    "$image_venv/bin/python" "$OUT/image-text.json" --models "${IMAGE_TEXT_MODELS:-base,so400m}"
 fi
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then

@@ -12,13 +12,62 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::families::StartContext;
+use crate::families::{Serving, StartContext};
 use crate::manifest::{Batching, ModelRef};
 use crate::metrics::Metrics;
 use crate::models::ModelError;
 use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, WorkerThread, spawn_worker};
 
 pub type BatchResult = Result<Vec<Vec<f32>>, ModelError>;
+
+/// A model served through a batcher: what both embedding families' requests go to.
+pub struct BatchServing<M, I> {
+    pub model: Arc<M>,
+    pub batcher: Batcher<I>,
+    thread: WorkerThread,
+}
+
+/// A batched model's own fields of `/status` (its dimension, its input limits).
+pub trait BatchStatus {
+    fn status(&self) -> serde_json::Map<String, serde_json::Value>;
+}
+
+impl<M: BatchModel<I>, I: BatchInput> BatchServing<M, I> {
+    /// Start `model`'s batcher.
+    pub fn start(id: &ModelRef, model: Arc<M>, ctx: StartContext) -> std::io::Result<Self> {
+        let (batcher, thread) = Batcher::spawn(id.clone(), model.clone(), ctx)?;
+        Ok(BatchServing { model, batcher, thread })
+    }
+}
+
+impl<M: BatchModel<I> + BatchStatus, I: BatchInput> Serving for BatchServing<M, I> {
+    fn waiting(&self) -> usize {
+        self.batcher.waiting()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.batcher.in_flight()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.batcher.failure()
+    }
+
+    fn close(&self) {
+        self.batcher.close();
+    }
+
+    fn stop(&self) {
+        self.batcher.close();
+        self.thread.join();
+    }
+
+    fn status(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = self.model.status();
+        m.insert("queuedTokens".into(), serde_json::json!(self.batcher.tokens_waiting()));
+        m
+    }
+}
 
 /// An input a batcher queues.
 pub trait BatchInput: Send + 'static {

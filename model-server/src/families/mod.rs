@@ -4,6 +4,7 @@
 //! one place a family is named. Adding a family is its folder and one line there.
 
 pub mod batcher;
+pub mod embedding;
 pub mod image_text_embedding;
 pub mod speech_to_text;
 pub mod text_embedding;

@@ -216,6 +216,15 @@ impl PreNormEncoder {
         });
     }
 
+    /// A tower's output: the pooled rows through a LayerNorm and a projection, one vector each.
+    pub fn project_pooled(&self, mut pooled: Vec<f32>, norm: &Norm, projection: &Linear) -> Vec<Vec<f32>> {
+        self.norm_in_place(&mut pooled, norm);
+        let width = projection.bias.len();
+        let mut out = vec![0.0; pooled.len() / self.dims.hidden * width];
+        project(&mut out, &pooled, projection);
+        out.chunks_exact(width).map(<[f32]>::to_vec).collect()
+    }
+
     /// `out = LayerNorm(x)`, row by row.
     pub fn norm_into(&self, x: &[f32], out: &mut [f32], norm: &Norm) {
         let out = &mut out[..x.len()];
@@ -320,5 +329,133 @@ impl PatchEmbedding {
         let mut out = vec![0.0; rows * self.linear.bias.len()];
         project(&mut out, &cols, &self.linear);
         out
+    }
+}
+
+/// A text tower's input: token plus position embeddings (CLIP's and SigLIP's, no norm after).
+pub struct TokenEmbedding {
+    token: Vec<f32>,
+    position: Vec<f32>,
+    hidden: usize,
+    vocab: usize,
+    positions: usize,
+}
+
+impl TokenEmbedding {
+    /// `token_embedding.weight` and `position_embedding.weight` under `s` (`text_model.embeddings`).
+    pub fn load(s: &Scope, vocab: usize, positions: usize, hidden: usize) -> Result<Self, ModelError> {
+        Ok(TokenEmbedding {
+            token: s.get("token_embedding.weight", &[vocab, hidden])?.to_vec(),
+            position: s.get("position_embedding.weight", &[positions, hidden])?.to_vec(),
+            hidden,
+            vocab,
+            positions,
+        })
+    }
+
+    /// Tokens a text may have.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// The packed `[tokens, hidden]` input of `texts`, and where each sits; a text too long or
+    /// with an id outside the vocabulary is refused.
+    pub fn embed(&self, texts: &[&[u32]]) -> Result<(Vec<f32>, Vec<Span>), ModelError> {
+        for ids in texts {
+            if ids.len() > self.positions {
+                return Err(ModelError::Inference(format!(
+                    "{} tokens; the text tower takes {}",
+                    ids.len(),
+                    self.positions
+                )));
+            }
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+                return Err(ModelError::Inference(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.vocab
+                )));
+            }
+        }
+        let h = self.hidden;
+        let (spans, tokens) = Span::pack(texts.iter().map(|t| t.len()));
+        let mut x = vec![0.0; tokens * h];
+        for (ids, span) in texts.iter().zip(&spans) {
+            for (pos, &id) in ids.iter().enumerate() {
+                let row = &mut x[(span.start + pos) * h..][..h];
+                let (tok, p) = (&self.token[id as usize * h..][..h], &self.position[pos * h..][..h]);
+                row.iter_mut().zip(tok).zip(p).for_each(|((r, t), p)| *r = t + p);
+            }
+        }
+        Ok((x, spans))
+    }
+}
+
+/// The activation `config.json` at `path` names, or an error naming the ones the kernels have.
+pub fn activation(path: &std::path::Path, name: &str) -> Result<Activation, ModelError> {
+    Activation::from_name(name).ok_or_else(|| ModelError::Files {
+        path: path.display().to_string(),
+        message: format!(
+            "hidden_act {name:?} is not one this build runs (gelu, gelu_pytorch_tanh, quick_gelu)"
+        ),
+    })
+}
+
+/// Every image must be `3 × size × size`, what the vision tower was built for.
+pub fn check_images(
+    images: &[&crate::images::preprocess::PixelValues],
+    size: usize,
+) -> Result<(), ModelError> {
+    match images.iter().find(|i| i.height != size || i.width != size || i.data.len() != 3 * size * size) {
+        Some(bad) => Err(ModelError::Inference(format!(
+            "pixel values of {}x{}; the vision tower takes {size}x{size}",
+            bad.width, bad.height
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `rows` of `x` (rows of `hidden`), one after another: the tokens a tower pools.
+pub fn gather_rows(x: &[f32], hidden: usize, rows: impl Iterator<Item = usize>) -> Vec<f32> {
+    rows.flat_map(|r| x[r * hidden..][..hidden].iter().copied()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::preprocess::PixelValues;
+
+    /// A 5 × 5 image in 2-pixel patches: four patches, the last row and column dropped, as a
+    /// convolution of stride 2 drops them; each output is the patch's pixels through the kernel.
+    #[test]
+    fn patches_follow_the_kernel_layout_and_drop_the_border() {
+        let (c, p, side) = (2, 2, 5);
+        let data: Vec<f32> = (0..c * side * side).map(|i| i as f32).collect();
+        let image = PixelValues { height: side, width: side, data: data.clone() };
+        // Output 0 sums every pixel; output 1 reads channel 1's bottom-right pixel of the patch.
+        let inp = c * p * p;
+        let mut dense = vec![0.0; inp * 2];
+        for i in 0..inp {
+            dense[i * 2] = 1.0;
+        }
+        // Channel 1, kernel row 1, column 1: (channel·p + row)·p + column.
+        let corner = (p + 1) * p + 1;
+        dense[corner * 2 + 1] = 1.0;
+        let embedding = PatchEmbedding {
+            linear: Linear { weight: Weight::new(&dense, inp, 2), bias: vec![0.0, 0.5] },
+            patch: p,
+            channels: c,
+        };
+        assert_eq!(embedding.grid(side, side), 4);
+        let out = embedding.embed(&[&image]);
+        assert_eq!(out.len(), 4 * 2);
+        let px = |ch: usize, y: usize, x: usize| data[ch * side * side + y * side + x];
+        for (k, (gy, gx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+            let sum: f32 = (0..c)
+                .flat_map(|ch| (0..p).flat_map(move |y| (0..p).map(move |x| (ch, gy * p + y, gx * p + x))))
+                .map(|(ch, y, x)| px(ch, y, x))
+                .sum();
+            assert_eq!(out[k * 2], sum, "patch {k}");
+            assert_eq!(out[k * 2 + 1], px(1, gy * p + 1, gx * p + 1) + 0.5, "patch {k}");
+        }
     }
 }

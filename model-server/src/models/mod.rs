@@ -55,12 +55,13 @@ pub trait Encoder: Send + Sync {
 /// What an image-text architecture (two towers, one embedding space) gives the
 /// image-text-embedding family. Deterministic and thread-safe, like [`Encoder`].
 pub trait ImageTextEncoder: Send + Sync {
-    /// One feature vector (not normalised) per image; images are [`Self::image_size`].
+    /// One feature vector (not normalised) per image (at least one); images are
+    /// [`Self::image_size`].
     fn embed_images(
         &self,
         images: &[&crate::images::preprocess::PixelValues],
     ) -> Result<Vec<Vec<f32>>, ModelError>;
-    /// One feature vector (not normalised) per text, from its token ids.
+    /// One feature vector (not normalised) per text (at least one), from its token ids.
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
     /// Width of both towers' features.
     fn dimension(&self) -> usize;

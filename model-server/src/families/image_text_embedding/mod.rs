@@ -12,16 +12,15 @@ use std::sync::Arc;
 use axum::Router;
 use serde_json::{Value, json};
 
-use super::batcher::{BatchInput, BatchModel, BatchResult, Batcher};
-use super::{ModelFamily, Serving, Shared, StartContext};
-use crate::families::text_embedding::{Tokens, l2_normalize};
+use super::batcher::{BatchInput, BatchModel, BatchResult, BatchServing, BatchStatus};
+use super::embedding::{Tokens, l2_normalize};
+use super::{ModelFamily, Shared, StartContext};
 use crate::images::preprocess::{PixelValues, Preprocess};
 use crate::images::{ImageError, ImageLimits};
 use crate::manifest::{Family, ModelRef};
 use crate::models::clip::Clip;
 use crate::models::siglip::Siglip;
 use crate::models::{Architecture, ImageTextEncoder, ModelError, architecture};
-use crate::queue::WorkerThread;
 use crate::weights::{model_type, read_json_if_present};
 
 /// This family's endpoints.
@@ -32,7 +31,7 @@ pub struct ImageTextEmbedding;
 impl ModelFamily for ImageTextEmbedding {
     const FAMILY: Family = Family::ImageTextEmbedding;
     type Model = ImageTextModel;
-    type Serving = ImageTextServing;
+    type Serving = BatchServing<ImageTextModel, Input>;
 
     fn load(dir: &Path) -> Result<ImageTextModel, ModelError> {
         ImageTextModel::load(dir)
@@ -53,13 +52,8 @@ impl ModelFamily for ImageTextEmbedding {
         Ok(())
     }
 
-    fn start(
-        id: &ModelRef,
-        model: Arc<ImageTextModel>,
-        ctx: StartContext,
-    ) -> std::io::Result<ImageTextServing> {
-        let (batcher, thread) = Batcher::spawn(id.clone(), model.clone(), ctx)?;
-        Ok(ImageTextServing { model, batcher, thread })
+    fn start(id: &ModelRef, model: Arc<ImageTextModel>, ctx: StartContext) -> std::io::Result<Self::Serving> {
+        BatchServing::start(id, model, ctx)
     }
 
     fn routes() -> Router<Shared<Self>> {
@@ -72,46 +66,6 @@ fn synthetic_image() -> image::RgbImage {
     image::RgbImage::from_fn(640, 480, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x / 8 + y / 8) % 2 * 200) as u8])
     })
-}
-
-/// A model with its batcher running.
-pub struct ImageTextServing {
-    pub model: Arc<ImageTextModel>,
-    pub batcher: Batcher<Input>,
-    thread: WorkerThread,
-}
-
-impl Serving for ImageTextServing {
-    fn waiting(&self) -> usize {
-        self.batcher.waiting()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.batcher.in_flight()
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.batcher.failure()
-    }
-
-    fn close(&self) {
-        self.batcher.close();
-    }
-
-    fn stop(&self) {
-        self.batcher.close();
-        self.thread.join();
-    }
-
-    fn status(&self) -> serde_json::Map<String, Value> {
-        let (h, w) = self.model.encoder.image_size();
-        let mut m = serde_json::Map::new();
-        m.insert("dimension".into(), json!(self.model.dimension()));
-        m.insert("imageSize".into(), json!({"width": w, "height": h}));
-        m.insert("maxSeqLength".into(), json!(self.model.max_tokens));
-        m.insert("queuedTokens".into(), json!(self.batcher.tokens_waiting()));
-        m
-    }
 }
 
 /// What the batcher queues: a text's token ids or an image's pixel values. Each forms batches
@@ -208,6 +162,9 @@ impl ImageTextModel {
 
     /// Normalised text embeddings; texts are padded here for a tower that takes them padded.
     pub fn embed_texts(&self, ids: &[&[u32]]) -> BatchResult {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut out = match self.pad {
             Some(pad) => {
                 let padded: Vec<Vec<u32>> = ids
@@ -229,9 +186,23 @@ impl ImageTextModel {
 
     /// Normalised image embeddings.
     pub fn embed_images(&self, images: &[&PixelValues]) -> BatchResult {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut out = self.encoder.embed_images(images)?;
         out.iter_mut().for_each(|v| l2_normalize(v));
         Ok(out)
+    }
+}
+
+impl BatchStatus for ImageTextModel {
+    fn status(&self) -> serde_json::Map<String, Value> {
+        let (h, w) = self.encoder.image_size();
+        let mut m = serde_json::Map::new();
+        m.insert("dimension".into(), json!(self.dimension()));
+        m.insert("imageSize".into(), json!({"width": w, "height": h}));
+        m.insert("maxSeqLength".into(), json!(self.max_tokens));
+        m
     }
 }
 

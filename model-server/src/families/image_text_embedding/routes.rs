@@ -14,7 +14,7 @@ use serde_json::json;
 use super::{ImageTextEmbedding, Input};
 use crate::api::embeddings::{Embedded, EmbeddingsRequest, too_many_inputs};
 use crate::api::{ApiError, Inference, RequestBody, Upload, counted, tokenize, worker_answer};
-use crate::families::Shared;
+use crate::families::{Shared, embedding};
 use crate::images::{ImageError, ImageLimits};
 use crate::loader::Lease;
 use crate::manifest::ModelRef;
@@ -151,18 +151,8 @@ async fn embed_texts(
     id: &ModelRef,
     texts: Vec<String>,
 ) -> Result<Embedded, ApiError> {
-    let (model, batcher) = (lease.model.clone(), lease.batcher.clone());
-    let place = batcher.reserve().map_err(ApiError::from)?;
-    let tokens =
-        tokenize(state, move || texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>())
-            .await?
-            .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
-    let counts = tokens.iter().map(|t| t.ids.len()).collect();
-    let truncated = tokens.iter().map(|t| t.truncated).collect();
-    let rx =
-        place.submit(tokens.into_iter().map(|t| Input::Text(t.ids)).collect()).map_err(ApiError::from)?;
-    let vectors = worker_answer(rx, batcher.queue(), id).await?;
-    Ok(Embedded { vectors, tokens: counts, truncated })
+    let model = lease.model.clone();
+    embedding::embed_texts(state, &lease.batcher, id, texts, move |t| model.tokenize(t), Input::Text).await
 }
 
 fn is_multipart(req: &Request) -> bool {

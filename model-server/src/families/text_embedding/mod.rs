@@ -12,13 +12,13 @@ use std::sync::Arc;
 use axum::Router;
 use serde_json::{Value, json};
 
-use super::batcher::{BatchModel, BatchResult, Batcher};
-use super::{ModelFamily, Serving, Shared, StartContext};
+use super::batcher::{BatchModel, BatchResult, BatchServing, BatchStatus};
+pub use super::embedding::{Tokens, cosine, l2_normalize};
+use super::{ModelFamily, Shared, StartContext};
 use crate::manifest::{Family, ModelRef};
 use crate::models::bert::BertConfig;
 use crate::models::bert::packed::PackedBert;
 use crate::models::{Architecture, Encoder, ModelError, architecture};
-use crate::queue::WorkerThread;
 use crate::weights::model_type;
 pub use pooling::EncoderSettings;
 
@@ -30,7 +30,7 @@ pub struct TextEmbedding;
 impl ModelFamily for TextEmbedding {
     const FAMILY: Family = Family::TextEmbedding;
     type Model = EmbeddingModel;
-    type Serving = EmbeddingServing;
+    type Serving = BatchServing<EmbeddingModel, Vec<u32>>;
 
     fn load(dir: &Path) -> Result<EmbeddingModel, ModelError> {
         EmbeddingModel::load(dir)
@@ -48,64 +48,13 @@ impl ModelFamily for TextEmbedding {
         Ok(())
     }
 
-    fn start(
-        id: &ModelRef,
-        model: Arc<EmbeddingModel>,
-        ctx: StartContext,
-    ) -> std::io::Result<EmbeddingServing> {
-        let (batcher, thread) = Batcher::spawn(id.clone(), model.clone(), ctx)?;
-        Ok(EmbeddingServing { model, batcher, thread })
+    fn start(id: &ModelRef, model: Arc<EmbeddingModel>, ctx: StartContext) -> std::io::Result<Self::Serving> {
+        BatchServing::start(id, model, ctx)
     }
 
     fn routes() -> Router<Shared<Self>> {
         routes::routes()
     }
-}
-
-/// An embedding model with its batcher running.
-pub struct EmbeddingServing {
-    pub model: Arc<EmbeddingModel>,
-    pub batcher: Batcher<Vec<u32>>,
-    thread: WorkerThread,
-}
-
-impl Serving for EmbeddingServing {
-    fn waiting(&self) -> usize {
-        self.batcher.waiting()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.batcher.in_flight()
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.batcher.failure()
-    }
-
-    fn close(&self) {
-        self.batcher.close();
-    }
-
-    fn stop(&self) {
-        self.batcher.close();
-        self.thread.join();
-    }
-
-    fn status(&self) -> serde_json::Map<String, Value> {
-        let mut m = serde_json::Map::new();
-        m.insert("dimension".into(), json!(self.model.dimension()));
-        m.insert("maxSeqLength".into(), json!(self.model.settings().max_seq_length));
-        m.insert("queuedTokens".into(), json!(self.batcher.tokens_waiting()));
-        m
-    }
-}
-
-/// Token ids of one input, with special tokens, already truncated to the model's limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tokens {
-    pub ids: Vec<u32>,
-    /// True when the input was longer than the limit and was cut.
-    pub truncated: bool,
 }
 
 /// A loaded text-embedding model.
@@ -185,23 +134,18 @@ impl EmbeddingModel {
     }
 }
 
+impl BatchStatus for EmbeddingModel {
+    fn status(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("dimension".into(), json!(self.dimension()));
+        m.insert("maxSeqLength".into(), json!(self.settings().max_seq_length));
+        m
+    }
+}
+
 impl BatchModel<Vec<u32>> for EmbeddingModel {
     fn run(&self, inputs: &[&Vec<u32>]) -> BatchResult {
         let ids: Vec<&[u32]> = inputs.iter().map(|i| i.as_slice()).collect();
         self.embed_tokens(&ids)
     }
-}
-
-pub fn l2_normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-}
-
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (na * nb).max(f32::MIN_POSITIVE)
 }

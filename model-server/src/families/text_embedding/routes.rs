@@ -9,8 +9,8 @@ use serde_json::json;
 
 use super::TextEmbedding;
 use crate::api::embeddings::{Embedded, EmbeddingsRequest};
-use crate::api::{ApiError, Inference, RequestBody, counted, tokenize, worker_answer};
-use crate::families::Shared;
+use crate::api::{ApiError, Inference, RequestBody, counted};
+use crate::families::{Shared, embedding};
 use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
@@ -34,25 +34,14 @@ impl RequestBody for EmbedTextRequest {
     }
 }
 
-/// Take a queue place (so a full queue refuses before any tokenizing), tokenize off the async
-/// workers, queue, and wait for the batch.
 async fn embed_texts(
     state: &Shared<TextEmbedding>,
     serving: &Lease<TextEmbedding>,
     id: &ModelRef,
     texts: Vec<String>,
 ) -> Result<Embedded, ApiError> {
-    let (model, batcher) = (serving.model.clone(), serving.batcher.clone());
-    let place = batcher.reserve().map_err(ApiError::from)?;
-    let tokens =
-        tokenize(state, move || texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>())
-            .await?
-            .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
-    let counts = tokens.iter().map(|t| t.ids.len()).collect();
-    let truncated = tokens.iter().map(|t| t.truncated).collect();
-    let rx = place.submit(tokens.into_iter().map(|t| t.ids).collect()).map_err(ApiError::from)?;
-    let vectors = worker_answer(rx, batcher.queue(), id).await?;
-    Ok(Embedded { vectors, tokens: counts, truncated })
+    let model = serving.model.clone();
+    embedding::embed_texts(state, &serving.batcher, id, texts, move |t| model.tokenize(t), |ids| ids).await
 }
 
 async fn embeddings(

@@ -14,11 +14,11 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::images::preprocess::PixelValues;
+use crate::kernels::Norm;
 use crate::kernels::encoder::{
-    self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, load_linear, load_norm,
+    self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, TokenEmbedding, load_linear, load_norm,
 };
 use crate::kernels::gemm::Linear;
-use crate::kernels::{Activation, Norm};
 use crate::models::{ImageTextEncoder, ModelError};
 use crate::weights::read_json;
 use crate::weights::tensors::{Scope, Tensors};
@@ -124,13 +124,10 @@ impl EndOfText {
 }
 
 struct TextTower {
-    token: Vec<f32>,
-    position: Vec<f32>,
+    embeddings: TokenEmbedding,
     encoder: PreNormEncoder,
     final_norm: Norm,
     projection: Linear,
-    vocab: usize,
-    positions: usize,
     end: EndOfText,
 }
 
@@ -151,27 +148,17 @@ pub struct Clip {
     dimension: usize,
 }
 
-fn activation(path: &Path, name: &str) -> Result<Activation, ModelError> {
-    Activation::from_name(name).ok_or_else(|| ModelError::Files {
-        path: path.display().to_string(),
-        message: format!(
-            "hidden_act {name:?} is not one this build runs (gelu, gelu_pytorch_tanh, quick_gelu)"
-        ),
-    })
-}
-
 impl Clip {
     pub fn load(dir: &Path) -> Result<Clip, ModelError> {
         let path = dir.join("config.json");
         let config: ClipConfig = read_json(&path)?;
         let (t, v) = (&config.text_config, &config.vision_config);
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        // A convolution whose stride is its kernel: the border past the last whole patch is
+        // dropped (so400m: 384 pixels in patches of 14 is 27 patches a side).
+        if v.patch_size == 0 || v.image_size < v.patch_size {
             return Err(ModelError::Files {
                 path: path.display().to_string(),
-                message: format!(
-                    "image_size {} is not a multiple of patch_size {}",
-                    v.image_size, v.patch_size
-                ),
+                message: format!("image_size {} is smaller than patch_size {}", v.image_size, v.patch_size),
             });
         }
         let dims =
@@ -182,7 +169,7 @@ impl Clip {
                     intermediate,
                     layers,
                     eps: eps as f32,
-                    activation: activation(&path, act)?,
+                    activation: enc::activation(&path, act)?,
                 })
             };
         let text_dims = dims(
@@ -223,15 +210,11 @@ fn load_text(
 ) -> Result<TextTower, ModelError> {
     let h = c.hidden_size;
     let s = root.scope("text_model");
-    let e = s.scope("embeddings");
     Ok(TextTower {
-        token: e.get("token_embedding.weight", &[c.vocab_size, h])?.to_vec(),
-        position: e.get("position_embedding.weight", &[c.max_position_embeddings, h])?.to_vec(),
+        embeddings: TokenEmbedding::load(&s.scope("embeddings"), c.vocab_size, c.max_position_embeddings, h)?,
         encoder: PreNormEncoder::load(&s.scope("encoder"), dims)?,
         final_norm: load_norm(&s.scope("final_layer_norm"), h)?,
         projection: load_linear(&root.scope("text_projection"), p, h, false)?,
-        vocab: c.vocab_size,
-        positions: c.max_position_embeddings,
         end,
     })
 }
@@ -261,15 +244,7 @@ fn load_vision(
 
 impl VisionTower {
     fn forward(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let size = self.image_size;
-        if let Some(bad) =
-            images.iter().find(|i| i.height != size || i.width != size || i.data.len() != 3 * size * size)
-        {
-            return Err(ModelError::Inference(format!(
-                "pixel values of {}x{}; the vision tower takes {size}x{size}",
-                bad.width, bad.height
-            )));
-        }
+        enc::check_images(images, self.image_size)?;
         let h = self.encoder.dims().hidden;
         let seq = self.position.len() / h;
         let grid = seq - 1;
@@ -284,69 +259,28 @@ impl VisionTower {
         self.encoder.norm_in_place(&mut x, &self.pre_norm);
         let (spans, _) = Span::pack(images.iter().map(|_| seq));
         self.encoder.forward(&mut x, &spans, false);
-        let mut class: Vec<f32> = x.chunks_exact(seq * h).flat_map(|img| img[..h].to_vec()).collect();
-        self.encoder.norm_in_place(&mut class, &self.post_norm);
-        let width = self.projection.bias.len();
-        let mut out = vec![0.0; images.len() * width];
-        enc::project(&mut out, &class, &self.projection);
-        Ok(out.chunks_exact(width).map(<[f32]>::to_vec).collect())
+        let class = enc::gather_rows(&x, h, (0..images.len()).map(|i| i * seq));
+        Ok(self.encoder.project_pooled(class, &self.post_norm, &self.projection))
     }
 }
 
 impl TextTower {
     fn forward(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        for ids in texts {
-            if ids.len() > self.positions {
-                return Err(ModelError::Inference(format!(
-                    "{} tokens; the text tower takes {}",
-                    ids.len(),
-                    self.positions
-                )));
-            }
-            if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-                return Err(ModelError::Inference(format!(
-                    "token id {id} is outside the vocabulary of {}",
-                    self.vocab
-                )));
-            }
-        }
         let h = self.encoder.dims().hidden;
-        let (spans, tokens) = Span::pack(texts.iter().map(|t| t.len()));
-        let mut x = vec![0.0; tokens * h];
-        for (ids, span) in texts.iter().zip(&spans) {
-            for (pos, &id) in ids.iter().enumerate() {
-                let row = &mut x[(span.start + pos) * h..][..h];
-                let (tok, p) = (&self.token[id as usize * h..][..h], &self.position[pos * h..][..h]);
-                row.iter_mut().zip(tok).zip(p).for_each(|((r, t), p)| *r = t + p);
-            }
-        }
+        let (mut x, spans) = self.embeddings.embed(texts)?;
         self.encoder.forward(&mut x, &spans, true);
-        let mut pooled = vec![0.0; texts.len() * h];
-        for ((row, span), ids) in pooled.chunks_exact_mut(h).zip(&spans).zip(texts) {
-            if span.len > 0 {
-                row.copy_from_slice(&x[(span.start + self.end.position(ids)) * h..][..h]);
-            }
-        }
-        self.encoder.norm_in_place(&mut pooled, &self.final_norm);
-        let width = self.projection.bias.len();
-        let mut out = vec![0.0; texts.len() * width];
-        enc::project(&mut out, &pooled, &self.projection);
-        Ok(out.chunks_exact(width).map(<[f32]>::to_vec).collect())
+        let ends = spans.iter().zip(texts).map(|(s, ids)| s.start + self.end.position(ids));
+        let pooled = enc::gather_rows(&x, h, ends);
+        Ok(self.encoder.project_pooled(pooled, &self.final_norm, &self.projection))
     }
 }
 
 impl ImageTextEncoder for Clip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if images.is_empty() {
-            return Ok(Vec::new());
-        }
         self.vision.forward(images)
     }
 
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
         self.text.forward(texts)
     }
 
@@ -359,7 +293,7 @@ impl ImageTextEncoder for Clip {
     }
 
     fn max_text_tokens(&self) -> usize {
-        self.text.positions
+        self.text.embeddings.positions()
     }
 
     fn pads_text(&self) -> bool {

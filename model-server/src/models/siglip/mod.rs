@@ -14,12 +14,12 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::images::preprocess::PixelValues;
+use crate::kernels::Norm;
 use crate::kernels::attention::{Mask, attend_head};
 use crate::kernels::encoder::{
-    self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, load_linear, load_norm,
+    self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, TokenEmbedding, load_linear, load_norm,
 };
 use crate::kernels::gemm::{Linear, SharedOut, View};
-use crate::kernels::{Activation, Norm};
 use crate::models::{ImageTextEncoder, ModelError};
 use crate::weights::read_json;
 use crate::weights::tensors::{Scope, Tensors};
@@ -96,23 +96,11 @@ impl Default for VisionConfig {
     }
 }
 
-fn activation(path: &Path, name: &str) -> Result<Activation, ModelError> {
-    Activation::from_name(name).ok_or_else(|| ModelError::Files {
-        path: path.display().to_string(),
-        message: format!(
-            "hidden_act {name:?} is not one this build runs (gelu, gelu_pytorch_tanh, quick_gelu)"
-        ),
-    })
-}
-
 struct TextTower {
-    token: Vec<f32>,
-    position: Vec<f32>,
+    embeddings: TokenEmbedding,
     encoder: PreNormEncoder,
     final_norm: Norm,
     head: Linear,
-    vocab: usize,
-    positions: usize,
 }
 
 /// The attention-pooling head: one query (the probe, projected once at load) per image.
@@ -161,13 +149,12 @@ impl Siglip {
                 "a SigLIP vision tower without its attention-pooling head (vision_use_head: false)".into(),
             ));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        // A convolution whose stride is its kernel: the border past the last whole patch is
+        // dropped (so400m: 384 pixels in patches of 14 is 27 patches a side).
+        if v.patch_size == 0 || v.image_size < v.patch_size {
             return Err(ModelError::Files {
                 path: path.display().to_string(),
-                message: format!(
-                    "image_size {} is not a multiple of patch_size {}",
-                    v.image_size, v.patch_size
-                ),
+                message: format!("image_size {} is smaller than patch_size {}", v.image_size, v.patch_size),
             });
         }
         let text_dims = EncoderDims {
@@ -176,7 +163,7 @@ impl Siglip {
             intermediate: t.intermediate_size,
             layers: t.num_hidden_layers,
             eps: t.layer_norm_eps as f32,
-            activation: activation(&path, &t.hidden_act)?,
+            activation: enc::activation(&path, &t.hidden_act)?,
         };
         let vision_dims = EncoderDims {
             hidden: v.hidden_size,
@@ -184,7 +171,7 @@ impl Siglip {
             intermediate: v.intermediate_size,
             layers: v.num_hidden_layers,
             eps: v.layer_norm_eps as f32,
-            activation: activation(&path, &v.hidden_act)?,
+            activation: enc::activation(&path, &v.hidden_act)?,
         };
         let tensors = Tensors::open(dir)?;
         let root = tensors.scope("");
@@ -198,15 +185,11 @@ impl Siglip {
 
 fn load_text(s: &Scope, c: &TextConfig, dims: EncoderDims) -> Result<TextTower, ModelError> {
     let h = c.hidden_size;
-    let e = s.scope("embeddings");
     Ok(TextTower {
-        token: e.get("token_embedding.weight", &[c.vocab_size, h])?.to_vec(),
-        position: e.get("position_embedding.weight", &[c.max_position_embeddings, h])?.to_vec(),
+        embeddings: TokenEmbedding::load(&s.scope("embeddings"), c.vocab_size, c.max_position_embeddings, h)?,
         encoder: PreNormEncoder::load(&s.scope("encoder"), dims)?,
         final_norm: load_norm(&s.scope("final_layer_norm"), h)?,
         head: load_linear(&s.scope("head"), c.projection_size.unwrap_or(h), h, true)?,
-        vocab: c.vocab_size,
-        positions: c.max_position_embeddings,
     })
 }
 
@@ -252,15 +235,7 @@ fn load_vision(s: &Scope, c: &VisionConfig, dims: EncoderDims) -> Result<VisionT
 
 impl VisionTower {
     fn forward(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let size = self.image_size;
-        if let Some(bad) =
-            images.iter().find(|i| i.height != size || i.width != size || i.data.len() != 3 * size * size)
-        {
-            return Err(ModelError::Inference(format!(
-                "pixel values of {}x{}; the vision tower takes {size}x{size}",
-                bad.width, bad.height
-            )));
-        }
+        enc::check_images(images, self.image_size)?;
         let d = *self.encoder.dims();
         let h = d.hidden;
         let grid = self.position.len() / h;
@@ -327,59 +302,21 @@ impl VisionTower {
 
 impl TextTower {
     fn forward(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        for ids in texts {
-            if ids.len() > self.positions {
-                return Err(ModelError::Inference(format!(
-                    "{} tokens; the text tower takes {}",
-                    ids.len(),
-                    self.positions
-                )));
-            }
-            if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-                return Err(ModelError::Inference(format!(
-                    "token id {id} is outside the vocabulary of {}",
-                    self.vocab
-                )));
-            }
-        }
         let h = self.encoder.dims().hidden;
-        let (spans, tokens) = Span::pack(texts.iter().map(|t| t.len()));
-        let mut x = vec![0.0; tokens * h];
-        for (ids, span) in texts.iter().zip(&spans) {
-            for (pos, &id) in ids.iter().enumerate() {
-                let row = &mut x[(span.start + pos) * h..][..h];
-                let (tok, p) = (&self.token[id as usize * h..][..h], &self.position[pos * h..][..h]);
-                row.iter_mut().zip(tok).zip(p).for_each(|((r, t), p)| *r = t + p);
-            }
-        }
+        let (mut x, spans) = self.embeddings.embed(texts)?;
         self.encoder.forward(&mut x, &spans, false);
         // Only each text's last token goes on: final LayerNorm and head on those rows alone.
-        let mut last = vec![0.0; texts.len() * h];
-        for (row, span) in last.chunks_exact_mut(h).zip(&spans) {
-            if span.len > 0 {
-                row.copy_from_slice(&x[(span.start + span.len - 1) * h..][..h]);
-            }
-        }
-        self.encoder.norm_in_place(&mut last, &self.final_norm);
-        let width = self.head.bias.len();
-        let mut out = vec![0.0; texts.len() * width];
-        enc::project(&mut out, &last, &self.head);
-        Ok(out.chunks_exact(width).map(<[f32]>::to_vec).collect())
+        let last = enc::gather_rows(&x, h, spans.iter().map(|s| s.start + s.len.saturating_sub(1)));
+        Ok(self.encoder.project_pooled(last, &self.final_norm, &self.head))
     }
 }
 
 impl ImageTextEncoder for Siglip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if images.is_empty() {
-            return Ok(Vec::new());
-        }
         self.vision.forward(images)
     }
 
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
         self.text.forward(texts)
     }
 
@@ -392,7 +329,7 @@ impl ImageTextEncoder for Siglip {
     }
 
     fn max_text_tokens(&self) -> usize {
-        self.text.positions
+        self.text.embeddings.positions()
     }
 
     fn pads_text(&self) -> bool {
