@@ -4,10 +4,34 @@
 use super::ModelFamily;
 use super::batcher::{BatchInput, Batcher};
 use crate::api::embeddings::Embedded;
-use crate::api::{ApiError, tokenize, worker_answer};
+use crate::api::{self, ApiError, worker_answer};
 use crate::manifest::ModelRef;
 use crate::models::ModelError;
 use crate::state::AppState;
+
+/// `dir`'s `tokenizer.json` for embedding: its own padding removed (returned: the id it padded
+/// with) and truncation at `max_tokens`, special tokens kept. tokenizer.json files often carry
+/// fixed padding/truncation (MiniLM: 128) that would pad every input and cut long ones short.
+pub fn load_tokenizer(
+    dir: &std::path::Path,
+    max_tokens: usize,
+) -> Result<(tokenizers::Tokenizer, Option<u32>), ModelError> {
+    let path = dir.join("tokenizer.json");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| ModelError::Files { path: path.display().to_string(), message: e.to_string() })?;
+    let declared_pad = tokenizer.get_padding().map(|p| p.pad_id);
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams { max_length: max_tokens, ..Default::default() }))
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Ok((tokenizer, declared_pad))
+}
+
+/// One text's ids (with special tokens, cut at the tokenizer's limit), and whether it was cut.
+pub fn tokenize(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Tokens, ModelError> {
+    let enc = tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Ok(Tokens { ids: enc.get_ids().to_vec(), truncated: !enc.get_overflowing().is_empty() })
+}
 
 /// Take a queue place (so a full queue refuses before any tokenizing), tokenize off the async
 /// workers with `tokenize`, queue each text as `input(ids)`, and wait for the batch.
@@ -21,7 +45,7 @@ pub async fn embed_texts<F: ModelFamily, I: BatchInput>(
 ) -> Result<Embedded, ApiError> {
     let place = batcher.reserve().map_err(ApiError::from)?;
     let tokens =
-        tokenize(state, move || texts.iter().map(|t| tokenize_one(t)).collect::<Result<Vec<_>, _>>())
+        api::tokenize(state, move || texts.iter().map(|t| tokenize_one(t)).collect::<Result<Vec<_>, _>>())
             .await?
             .map_err(|e| ApiError::bad_request("tokenization_failed", e.to_string()))?;
     let counts = tokens.iter().map(|t| t.ids.len()).collect();

@@ -13,7 +13,7 @@ use axum::Router;
 use serde_json::{Value, json};
 
 use super::batcher::{BatchInput, BatchModel, BatchResult, BatchServing, BatchStatus};
-use super::embedding::{Tokens, l2_normalize};
+use super::embedding::{self, Tokens, l2_normalize};
 use super::{ModelFamily, Shared, StartContext};
 use crate::images::preprocess::{PixelValues, Preprocess};
 use crate::images::{ImageError, ImageLimits};
@@ -150,8 +150,7 @@ impl ImageTextModel {
 
     /// A text's ids, cut at the tower's limit (special tokens kept).
     pub fn tokenize(&self, text: &str) -> Result<Tokens, ModelError> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(Tokens { ids: enc.get_ids().to_vec(), truncated: !enc.get_overflowing().is_empty() })
+        embedding::tokenize(&self.tokenizer, text)
     }
 
     /// Decode and preprocess an image, as the batcher's input.
@@ -231,8 +230,7 @@ impl BatchModel<Input> for ImageTextModel {
     }
 }
 
-/// `tokenizer.json` without its own padding (returned: the id it pads with), cut at
-/// `max_tokens` (special tokens kept).
+/// `tokenizer.json`, which SigLIP's published repositories lack: the error says how to write it.
 fn text_tokenizer(dir: &Path, max_tokens: usize) -> Result<(tokenizers::Tokenizer, Option<u32>), ModelError> {
     let path = dir.join("tokenizer.json");
     if !path.is_file() {
@@ -243,14 +241,7 @@ fn text_tokenizer(dir: &Path, max_tokens: usize) -> Result<(tokenizers::Tokenize
                 .into(),
         });
     }
-    let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| ModelError::Files { path: path.display().to_string(), message: e.to_string() })?;
-    let declared_pad = tokenizer.get_padding().map(|p| p.pad_id);
-    tokenizer.with_padding(None);
-    tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length: max_tokens, ..Default::default() }))
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-    Ok((tokenizer, declared_pad))
+    embedding::load_tokenizer(dir, max_tokens)
 }
 
 /// The padding id the checkpoint's processor uses: `tokenizer_config.json`'s `pad_token`, else

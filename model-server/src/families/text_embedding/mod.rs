@@ -89,18 +89,7 @@ impl EmbeddingModel {
         encoder: Arc<dyn Encoder>,
         settings: EncoderSettings,
     ) -> Result<Self, ModelError> {
-        let path = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::Files { path: path.display().to_string(), message: e.to_string() })?;
-        // tokenizer.json files often carry fixed padding/truncation (MiniLM: 128) that would
-        // pad every input and cut long ones short; we pad nothing and cut at max_seq_length.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: settings.max_seq_length,
-                ..Default::default()
-            }))
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let (tokenizer, _) = super::embedding::load_tokenizer(dir, settings.max_seq_length)?;
         Ok(EmbeddingModel { tokenizer, encoder, settings })
     }
 
@@ -113,8 +102,7 @@ impl EmbeddingModel {
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Tokens, ModelError> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(Tokens { ids: enc.get_ids().to_vec(), truncated: !enc.get_overflowing().is_empty() })
+        super::embedding::tokenize(&self.tokenizer, text)
     }
 
     /// Embeddings for already tokenized inputs, normalised when the model asks for it.
