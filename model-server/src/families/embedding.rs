@@ -35,7 +35,7 @@ pub fn tokenize(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Tokens,
 
 /// Take a queue place (so a full queue refuses before any tokenizing), tokenize off the async
 /// workers with `tokenize`, queue each text as `input(ids)`, and wait for the batch.
-pub async fn embed_texts<F: ModelFamily, I: BatchInput>(
+pub async fn embed_texts<F: ModelFamily, I: BatchInput<Output = Vec<f32>>>(
     state: &AppState<F>,
     batcher: &Batcher<I>,
     id: &ModelRef,

@@ -5,6 +5,7 @@
 
 pub mod batcher;
 pub mod embedding;
+pub mod face_detection;
 pub mod image_text_embedding;
 pub mod speech_to_text;
 pub mod text_embedding;
@@ -120,4 +121,5 @@ registry! {
     TextGeneration => text_generation::TextGeneration,
     SpeechToText => speech_to_text::SpeechToText,
     ImageTextEmbedding => image_text_embedding::ImageTextEmbedding,
+    FaceDetection => face_detection::FaceDetection,
 }

@@ -9,6 +9,7 @@
 //! call on baseline x86-64) cost more than the matmuls they sit between.
 
 pub mod attention;
+pub mod conv;
 pub mod encoder;
 pub mod gemm;
 pub mod quant;

@@ -10,6 +10,7 @@ pub mod clip;
 pub mod llama;
 pub mod siglip;
 pub mod whisper;
+pub mod yunet;
 
 use std::path::Path;
 
@@ -90,6 +91,8 @@ pub enum Architecture {
     Siglip,
     /// CLIP's image and text towers (class-token and end-of-text pooling, projections).
     Clip,
+    /// YuNet face detection, an ONNX graph recognised by its outputs (`cls_8` … `kps_32`).
+    Yunet,
 }
 
 /// The one table: the name a checkpoint declares, the architecture that runs it, and the
@@ -103,6 +106,7 @@ const ARCHITECTURES: &[(&str, Architecture, Family)] = &[
     ("whisper", Architecture::Whisper, Family::SpeechToText),
     ("siglip", Architecture::Siglip, Family::ImageTextEmbedding),
     ("clip", Architecture::Clip, Family::ImageTextEmbedding),
+    ("yunet", Architecture::Yunet, Family::FaceDetection),
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

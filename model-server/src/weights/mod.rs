@@ -3,6 +3,7 @@
 
 pub mod ctranslate2;
 pub mod gguf;
+pub mod onnx;
 pub mod tensors;
 
 /// Weight bytes read by the checkpoint readers, process-wide: what the loader reports as a

@@ -424,3 +424,76 @@ pub fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (Strin
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
+
+/// YuNet's ONNX file in a model directory of its own (`make fixtures`).
+pub fn yunet_dir() -> PathBuf {
+    let dir = fixtures_root().join("yunet");
+    assert!(
+        dir.join("face_detection_yunet_2023mar.onnx").is_file(),
+        "YuNet fixture missing at {}: run `make fixtures`",
+        dir.display()
+    );
+    dir
+}
+
+/// One image of the OpenCV reference (scripts/yunet_reference.py, run by `make fixtures`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FaceCase {
+    pub name: String,
+    pub file: String,
+    pub width: u32,
+    pub height: u32,
+    pub faces: Vec<ReferenceFace>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReferenceFace {
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+    pub landmarks: [[f32; 2]; 5],
+    pub score: f32,
+}
+
+/// The images OpenCV's FaceDetectorYN ran on, and what it found.
+pub fn face_reference() -> (PathBuf, Vec<FaceCase>) {
+    let dir = fixtures_root().join("yunet-reference");
+    let path = dir.join("reference.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("reference json");
+    (dir, serde_json::from_value(json["images"].clone()).expect("reference images"))
+}
+
+/// Intersection over union of `[x, y, w, h]` boxes.
+pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let (x0, y0) = (a[0].max(b[0]), a[1].max(b[1]));
+    let (x1, y1) = ((a[0] + a[2]).min(b[0] + b[2]), (a[1] + a[3]).min(b[1] + b[3]));
+    let inter = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);
+    inter / (a[2] * a[3] + b[2] * b[3] - inter)
+}
+
+/// A face as (box, landmarks, score).
+pub type FoundFace = ([f32; 4], [[f32; 2]; 5], f32);
+
+/// Every reference face matched by one found face with IoU at least 0.95, score within 0.01
+/// and each landmark within 2 pixels, and nothing else found. `found` is (box, landmarks,
+/// score).
+pub fn assert_faces_match(case: &str, found: &[FoundFace], want: &[ReferenceFace]) {
+    assert_eq!(found.len(), want.len(), "{case}: found {found:?}, OpenCV found {want:?}");
+    for w in want {
+        let best =
+            found.iter().max_by(|a, b| iou(&a.0, &w.bbox).total_cmp(&iou(&b.0, &w.bbox))).expect("a face");
+        let overlap = iou(&best.0, &w.bbox);
+        assert!(
+            overlap >= 0.95,
+            "{case}: OpenCV's face {:?} best matched {:?} (IoU {overlap})",
+            w.bbox,
+            best.0
+        );
+        assert!((best.2 - w.score).abs() <= 0.01, "{case}: score {} vs OpenCV's {}", best.2, w.score);
+        for (g, r) in best.1.iter().zip(&w.landmarks) {
+            let d = ((g[0] - r[0]).powi(2) + (g[1] - r[1]).powi(2)).sqrt();
+            assert!(d <= 2.0, "{case}: landmark {g:?} vs OpenCV's {r:?} ({d} px apart)");
+        }
+    }
+}

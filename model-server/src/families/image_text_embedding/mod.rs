@@ -81,6 +81,8 @@ pub enum Input {
 }
 
 impl BatchInput for Input {
+    type Output = Vec<f32>;
+
     fn tokens(&self) -> usize {
         match self {
             Input::Text(ids) => ids.len(),
@@ -88,7 +90,7 @@ impl BatchInput for Input {
         }
     }
 
-    fn group(&self) -> u8 {
+    fn group(&self) -> u64 {
         match self {
             Input::Text(_) => 0,
             Input::Image { .. } => 1,

@@ -2,25 +2,20 @@
 //! `POST /embed/text` (`text`, one or a list) and OpenAI's `POST /v1/embeddings` (text).
 
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use base64::Engine as _;
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{ImageTextEmbedding, Input};
 use crate::api::embeddings::{Embedded, EmbeddingsRequest, too_many_inputs};
+use crate::api::images::{self, Encoded, image_error, is_multipart};
 use crate::api::{ApiError, Inference, RequestBody, Upload, counted, tokenize, worker_answer};
 use crate::families::{Shared, embedding};
-use crate::images::{ImageError, ImageLimits};
+use crate::images::ImageLimits;
 use crate::loader::Lease;
 use crate::manifest::ModelRef;
-
-/// Images in one request: each becomes a few MB of pixel values until its batch runs.
-pub const MAX_IMAGES_PER_REQUEST: usize = 64;
 
 pub fn routes() -> Router<Shared<ImageTextEmbedding>> {
     Router::new()
@@ -90,29 +85,6 @@ impl RequestBody for EmbedTextRequest {
     }
 }
 
-/// An image as it arrived, decoded off the async workers.
-enum Encoded {
-    Base64(String),
-    Raw(Bytes),
-}
-
-/// The 4xx an image refused by the decoder gets; `field` names where it was.
-fn image_error(field: &str, e: ImageError) -> ApiError {
-    let message = format!("{field}: {e}");
-    match e {
-        ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. } | ImageError::OverLimit(_) => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "image_too_large", message)
-        }
-        ImageError::Unsupported(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request_error",
-            "unsupported_image",
-            message,
-        ),
-        ImageError::Corrupt(_) => ApiError::bad_request("invalid_image", message),
-    }
-}
-
 /// Take a queue place (a full queue refuses before any decoding), decode and preprocess the
 /// images on the blocking pool, queue them, and wait for their batch.
 async fn embed_images(
@@ -128,14 +100,7 @@ async fn embed_images(
         images
             .into_iter()
             .map(|(field, encoded)| {
-                let bytes = match encoded {
-                    Encoded::Raw(b) => b.to_vec(),
-                    Encoded::Base64(s) => {
-                        base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| {
-                            ApiError::bad_request("invalid_base64", format!("{field} is not base64: {e}"))
-                        })?
-                    }
-                };
+                let bytes = encoded.bytes(&field)?;
                 model.image(&bytes, &limits).map_err(|e| image_error(&field, e))
             })
             .collect::<Result<Vec<Input>, ApiError>>()
@@ -155,11 +120,6 @@ async fn embed_texts(
     embedding::embed_texts(state, &lease.batcher, id, texts, move |t| model.tokenize(t), Input::Text).await
 }
 
-fn is_multipart(req: &Request) -> bool {
-    let given = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    given.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("multipart/form-data")
-}
-
 async fn embed_vision(State(state): State<Shared<ImageTextEmbedding>>, req: Request) -> Response {
     // One image or a list of them, with the lease and model they go to.
     let (id, lease, images, one) = if is_multipart(&req) {
@@ -172,33 +132,7 @@ async fn embed_vision(State(state): State<Shared<ImageTextEmbedding>>, req: Requ
     } else {
         match Inference::<ImageTextEmbedding, VisionRequest>::from_request(req, &state).await {
             Ok(Inference { body, id, lease }) => {
-                let images = match (body.image_base64, body.images_base64) {
-                    (Some(one), None) => {
-                        Ok((vec![("`image_base64`".to_string(), Encoded::Base64(one))], true))
-                    }
-                    (None, Some(many)) if many.is_empty() => Err(ApiError::bad_request(
-                        "empty_input",
-                        "`images_base64` must not be an empty array",
-                    )),
-                    (None, Some(many)) if many.len() > MAX_IMAGES_PER_REQUEST => {
-                        Err(too_many_inputs(many.len(), MAX_IMAGES_PER_REQUEST))
-                    }
-                    (None, Some(many)) => Ok((
-                        many.into_iter()
-                            .enumerate()
-                            .map(|(i, s)| (format!("`images_base64[{i}]`"), Encoded::Base64(s)))
-                            .collect(),
-                        false,
-                    )),
-                    (Some(_), Some(_)) => Err(ApiError::bad_request(
-                        "ambiguous_input",
-                        "send either `image_base64` or `images_base64`, not both",
-                    )),
-                    (None, None) => Err(ApiError::bad_request(
-                        "missing_image",
-                        "`image_base64` (one image) or `images_base64` (a list) is required, or post multipart/form-data with the image as `file`",
-                    )),
-                };
+                let images = images::from_json(body.image_base64, body.images_base64);
                 match images {
                     Ok((images, one)) => (id, lease, images, one),
                     Err(e) => return counted(&state, &id, || async { Err(e) }).await,

@@ -76,7 +76,11 @@ impl EmbeddingModel {
             Architecture::Bert | Architecture::XlmRoberta => {
                 Arc::new(PackedBert::load(dir, &BertConfig::read(dir, arch)?)?)
             }
-            Architecture::Llama | Architecture::Whisper | Architecture::Siglip | Architecture::Clip => {
+            Architecture::Llama
+            | Architecture::Whisper
+            | Architecture::Siglip
+            | Architecture::Clip
+            | Architecture::Yunet => {
                 return Err(ModelError::Unsupported(format!("{arch:?} is not an encoder")));
             }
         };
