@@ -145,6 +145,15 @@ else
   echo "fixtures: whisper-base ready at $whisper_base"
 fi
 
+# curl is the client of the face-detection HTTP test, as the docs show a user posting an image.
+if ! command -v curl >/dev/null; then
+  echo "fixtures: installing curl (Debian package; the face-detection HTTP test posts with it)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl >/dev/null; } \
+    || { echo "fixtures: could not install curl; install it (apt-get install curl)" >&2; exit 1; }
+fi
+
 # The independent reference for the speech-to-text tests: faster-whisper (CTranslate2) on the
 # same model directory, over clips espeak-ng speaks (scripts/whisper_reference.py). Cached by
 # the script, the cases, the model and the espeak-ng version.
