@@ -718,6 +718,74 @@ async fn the_image_text_sample_becomes_ready_and_embeds_images_and_queries_in_on
     assert!(table.contains("image-text-embedding") && table.contains("1/1"), "{table}");
 }
 
+/// config/samples/face-detection.yaml as shipped (family, model name, warmup, batching), with
+/// its source pointed at the YuNet fixture (pinned by digest) and its pool sized for the
+/// harness's node.
+fn face_md(ns: &str, name: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("config/samples/face-detection.yaml")).unwrap();
+    let mut md: Value = serde_norway::from_str(&text).unwrap();
+    let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
+    let dir = root.join("yunet");
+    let file = "face_detection_yunet_2023mar.onnx";
+    assert!(dir.join(file).is_file(), "run `make fixtures` first");
+    md["metadata"] = json!({"name": name, "namespace": ns});
+    let model = &mut md["spec"]["models"][0];
+    model["source"] =
+        json!({"uri": format!("file://{}/", dir.display()), "sha256": {file: sha256_file(&dir.join(file))}});
+    let pool = &mut md["spec"]["pools"][0];
+    pool["nodeSelector"] = json!({"kiln.dev/pool": "cpu", "kiln.dev/harness": "real"});
+    pool["resources"] = json!({"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}});
+    pool["replicas"] = json!(1);
+    md
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_face_detection_sample_becomes_ready_and_finds_opencvs_faces() {
+    let model = "yunet:2023mar";
+    let pool = RealPool::ready("e2e-faces", face_md, "keyframe-faces", model).await;
+    let (n, endpoint) = (pool.ns.name.as_str(), pool.endpoint.as_str());
+    let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
+    let reference_dir = root.join("yunet-reference");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(reference_dir.join("reference.json")).unwrap()).unwrap();
+    let collage = reference["images"].as_array().unwrap().iter().find(|i| i["name"] == "collage").unwrap();
+    let bytes = std::fs::read(reference_dir.join(collage["file"].as_str().unwrap())).unwrap();
+    // A keyframe posted as a multipart file (what `curl -F file=@keyframe.png` sends), through
+    // the Service's endpoint.
+    let boundary = "kiln-e2e-keyframe";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"keyframe.png\"\r\nContent-Type: image/png\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let resp: Value = reqwest::Client::new()
+        .post(format!("http://{endpoint}:8080/face/detect"))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["model"], model, "{resp}");
+    assert_eq!(resp["image"], json!({"width": collage["width"], "height": collage["height"]}), "{resp}");
+    let got = resp["faces"].as_array().unwrap();
+    let want = collage["faces"].as_array().unwrap();
+    assert_eq!(got.len(), want.len(), "{resp}");
+    // Each of OpenCV's faces has one of ours within a pixel and a half at every corner.
+    for w in want {
+        let found = got.iter().any(|g| {
+            (0..4).all(|i| (g["box"][i].as_f64().unwrap() - w["box"][i].as_f64().unwrap()).abs() <= 1.5)
+                && (g["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs() <= 0.01
+        });
+        assert!(found, "OpenCV's face {w} not among {resp}");
+    }
+    let table = kubectl(&["get", "md", "-n", n]).unwrap();
+    assert!(table.contains("face-detection") && table.contains("1/1"), "{table}");
+}
+
 /// `cpu_md` with a second copy of MiniLM (`spare:v1`, the same files) loaded lazily, under a
 /// memory budget that holds both.
 fn lazy_md(ns: &str, name: &str) -> Value {

@@ -161,8 +161,8 @@ fn samples_are_accepted_and_parse() {
         n += 1;
     }
     assert_eq!(
-        n, 6,
-        "six samples: CPU embeddings, A/B GPU, text generation from PVC, speech to text, several lazy models, image-text embeddings"
+        n, 7,
+        "seven samples: CPU embeddings, A/B GPU, text generation from PVC, speech to text, several lazy models, image-text embeddings, face detection"
     );
 }
 

@@ -72,3 +72,9 @@ fn pvc_source() {
 fn image_text_embeddings() {
     insta::assert_yaml_snapshot!(desired(&sample("image-text-embedding.yaml")));
 }
+
+/// Face detection (YuNet) on a CPU pool: the family, memory and batching reach the manifest.
+#[test]
+fn face_detection() {
+    insta::assert_yaml_snapshot!(desired(&sample("face-detection.yaml")));
+}
