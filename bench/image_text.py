@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.request
 
-from kiln_http import ready
+from kiln_http import percentile as p, post_json as post, ready, rss_peak_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.environ.get('KILN_CACHE', os.path.expanduser('~/.cache/kiln')), 'bench')
@@ -134,28 +134,9 @@ print(json.dumps(out))
                                      text=True).stdout)
 
 
-def post(base, path, body):
-    req = urllib.request.Request(base + path, json.dumps(body).encode(), {'Content-Type': 'application/json'})
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        return json.load(r)
-
-
 def cosine(a, b):
     dot = sum(x * y for x, y in zip(a, b))
     return dot / max(sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5, 1e-30)
-
-
-def p(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
-def rss_peak_mib(pid):
-    with open(f'/proc/{pid}/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) / 1024
-    return None
 
 
 def warm_page_cache(model_dir):

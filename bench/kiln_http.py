@@ -27,6 +27,28 @@ def rss_mib(pid):
     return None
 
 
+def percentile(values, q):
+    """The value at quantile `q` of `values` (nearest rank)."""
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def rss_peak_mib(pid):
+    """A process's peak resident memory (VmHWM), MiB."""
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def post_json(base, path, body):
+    """POST `body` as JSON to base + path; the answer's JSON."""
+    req = urllib.request.Request(base + path, json.dumps(body).encode(), {'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        return json.load(r)
+
+
 def ready(base):
     try:
         with urllib.request.urlopen(base + '/readyz', timeout=1) as r:

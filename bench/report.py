@@ -184,6 +184,26 @@ def main():
             value = '-' if a is None or not b else f'{a / b:.2f}x'
             print(f'| {label:38} | {fa:>9} | {fb:>9} | {value:>10} | {target:>8} |')
 
+    fd = load(os.path.join(out, 'faces.json'))
+    if fd:
+        rss = fd.get('rss_mib') or {}
+        print(f"\nFace detection, YuNet 2023mar ({fd.get('threads')} threads, {fd.get('frames')} JPEG frames per size; "
+              f"Kiln over HTTP, OpenCV {fd.get('opencv')} in process); peak RSS kiln {rss.get('kiln') or 0:.0f} MiB, "
+              f"OpenCV {rss.get('opencv') or 0:.0f} MiB; kiln start to ready {fd.get('kiln_ready_s', 0):.2f} s")
+        print(f'| {"measure":34} | {"kiln":>9} | {"opencv":>9} | {"kiln/opencv":>11} | {"target":>8} |')
+        print(f'|{"-" * 36}|{"-" * 11}|{"-" * 11}|{"-" * 13}|{"-" * 10}|')
+        for size, row in (fd.get('sizes') or {}).items():
+            k, c = row.get('kiln', {}), row.get('opencv', {})
+            for label, key, target in ((f'{size} images/s', 'images_per_s', '>= 1x'),
+                                       (f'{size} batch-1 p50, ms', 'p50_ms', ''),
+                                       (f'{size} batch-1 p99, ms', 'p99_ms', '')):
+                a, b = k.get(key), c.get(key)
+                value = '-' if a is None or not b else f'{a / b:.2f}x'
+                print(f'| {label:34} | {a or 0:>9.1f} | {b or 0:>9.1f} | {value:>11} | {target:>8} |')
+            ag = row.get('agreement') or {}
+            print(f"| {size + ' faces found (kiln / opencv)':34} | {ag.get('kiln_faces', 0):>9} | "
+                  f"{ag.get('opencv_faces', 0):>9} | {'max box diff ' + format(ag.get('max_box_difference_px', 0), '.2f'):>11} | {'':>8} |")
+
 
 if __name__ == '__main__':
     main()

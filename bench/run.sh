@@ -8,7 +8,8 @@
 #        SKIP_SPEECH=1 (no speech-to-text part: Kiln against faster-whisper),
 #        SKIP_LAZY=1 (no lazy-loading part: first request, swap, RSS after unload),
 #        SKIP_IMAGE_TEXT=1 (no image-text part: SigLIP base and so400m against transformers),
-#        IMAGE_TEXT_MODELS (default base,so400m)
+#        IMAGE_TEXT_MODELS (default base,so400m),
+#        SKIP_FACES=1 (no face-detection part: YuNet against OpenCV's FaceDetectorYN)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
@@ -85,6 +86,15 @@ if [ "${SKIP_IMAGE_TEXT:-0}" != 1 ] && [ "${SKIP_BASELINE:-0}" != 1 ]; then
   fi
   python3 "$ROOT/bench/image_text.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" \
     "$image_venv/bin/python" "$OUT/image-text.json" --models "${IMAGE_TEXT_MODELS:-base,so400m}"
+fi
+
+if [ "${SKIP_FACES:-0}" != 1 ]; then
+  # YuNet at 640x640 and 1920x1080: Kiln's server against OpenCV's FaceDetectorYN on the same
+  # ONNX file (both from make fixtures; OpenCV in the face-detection reference's venv).
+  echo "== face detection: kiln vs OpenCV FaceDetectorYN"
+  python3 "$ROOT/bench/faces.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" \
+    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/yunet" \
+    "${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/yunet-reference-venv/bin/python" "$OUT/faces.json"
 fi
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then

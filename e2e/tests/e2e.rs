@@ -646,8 +646,7 @@ async fn a_speech_to_text_pool_becomes_ready_after_warmup_and_transcribes() {
 /// with its source pointed at the tiny SigLIP checkpoint transformers wrote (pinned by digest)
 /// and its pool sized for the harness's node.
 fn image_text_md(ns: &str, name: &str) -> Value {
-    let text = std::fs::read_to_string(repo().join("config/samples/image-text-embedding.yaml")).unwrap();
-    let mut md: Value = serde_norway::from_str(&text).unwrap();
+    let mut md = sample_md("image-text-embedding.yaml", ns, name);
     let dir = repo().join("model-server/tests/data/tiny/siglip");
     let files = [
         "config.json",
@@ -658,10 +657,18 @@ fn image_text_md(ns: &str, name: &str) -> Value {
     ];
     let sha256: serde_json::Map<String, Value> =
         files.iter().map(|f| (f.to_string(), json!(sha256_file(&dir.join(f))))).collect();
-    md["metadata"] = json!({"name": name, "namespace": ns});
     let model = &mut md["spec"]["models"][0];
     model["source"] = json!({"uri": format!("file://{}/", dir.display()), "sha256": sha256});
     model["memory"] = json!("64Mi");
+    md
+}
+
+/// A sample from config/samples as shipped, named `name` in `ns`, its first pool on the
+/// harness's real node with one small replica.
+fn sample_md(file: &str, ns: &str, name: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("config/samples").join(file)).unwrap();
+    let mut md: Value = serde_norway::from_str(&text).unwrap();
+    md["metadata"] = json!({"name": name, "namespace": ns});
     let pool = &mut md["spec"]["pools"][0];
     pool["nodeSelector"] = json!({"kiln.dev/pool": "cpu", "kiln.dev/harness": "real"});
     pool["resources"] = json!({"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}});
@@ -722,20 +729,13 @@ async fn the_image_text_sample_becomes_ready_and_embeds_images_and_queries_in_on
 /// its source pointed at the YuNet fixture (pinned by digest) and its pool sized for the
 /// harness's node.
 fn face_md(ns: &str, name: &str) -> Value {
-    let text = std::fs::read_to_string(repo().join("config/samples/face-detection.yaml")).unwrap();
-    let mut md: Value = serde_norway::from_str(&text).unwrap();
+    let mut md = sample_md("face-detection.yaml", ns, name);
     let root = fixture().parent().map(std::path::Path::to_path_buf).expect("fixtures root");
     let dir = root.join("yunet");
     let file = "face_detection_yunet_2023mar.onnx";
     assert!(dir.join(file).is_file(), "run `make fixtures` first");
-    md["metadata"] = json!({"name": name, "namespace": ns});
-    let model = &mut md["spec"]["models"][0];
-    model["source"] =
+    md["spec"]["models"][0]["source"] =
         json!({"uri": format!("file://{}/", dir.display()), "sha256": {file: sha256_file(&dir.join(file))}});
-    let pool = &mut md["spec"]["pools"][0];
-    pool["nodeSelector"] = json!({"kiln.dev/pool": "cpu", "kiln.dev/harness": "real"});
-    pool["resources"] = json!({"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}});
-    pool["replicas"] = json!(1);
     md
 }
 

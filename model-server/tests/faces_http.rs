@@ -58,16 +58,7 @@ async fn post_json(server: &TestServer, body: &Value) -> (u16, Value) {
 }
 
 async fn post_form(server: &TestServer, fields: &[(&str, &str)], file: Option<&[u8]>) -> (u16, Value) {
-    let (content_type, body) = common::multipart(fields, file.map(|b| ("frame.jpg", b)));
-    let r = reqwest::Client::new()
-        .post(server.url("/face/detect"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("send");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    common::post_multipart(&server.url("/face/detect"), fields, file.map(|b| ("frame.jpg", b))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,16 +64,7 @@ async fn post_json(server: &TestServer, path: &str, body: &Value) -> (u16, Value
 
 async fn post_file(server: &TestServer, model: Option<&str>, file: Option<&[u8]>) -> (u16, Value) {
     let fields: Vec<(&str, &str)> = model.map(|m| ("model", m)).into_iter().collect();
-    let (content_type, body) = common::multipart(&fields, file.map(|b| ("frame.png", b)));
-    let r = reqwest::Client::new()
-        .post(server.url("/embed/vision"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("send");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    common::post_multipart(&server.url("/embed/vision"), &fields, file.map(|b| ("frame.png", b))).await
 }
 
 fn close(got: &Value, want: &Value, what: &str) {

@@ -256,37 +256,12 @@ impl Conv2d {
         if let (Isa::Avx2Fma, Some(weights)) = (isa, &self.direct) {
             y.data = buffers.take(x.n * oh * ow * self.out_c);
             let row = ow * self.out_c;
+            // The kernel for this many 8-wide output registers.
+            let kernel = avx2::DIRECT_ROW[self.out_c / 8 - 1];
             let run = |r: usize, out: &mut [f32]| {
                 let (b, oy) = (r / oh, r % oh);
                 // SAFETY: Avx2Fma is only chosen or forced on a CPU with AVX2 and FMA.
-                unsafe {
-                    match self.out_c / 8 {
-                        1 => {
-                            avx2::direct_row::<1>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        2 => {
-                            avx2::direct_row::<2>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        3 => {
-                            avx2::direct_row::<3>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        4 => {
-                            avx2::direct_row::<4>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        5 => {
-                            avx2::direct_row::<5>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        6 => {
-                            avx2::direct_row::<6>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        7 => {
-                            avx2::direct_row::<7>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                        _ => {
-                            avx2::direct_row::<8>(x, b, oy, out, weights, &self.bias, self.window, self.relu)
-                        }
-                    }
-                }
+                unsafe { kernel(x, b, oy, out, weights, &self.bias, self.window, self.relu) }
             };
             y.data.par_chunks_mut(row).enumerate().for_each(|(r, out)| run(r, out));
             return Ok(y);
@@ -457,6 +432,19 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Feature, Window};
+
+    /// [`direct_row`] for 8, 16, ... 64 outputs.
+    pub type DirectRow = unsafe fn(&Feature, usize, usize, &mut [f32], &[f32], &[f32], Window, bool);
+    pub const DIRECT_ROW: [DirectRow; 8] = [
+        direct_row::<1>,
+        direct_row::<2>,
+        direct_row::<3>,
+        direct_row::<4>,
+        direct_row::<5>,
+        direct_row::<6>,
+        direct_row::<7>,
+        direct_row::<8>,
+    ];
 
     /// One output row of a one-group convolution with `8·V` outputs: per pixel, each input
     /// value broadcast and multiplied into all outputs at once, the sums in registers.

@@ -425,6 +425,25 @@ pub fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (Strin
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
+/// POST a multipart form (text `fields`, and `file` as `file_name` if given) to `url`; the
+/// status and the JSON answer (null if it is not JSON).
+pub async fn post_multipart(
+    url: &str,
+    fields: &[(&str, &str)],
+    file: Option<(&str, &[u8])>,
+) -> (u16, serde_json::Value) {
+    let (content_type, body) = multipart(fields, file);
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// YuNet's ONNX file in a model directory of its own (`make fixtures`).
 pub fn yunet_dir() -> PathBuf {
     let dir = fixtures_root().join("yunet");
