@@ -27,6 +27,11 @@ pub const ENDPOINTS: &[&str] = &["POST /face/detect"];
 /// enough to vanish at 4K is below what YuNet finds (about 10 pixels) anyway.
 pub const MAX_DETECT_PIXELS: u64 = 3840 * 2160;
 
+/// Pixels the network runs on at once. The kernels split each map's rows over the pod's cores,
+/// so stacking frames gains little beyond a megapixel, while the maps of a stack must fit the
+/// buffers kept between runs: a 1080p frame runs alone (its maps are about 120 MB).
+pub const PIXELS_PER_RUN: u64 = 1 << 20;
+
 pub struct FaceDetection;
 
 impl ModelFamily for FaceDetection {
@@ -155,8 +160,7 @@ impl FaceModel {
     }
 
     /// Detect faces in a batch of inputs. Inputs that pad to the same size run through the
-    /// network together (a request's list may mix sizes); at most [`MAX_DETECT_PIXELS`] at once
-    /// (one 4K frame, or many small ones), which bounds its working memory whatever the batch.
+    /// network together (a request's list may mix sizes), at most [`PIXELS_PER_RUN`] at once.
     pub fn run(&self, inputs: &[&Input]) -> BatchResult<Detection> {
         let mut found: Vec<Option<Vec<Face>>> = inputs.iter().map(|_| None).collect();
         let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
@@ -169,7 +173,7 @@ impl FaceModel {
         for (_, members) in groups {
             let first = inputs[members[0]];
             let pixels = (padded(first.width) * padded(first.height)) as u64;
-            let per_run = (MAX_DETECT_PIXELS / pixels.max(1)).max(1) as usize;
+            let per_run = (PIXELS_PER_RUN / pixels.max(1)).max(1) as usize;
             for chunk in members.chunks(per_run) {
                 let images: Vec<BgrImage> = chunk
                     .iter()

@@ -60,6 +60,10 @@ pub struct BgrImage<'a> {
 pub struct Yunet {
     program: Program,
     isa: Isa,
+    /// The model's own threads (as many as the process's inference threads), the caller running
+    /// inside the pool as the encoders do: a frame is ~90 steps of short parallel loops, each of
+    /// which would otherwise hand its work to sleeping threads from outside.
+    pool: rayon::ThreadPool,
 }
 
 impl Yunet {
@@ -73,7 +77,12 @@ impl Yunet {
                 program.input_channels()
             )));
         }
-        Ok(Yunet { program, isa: Isa::best() })
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("kiln-yunet-{i}"))
+            .build()
+            .map_err(|e| ModelError::Inference(format!("thread pool: {e}")))?;
+        Ok(Yunet { program, isa: Isa::best(), pool })
     }
 
     /// Run on the given ISA's kernels (tests compare them).
@@ -114,7 +123,7 @@ impl Yunet {
                 padding.fill(0.0);
             }
         }
-        let outputs = self.program.run(input, self.isa).map_err(ModelError::Inference)?;
+        let outputs = self.pool.install(|| self.program.run(input, self.isa)).map_err(ModelError::Inference)?;
         let mut faces = Vec::with_capacity(images.len());
         for (b, opts) in options.iter().enumerate() {
             let mut candidates = Vec::new();
