@@ -123,7 +123,8 @@ impl Yunet {
                 padding.fill(0.0);
             }
         }
-        let outputs = self.pool.install(|| self.program.run(input, self.isa)).map_err(ModelError::Inference)?;
+        let outputs =
+            self.pool.install(|| self.program.run(input, self.isa)).map_err(ModelError::Inference)?;
         let mut faces = Vec::with_capacity(images.len());
         for (b, opts) in options.iter().enumerate() {
             let mut candidates = Vec::new();
