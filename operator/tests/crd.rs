@@ -199,8 +199,8 @@ fn each_rule_refuses_what_it_guards_with_an_actionable_message() {
         // Refused until the server serves it, rather than accepted into crash-looping pods.
         (
             "a family the server does not serve",
-            set("/spec/family", json!("face-detection")),
-            "face-detection",
+            set("/spec/family", json!("image-generation")),
+            "image-generation",
         ),
         (
             "model name DNS-1123",
