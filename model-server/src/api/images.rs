@@ -7,9 +7,13 @@ use axum::http::{StatusCode, header};
 use base64::Engine as _;
 use bytes::Bytes;
 
-use super::ApiError;
 use super::embeddings::too_many_inputs;
-use crate::images::ImageError;
+use super::{ApiError, tokenize, worker_answer};
+use crate::families::ModelFamily;
+use crate::families::batcher::{BatchInput, Batcher};
+use crate::images::{ImageError, ImageLimits};
+use crate::manifest::ModelRef;
+use crate::state::AppState;
 
 /// Images in one request: each holds megabytes of pixels until its batch runs.
 pub const MAX_IMAGES_PER_REQUEST: usize = 64;
@@ -85,4 +89,30 @@ pub fn image_error(field: &str, e: ImageError) -> ApiError {
 pub fn is_multipart(req: &Request) -> bool {
     let given = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     given.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("multipart/form-data")
+}
+
+/// Take a place in `batcher`'s queue (a full queue refuses before any decoding), decode each
+/// image with `decode` on the blocking pool within the upload limit, queue them, and wait for
+/// their batch: one output per image, in order.
+pub async fn queue_images<F: ModelFamily, I: BatchInput>(
+    state: &AppState<F>,
+    batcher: &Batcher<I>,
+    id: &ModelRef,
+    images: Vec<(String, Encoded)>,
+    decode: impl Fn(&[u8], &ImageLimits) -> Result<I, ImageError> + Send + 'static,
+) -> Result<Vec<I::Output>, ApiError> {
+    let place = batcher.reserve().map_err(ApiError::from)?;
+    let limits = ImageLimits { max_bytes: state.limits.max_upload_bytes, ..ImageLimits::default() };
+    let inputs = tokenize(state, move || {
+        images
+            .into_iter()
+            .map(|(field, encoded)| {
+                let bytes = encoded.bytes(&field)?;
+                decode(&bytes, &limits).map_err(|e| image_error(&field, e))
+            })
+            .collect::<Result<Vec<I>, ApiError>>()
+    })
+    .await??;
+    let rx = place.submit(inputs).map_err(ApiError::from)?;
+    worker_answer(rx, batcher.queue(), id).await
 }

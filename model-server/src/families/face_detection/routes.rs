@@ -9,9 +9,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Detection, FaceDetection, Input};
-use crate::api::images::{self, Encoded, image_error, is_multipart};
-use crate::api::{ApiError, Inference, RequestBody, Upload, counted, tokenize, worker_answer};
+use super::{Detection, FaceDetection};
+use crate::api::images::{self, Encoded, is_multipart};
+use crate::api::{ApiError, Inference, RequestBody, Upload, counted};
 use crate::families::Shared;
 use crate::images::ImageLimits;
 use crate::models::yunet::DetectOptions;
@@ -160,22 +160,9 @@ async fn detect(State(state): State<Shared<FaceDetection>>, req: Request) -> Res
     };
     counted(&state, &id, || async {
         let (images, one, options) = parsed?;
-        // A full queue refuses before any decoding; decoding runs on the blocking pool.
-        let (model, batcher) = (lease.model.clone(), lease.batcher.clone());
-        let place = batcher.reserve().map_err(ApiError::from)?;
-        let limits = ImageLimits { max_bytes: state.limits.max_upload_bytes, ..ImageLimits::default() };
-        let inputs = tokenize(&state, move || {
-            images
-                .into_iter()
-                .map(|(field, encoded)| {
-                    let bytes = encoded.bytes(&field)?;
-                    model.image(&bytes, &limits, options).map_err(|e| image_error(&field, e))
-                })
-                .collect::<Result<Vec<Input>, ApiError>>()
-        })
-        .await??;
-        let rx = place.submit(inputs).map_err(ApiError::from)?;
-        let detections = worker_answer(rx, batcher.queue(), &id).await?;
+        let model = lease.model.clone();
+        let decode = move |bytes: &[u8], limits: &ImageLimits| model.image(bytes, limits, options);
+        let detections = images::queue_images(&state, &lease.batcher, &id, images, decode).await?;
         let body = match (one, detections.first()) {
             (true, Some(d)) => {
                 let mut body = detection_json(d);

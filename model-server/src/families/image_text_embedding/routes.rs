@@ -10,10 +10,9 @@ use serde_json::json;
 
 use super::{ImageTextEmbedding, Input};
 use crate::api::embeddings::{Embedded, EmbeddingsRequest, too_many_inputs};
-use crate::api::images::{self, Encoded, image_error, is_multipart};
-use crate::api::{ApiError, Inference, RequestBody, Upload, counted, tokenize, worker_answer};
+use crate::api::images::{self, Encoded, is_multipart};
+use crate::api::{ApiError, Inference, RequestBody, Upload, counted};
 use crate::families::{Shared, embedding};
-use crate::images::ImageLimits;
 use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
@@ -85,29 +84,16 @@ impl RequestBody for EmbedTextRequest {
     }
 }
 
-/// Take a queue place (a full queue refuses before any decoding), decode and preprocess the
-/// images on the blocking pool, queue them, and wait for their batch.
+/// Decode and preprocess the images off the async workers, queue them, wait for their batch.
 async fn embed_images(
     state: &Shared<ImageTextEmbedding>,
     lease: &Lease<ImageTextEmbedding>,
     id: &ModelRef,
     images: Vec<(String, Encoded)>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
-    let (model, batcher) = (lease.model.clone(), lease.batcher.clone());
-    let place = batcher.reserve().map_err(ApiError::from)?;
-    let limits = ImageLimits { max_bytes: state.limits.max_upload_bytes, ..ImageLimits::default() };
-    let inputs = tokenize(state, move || {
-        images
-            .into_iter()
-            .map(|(field, encoded)| {
-                let bytes = encoded.bytes(&field)?;
-                model.image(&bytes, &limits).map_err(|e| image_error(&field, e))
-            })
-            .collect::<Result<Vec<Input>, ApiError>>()
-    })
-    .await??;
-    let rx = place.submit(inputs).map_err(ApiError::from)?;
-    worker_answer(rx, batcher.queue(), id).await
+    let model = lease.model.clone();
+    images::queue_images(state, &lease.batcher, id, images, move |bytes, limits| model.image(bytes, limits))
+        .await
 }
 
 async fn embed_texts(
