@@ -132,7 +132,8 @@ pub struct Batching {
     #[serde(default = "default_max_batch_size")]
     #[schemars(range(min = 1, max = 4096))]
     pub max_batch_size: u32,
-    /// ...or when its oldest input has waited this long.
+    /// ...or when its oldest input has waited this long. Only requests that arrive while a
+    /// batch runs wait: one that finds the model idle and its queue empty runs at once.
     #[serde(default = "default_max_delay_ms")]
     #[schemars(range(max = 10000))]
     pub max_delay_milliseconds: u32,

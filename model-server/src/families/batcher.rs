@@ -1,9 +1,12 @@
 //! Dynamic batching for the embedding families, one queue and one dedicated OS thread per
 //! model.
 //!
-//! Requests are tokenized (or decoded) before they get here; the worker closes a batch at
-//! `maxBatchSize` inputs or `maxDelayMilliseconds` after its oldest request arrived, orders the
-//! inputs by length, runs the model and scatters results back in the caller's order. Inputs
+//! Requests are tokenized (or decoded) before they get here. A request that reaches an idle
+//! worker with an empty queue runs at once: waiting for company would only add latency. What
+//! arrives while a batch runs forms the next one, closed at `maxBatchSize` inputs or
+//! `maxDelayMilliseconds` after its oldest request arrived, whichever comes first once the
+//! worker is free. The worker orders a batch's inputs by length, runs the model and scatters
+//! results back in the caller's order. Inputs
 //! batch only with their own group: an image-text model's image and text requests share one
 //! queue and worker (one forward pass at a time on the pod's cores) and form separate batches.
 
@@ -156,8 +159,10 @@ impl<I: BatchInput> Batcher<I> {
         let tell = |job: Job<I>, reason: &str| {
             let _ = job.reply.send(Err(ModelError::Inference(reason.to_string())));
         };
+        // Idle from before the first request can arrive, whenever the thread gets going.
+        let idle_since = Instant::now();
         let thread = spawn_worker(format!("batcher-{id}"), queue, on_failure, tell, move || {
-            worker.run(model.as_ref())
+            worker.run(model.as_ref(), idle_since)
         })?;
         Ok((batcher, thread))
     }
@@ -202,17 +207,20 @@ impl<I: BatchInput> Batcher<I> {
         self.queue.close();
     }
 
-    fn run<M: BatchModel<I>>(&self, model: &M) {
-        while let Some(batch) = self.next_batch() {
+    fn run<M: BatchModel<I>>(&self, model: &M, mut idle_since: Instant) {
+        while let Some(batch) = self.next_batch(idle_since) {
             if crate::failpoint::hit("batch-panic", &self.id) {
                 panic!("failpoint batch-panic");
             }
             self.execute(model, batch);
+            idle_since = Instant::now();
         }
     }
 
-    /// Block until a batch is due; None once closed and drained.
-    fn next_batch(&self) -> Option<Vec<Tracked<Job<I>>>> {
+    /// Block until a batch is due; None once closed and drained. `idle_since` is when the
+    /// worker last became free: a request that arrived after it found the queue empty and the
+    /// engine idle, so it is due at once.
+    fn next_batch(&self, idle_since: Instant) -> Option<Vec<Tracked<Job<I>>>> {
         let max_inputs = self.config.max_batch_size.max(1) as usize;
         let max_delay = Duration::from_millis(u64::from(self.config.max_delay_milliseconds));
         let mut q = self.queue.lock();
@@ -223,7 +231,8 @@ impl<I: BatchInput> Batcher<I> {
             if let Some(oldest) = q.front() {
                 let group = oldest.group;
                 let waiting: usize = q.iter().filter(|j| j.group == group).map(|j| j.inputs.len()).sum();
-                let due = oldest.arrived + max_delay;
+                let due =
+                    if oldest.arrived >= idle_since { oldest.arrived } else { oldest.arrived + max_delay };
                 let now = Instant::now();
                 if waiting >= max_inputs || now >= due || q.closed {
                     // The oldest job's group, in arrival order, up to the first that would not
@@ -293,5 +302,97 @@ impl<I: BatchInput> Batcher<I> {
             // The caller may have gone away; nothing to do then.
             let _ = job.reply.send(reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// Records each batch's size; the first batch holds until the test lets it go.
+    struct Recorder {
+        sizes: Mutex<Vec<usize>>,
+        gate: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl BatchModel<Vec<u32>> for Recorder {
+        fn run(&self, inputs: &[&Vec<u32>]) -> BatchResult {
+            if let Some(gate) = self.gate.lock().expect("gate").take() {
+                gate.recv().expect("released");
+            }
+            self.sizes.lock().expect("sizes").push(inputs.len());
+            Ok(inputs.iter().map(|i| vec![i.len() as f32]).collect())
+        }
+    }
+
+    fn start(
+        batching: Batching,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> (Batcher<Vec<u32>>, WorkerThread, Arc<Recorder>) {
+        let model = Arc::new(Recorder { sizes: Mutex::new(Vec::new()), gate: Mutex::new(gate) });
+        let ctx = StartContext {
+            batching,
+            max_queued_tokens: 1 << 20,
+            memory_for_requests: 0,
+            metrics: Arc::new(Metrics::new().expect("metrics")),
+            on_failure: Arc::new(|_: &str| {}),
+        };
+        let (batcher, thread) = Batcher::spawn(ModelRef::new("m", "1"), model.clone(), ctx).expect("spawn");
+        (batcher, thread, model)
+    }
+
+    // A window of a minute: were it applied, these tests would hit their 30 s timeouts.
+    const MINUTE: u32 = 60_000;
+
+    #[tokio::test]
+    async fn a_request_to_an_idle_worker_runs_at_once() {
+        let (batcher, thread, model) =
+            start(Batching { max_batch_size: 32, max_delay_milliseconds: MINUTE, max_queue_depth: 8 }, None);
+        for round in 0..3 {
+            let rx = batcher.submit(vec![vec![1, 2, 3]]).expect("submit");
+            let out = tokio::time::timeout(Duration::from_secs(30), rx)
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: a lone request waited for the batch window"))
+                .expect("reply")
+                .expect("run");
+            assert_eq!(out, vec![vec![3.0]]);
+        }
+        assert_eq!(*model.sizes.lock().expect("sizes"), vec![1, 1, 1]);
+        batcher.close();
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn what_arrives_during_a_batch_forms_the_next_one() {
+        let (release, gate) = mpsc::channel();
+        let (batcher, thread, model) = start(
+            Batching { max_batch_size: 3, max_delay_milliseconds: MINUTE, max_queue_depth: 8 },
+            Some(gate),
+        );
+        let first = batcher.submit(vec![vec![1]]).expect("submit");
+        // The first batch is running (and held) once the queue has handed its job over.
+        while batcher.waiting() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let rest: Vec<_> = (2..5).map(|n| batcher.submit(vec![vec![0; n]]).expect("submit")).collect();
+        release.send(()).expect("release");
+        let wait = |rx: oneshot::Receiver<BatchResult>| async move {
+            tokio::time::timeout(Duration::from_secs(30), rx)
+                .await
+                .expect("answered")
+                .expect("reply")
+                .expect("run")
+        };
+        assert_eq!(wait(first).await, vec![vec![1.0]]);
+        for (n, rx) in (2..5).zip(rest) {
+            assert_eq!(wait(rx).await, vec![vec![n as f32]]);
+        }
+        // The three that waited during the first pass filled one batch and ran as it ended.
+        assert_eq!(*model.sizes.lock().expect("sizes"), vec![1, 3]);
+        batcher.close();
+        thread.join();
     }
 }
