@@ -24,9 +24,12 @@ python3 -m pip download --quiet --no-deps --no-binary :all: --disable-pip-versio
   "llama-cpp-python==$VERSION" >&2
 tar xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
 src="$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp"
-# Native CPU flags (AVX2/FMA where the machine has them), as a user building llama.cpp would.
+# Native CPU flags (AVX2/FMA, AVX-512 where the machine has them), as a user building llama.cpp
+# would. No web UI: neither its npm build nor the prebuilt assets it would otherwise fetch from
+# outside the package registries (the benchmark talks to the HTTP API only).
 cmake -S "$src" -B "$DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >&2
+  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
 cmake --build "$DIR/build" --target llama-server -j "$(nproc)" >&2
 touch "$DIR/.complete"
 echo "$BIN"
