@@ -8,7 +8,10 @@ measured the same way for both: POST /v1/completions, greedy, the same prompt.
 - time to first token: a streamed request, from sending to the first chunk with text;
 - single-stream decode tokens/s: (completion tokens - 1) / (total time - time to first token);
 - aggregate tokens/s at 1, 4 and 8 concurrent streams: each client sends requests back to back
-  for the measurement window; completion tokens over wall time.
+  for the measurement window; completion tokens over wall time;
+- prefill tokens/s at 128 and 512 prompt tokens: a prompt of that many tokens (as the server
+  counts them in `usage`) and max_tokens 1, prompt tokens over the request's time, median of 5.
+  Each request starts with a different number, so no server can reuse a cached prefix.
 Completion tokens come from each response's `usage`, so both servers are counted alike.
 """
 import http.client
@@ -22,6 +25,9 @@ import urllib.parse
 PROMPT = "1, 2, 3, 4, 5,"
 MAX_TOKENS = 128
 CONCURRENCY = [1, 4, 8]
+PREFILL_TOKENS = [128, 512]
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing in old green "
+         "trees near the quiet river and children play").split()
 WINDOW_S = float(os.environ.get("WINDOW_S", "10"))
 
 
@@ -72,8 +78,36 @@ def median_of_rounds(name, paths):
         "aggregate_tokens_per_s": {
             c: med(r["aggregate_tokens_per_s"].get(c) for r in rounds) for c in first["aggregate_tokens_per_s"]
         },
+        "prefill_tokens_per_s": {
+            n: med((r.get("prefill_tokens_per_s") or {}).get(n) for r in rounds)
+            for n in first.get("prefill_tokens_per_s") or {}
+        },
         "per_round": rounds,
     }
+
+
+def prefill_prompt(url, target):
+    """Words whose prompt, as `url`'s server counts it in usage, is `target` tokens long."""
+    count = target
+    for _ in range(8):
+        text = "10 " + " ".join(WORDS[i % len(WORDS)] for i in range(count))
+        out, _, _ = request(url, {"prompt": text, "max_tokens": 1, "temperature": 0, "cache_prompt": False})
+        got = out["usage"]["prompt_tokens"]
+        if got == target:
+            return count
+        count += target - got
+    raise SystemExit(f"{url}: no prompt of {target} tokens found (last: {got})")
+
+
+def prefill_rate(url, target):
+    count = prefill_prompt(url, target)
+    rates = []
+    for i in range(5):
+        # A different first number each time (two digits, the same token count): no prefix reuse.
+        text = f"{11 + i} " + " ".join(WORDS[j % len(WORDS)] for j in range(count))
+        out, total, _ = request(url, {"prompt": text, "max_tokens": 1, "temperature": 0, "cache_prompt": False})
+        rates.append(out["usage"]["prompt_tokens"] / total)
+    return round(sorted(rates)[len(rates) // 2], 1)
 
 
 def main():
@@ -97,7 +131,11 @@ def main():
         "ttft_ms": round(sorted(ttfts)[1] * 1000, 1),
         "single_stream_tokens_per_s": round(sorted(rates)[1], 1),
         "aggregate_tokens_per_s": {},
+        "prefill_tokens_per_s": {},
     }
+    for n in PREFILL_TOKENS:
+        figures["prefill_tokens_per_s"][str(n)] = prefill_rate(url, n)
+        print(f"{name}: prefill of {n} tokens: {figures['prefill_tokens_per_s'][str(n)]} tokens/s", file=sys.stderr)
     for clients in CONCURRENCY:
         counts = [0] * clients
         stop = time.perf_counter() + WINDOW_S

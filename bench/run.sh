@@ -29,6 +29,13 @@ bash "$ROOT/bench/pull.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model
 
 echo "== kiln engine"
 "${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_engine" "$MODEL" "$SHARED/corpus" --out "$OUT/kiln-engine.json" >/dev/null
+if [ "${SKIP_BASELINE:-0}" != 1 ]; then
+  # ONNX Runtime on the same model and corpus right after Kiln's engine, so both meet the same
+  # machine (tokenization and pooling included; it checks its cosine against
+  # sentence-transformers).
+  echo "== onnx runtime engine"
+  OUT="$OUT/baseline" bash "$SHARED/python-baseline/run.sh" ort
+fi
 echo "== kiln http"
 python3 "$ROOT/bench/kiln_http.py" "${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln-model-server" "$MODEL" "$SHARED/corpus" \
   "$OUT/kiln-http.json" --duration "${DURATION:-20}" --baseline-dir "$SHARED/python-baseline"

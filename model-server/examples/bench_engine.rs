@@ -195,7 +195,11 @@ fn main() {
             "packed" => {
                 let config = BertConfig::read(&model_dir, Architecture::Bert).expect("config");
                 let e = PackedBert::load(&model_dir, &config).expect("load packed");
-                let detail = json!({"isa": format!("{:?}", e.isa()), "threads": e.threads()});
+                let detail = json!({
+                    "isa": format!("{:?}", e.isa()),
+                    "matmul_isa": kiln_model_server::kernels::gemm::matmul_isa(),
+                    "threads": e.threads(),
+                });
                 (Arc::new(e), false, detail)
             }
             "candle" => (Arc::new(CandleBert::load(&model_dir).expect("load candle")), true, json!({})),

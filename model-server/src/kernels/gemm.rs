@@ -5,6 +5,30 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// The instruction set the `gemm` crate's micro-kernels dispatch to on this CPU, for logs and
+/// benchmarks. It picks at run time by itself: its 512-bit kernels (the `x86-v4` feature) need
+/// the whole x86-64-v4 level, else the AVX2+FMA ones, else portable code.
+pub fn matmul_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let v3 = has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2") && has!("lzcnt");
+        if v3
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512cd")
+            && has!("avx512dq")
+            && has!("avx512vl")
+        {
+            return "avx512";
+        }
+        if v3 {
+            return "avx2+fma";
+        }
+    }
+    "portable"
+}
+
 /// A matrix inside a flat buffer: element `(i, j)` is at `offset + i·row_stride + j·col_stride`.
 #[derive(Debug, Clone, Copy)]
 pub struct View {
