@@ -384,8 +384,20 @@ fn depthwise_row_body(
     let Window { kh, kw, stride_h, stride_w, pad_top, pad_left, .. } = window;
     let (ky0, ky1, iy0) = Window::taps(oy, stride_h, pad_top, kh, x.h);
     let image = &x.data[b * x.h * x.row_len()..(b + 1) * x.h * x.row_len()];
-    let rows: Vec<&[f32]> =
-        (ky0..ky1).map(|ky| &image[(iy0 + ky as isize) as usize * x.row_len()..][..x.row_len()]).collect();
+    let row = |ky: usize| &image[(iy0 + ky as isize) as usize * x.row_len()..][..x.row_len()];
+    // The input rows under this output row: on the stack for kernels up to 3 rows (every
+    // depthwise filter YuNet has), so the hot loop allocates nothing.
+    let mut few: [&[f32]; 3] = [&[]; 3];
+    let many: Vec<&[f32]>;
+    let rows: &[&[f32]] = if ky1 - ky0 <= few.len() {
+        for (slot, ky) in few.iter_mut().zip(ky0..ky1) {
+            *slot = row(ky);
+        }
+        &few[..ky1 - ky0]
+    } else {
+        many = (ky0..ky1).map(row).collect();
+        &many
+    };
     // The 3x3 stride-1 filters of a MobileNet-style network: away from the left and right
     // borders every tap is in the row, and a pixel's sums stay in AVX registers.
     let mut interior = None;
@@ -395,10 +407,10 @@ fn depthwise_row_body(
         // SAFETY: `simd` is only set on the AVX2+FMA path (see `depthwise_row`).
         let done = unsafe {
             match c {
-                8 => avx2::depthwise_3x3_interior::<1>(&rows, ky0, out, taps, bias, first, last),
-                16 => avx2::depthwise_3x3_interior::<2>(&rows, ky0, out, taps, bias, first, last),
-                32 => avx2::depthwise_3x3_interior::<4>(&rows, ky0, out, taps, bias, first, last),
-                64 => avx2::depthwise_3x3_interior::<8>(&rows, ky0, out, taps, bias, first, last),
+                8 => avx2::depthwise_3x3_interior::<1>(rows, ky0, out, taps, bias, first, last),
+                16 => avx2::depthwise_3x3_interior::<2>(rows, ky0, out, taps, bias, first, last),
+                32 => avx2::depthwise_3x3_interior::<4>(rows, ky0, out, taps, bias, first, last),
+                64 => avx2::depthwise_3x3_interior::<8>(rows, ky0, out, taps, bias, first, last),
                 _ => false,
             }
         };
@@ -671,7 +683,8 @@ mod tests {
     #[test]
     fn every_convolution_kind_matches_the_definition_on_each_isa() {
         // (in, out, groups, kernel, stride, pad): pointwise, depthwise, YuNet's first layer,
-        // a grouped one, a depthwise with stride and odd sizes.
+        // a grouped one, a depthwise with stride and odd sizes, a depthwise 5x5 (more input
+        // rows per output row than the stack holds).
         let cases = [
             (16, 24, 1, 1, 1, 0),
             (16, 16, 16, 3, 1, 1),
@@ -679,6 +692,7 @@ mod tests {
             (8, 4, 2, 3, 1, 1),
             (12, 12, 12, 3, 2, 1),
             (1, 1, 1, 3, 1, 1),
+            (8, 8, 8, 5, 1, 2),
         ];
         for isa in [Isa::Scalar, Isa::Avx2Fma].into_iter().filter(|i| i.is_supported()) {
             for &(c, out_c, groups, k, stride, pad) in &cases {

@@ -165,9 +165,10 @@ impl FaceModel {
         let mut found: Vec<Option<Vec<Face>>> = inputs.iter().map(|_| None).collect();
         let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
-            match groups.iter_mut().find(|(g, _)| *g == input.group()) {
+            let group = input.group();
+            match groups.iter_mut().find(|(g, _)| *g == group) {
                 Some((_, members)) => members.push(i),
-                None => groups.push((input.group(), vec![i])),
+                None => groups.push((group, vec![i])),
             }
         }
         for (_, members) in groups {
