@@ -212,8 +212,7 @@ impl<I: BatchInput> Batcher<I> {
             if crate::failpoint::hit("batch-panic", &self.id) {
                 panic!("failpoint batch-panic");
             }
-            self.execute(model, batch);
-            idle_since = Instant::now();
+            idle_since = self.execute(model, batch);
         }
     }
 
@@ -261,7 +260,10 @@ impl<I: BatchInput> Batcher<I> {
         }
     }
 
-    fn execute<M: BatchModel<I>>(&self, model: &M, batch: Vec<Tracked<Job<I>>>) {
+    /// Run a batch and answer its requests; returns when the worker counted as free: just
+    /// before the first answer went out, so a caller that sends its next request on an answer
+    /// always finds the worker idle.
+    fn execute<M: BatchModel<I>>(&self, model: &M, batch: Vec<Tracked<Job<I>>>) -> Instant {
         let max_inputs = self.config.max_batch_size.max(1) as usize;
         // Flatten, remembering where each input goes, and order by length.
         let mut order: Vec<(usize, usize)> = batch
@@ -292,6 +294,7 @@ impl<I: BatchInput> Batcher<I> {
                 }
             }
         }
+        let free = Instant::now();
         // Each request leaves the in-flight count as its answer goes out.
         for (Tracked { job, in_flight: _in_flight }, slots) in batch.into_iter().zip(results) {
             let reply = match (&failure, slots.into_iter().collect::<Option<Vec<_>>>()) {
@@ -302,6 +305,7 @@ impl<I: BatchInput> Batcher<I> {
             // The caller may have gone away; nothing to do then.
             let _ = job.reply.send(reply);
         }
+        free
     }
 }
 
