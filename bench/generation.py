@@ -86,11 +86,16 @@ def median_of_rounds(name, paths):
     }
 
 
+def words_prompt(first, count):
+    """A two-digit number `first`, then `count` words."""
+    return f"{first} " + " ".join(WORDS[i % len(WORDS)] for i in range(count))
+
+
 def prefill_prompt(url, target):
     """Words whose prompt, as `url`'s server counts it in usage, is `target` tokens long."""
     count = target
     for _ in range(8):
-        text = "10 " + " ".join(WORDS[i % len(WORDS)] for i in range(count))
+        text = words_prompt(10, count)
         out, _, _ = request(url, {"prompt": text, "max_tokens": 1, "temperature": 0, "cache_prompt": False})
         got = out["usage"]["prompt_tokens"]
         if got == target:
@@ -104,7 +109,7 @@ def prefill_rate(url, target):
     rates = []
     for i in range(5):
         # A different first number each time (two digits, the same token count): no prefix reuse.
-        text = f"{11 + i} " + " ".join(WORDS[j % len(WORDS)] for j in range(count))
+        text = words_prompt(11 + i, count)
         out, total, _ = request(url, {"prompt": text, "max_tokens": 1, "temperature": 0, "cache_prompt": False})
         rates.append(out["usage"]["prompt_tokens"] / total)
     return round(sorted(rates)[len(rates) // 2], 1)
