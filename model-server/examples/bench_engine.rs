@@ -1,10 +1,11 @@
 //! Engine benchmark, the Rust side of the Python baseline's engine benchmark (bench/run.sh runs both):
 //! sentences/s at batch 32 over the short and long corpora (3 warm-up passes, 5 timed passes,
 //! median; tokenization included, as in sentence-transformers' `encode`), and batch-1 latency
-//! (200 calls over short inputs, p50/p99), for the packed encoder and candle's stock BERT.
+//! (200 calls over short inputs, p50/p99), for the packed encoder, candle's stock BERT on the
+//! CPU, and (`cuda`, in a build with the `cuda` feature) candle's BERT on CUDA device 0.
 //!
 //! cargo run --release -p kiln-model-server --example bench_engine -- \
-//!     [MODEL_DIR] [CORPUS_DIR] [--engines packed,candle] [--runs short,long,latency] [--out FILE]
+//!     [MODEL_DIR] [CORPUS_DIR] [--engines packed,candle,cuda] [--runs short,long,latency] [--out FILE]
 //!
 //! The packed encoder takes batches in corpus order (it does not pad, so order does not
 //! matter); candle's is given length-sorted batches, as sentence-transformers sorts its input,
@@ -16,10 +17,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_model_server::device::{ComputeDevice, DeviceRequest};
 use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings};
 use kiln_model_server::models::bert::BertConfig;
+use kiln_model_server::models::bert::candle::CandleBert;
 use kiln_model_server::models::bert::packed::PackedBert;
-use kiln_model_server::models::bert::reference::CandleBert;
 use kiln_model_server::models::{Architecture, Encoder};
 use serde_json::{Value, json};
 
@@ -202,8 +204,25 @@ fn main() {
                 });
                 (Arc::new(e), false, detail)
             }
-            "candle" => (Arc::new(CandleBert::load(&model_dir).expect("load candle")), true, json!({})),
-            other => panic!("unknown engine {other}: packed or candle"),
+            "candle" => (
+                Arc::new(
+                    CandleBert::load(&model_dir, Architecture::Bert, &candle_core::Device::Cpu)
+                        .expect("load candle"),
+                ),
+                true,
+                json!({}),
+            ),
+            "cuda" => {
+                let device = ComputeDevice::open(DeviceRequest::Cuda(0)).unwrap_or_else(|e| {
+                    eprintln!("cuda: no CUDA device: {e}");
+                    std::process::exit(2)
+                });
+                let detail = json!({"device": device.label(), "name": device.name()});
+                let e =
+                    CandleBert::load(&model_dir, Architecture::Bert, device.candle()).expect("load on cuda");
+                (Arc::new(e), true, detail)
+            }
+            other => panic!("unknown engine {other}: packed, candle or cuda"),
         };
         let load_s = t0.elapsed().as_secs_f64();
         let settings = EncoderSettings::read(&model_dir, encoder.max_positions()).expect("settings");

@@ -8,6 +8,7 @@
 //! - `kernels/` and `weights/`: what architectures share (GEMM, quantized matmul, row kernels;
 //!   safetensors, JSON configs, GGUF metadata);
 //! - `api`, `listener`, `queue`, `loader`, `state`, `serve`, `metrics`: the server around them;
+//! - `device`: where models compute (the CPU, or a CUDA GPU with the `cuda` feature);
 //! - `images`: images in requests, decoded with limits and preprocessed as a checkpoint says;
 //! - `pull`: the verified model cache.
 
@@ -16,6 +17,8 @@ pub mod quantity;
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
+pub mod device;
 #[cfg(feature = "server")]
 pub mod failpoint;
 #[cfg(feature = "server")]

@@ -33,6 +33,8 @@ pub struct LoadPlan {
     pub dirs: ModelDirs,
     pub warmup: Warmup,
     pub batching: Batching,
+    /// Where every model of the pod computes.
+    pub device: crate::device::ComputeDevice,
 }
 
 /// Load every preloaded served model, in manifest order, before readiness; a model that fails
@@ -450,7 +452,7 @@ fn load_one<F: ModelFamily>(state: &Arc<AppState<F>>, plan: &LoadPlan, id: &Mode
     });
     tracing::info!(dir = %dir.display(), weight_bytes = bytes, charge_bytes = charge, "loading");
     let rss_before = rss_bytes();
-    let model = Arc::new(F::load(dir).map_err(|e| e.to_string())?);
+    let model = Arc::new(F::load(dir, &plan.device).map_err(|e| e.to_string())?);
     let load_seconds = t0.elapsed().as_secs_f64();
     tracing::info!(load_seconds, model = %F::summary(&model), "loaded");
     slot.update(|p| {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_model_server::device::{ComputeDevice, DeviceRequest};
 use kiln_model_server::listener::ConnectionLimits;
 use kiln_model_server::manifest::{Batching, Family, Load, Manifest, ModelEntry, ModelSource, Warmup};
 use kiln_model_server::pull::{self, PullOptions};
@@ -100,6 +101,10 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// Where models compute: auto (CUDA device 0 in a CUDA build when one opens, else the CPU),
+    /// cpu, or cuda:N. A model with no path on the device is refused, never moved to the CPU.
+    #[arg(long, default_value = "auto", env = "KILN_DEVICE", value_parser = parse_device)]
+    device: DeviceRequest,
     /// Inference threads; default: the cgroup CPU quota, else the number of cores.
     #[arg(long)]
     threads: Option<usize>,
@@ -181,6 +186,10 @@ fn parse_quantity(s: &str) -> Result<u64, String> {
 /// Seconds from a flag; negative or non-finite values mean zero.
 fn seconds(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::ZERO)
+}
+
+fn parse_device(s: &str) -> Result<DeviceRequest, String> {
+    s.parse::<DeviceRequest>().map_err(|e| e.to_string())
 }
 
 fn parse_family(s: &str) -> Result<Family, String> {
@@ -288,7 +297,13 @@ fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
             plan
         }
     };
+    let device = ComputeDevice::open(args.device)?;
+    match device.note() {
+        Some(note) => tracing::warn!(device = %device.label(), name = device.name(), "{note}"),
+        None => tracing::info!(device = %device.label(), name = device.name(), "compute device"),
+    }
     let options = ServeOptions {
+        device,
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
             max_inputs: args.max_inputs,

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub model_load_duration: HistogramVec,
     pub memory_budget_bytes: IntGauge,
     pub lazy_first_request: HistogramVec,
+    /// 1 for the device the models compute on (`device` as `--device` writes it, `name`).
+    pub device_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -159,6 +161,11 @@ impl Metrics {
             .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             MODEL,
         )?;
+        let device_info = IntGaugeVec::new(
+            Opts::new("kiln_device_info", "The device the models compute on: cpu or cuda:N, and its name"),
+            &["device", "name"],
+        )?;
+        registry.register(Box::new(device_info.clone()))?;
         registry.register(Box::new(model_loads.clone()))?;
         registry.register(Box::new(model_unloads.clone()))?;
         registry.register(Box::new(model_load_duration.clone()))?;
@@ -209,6 +216,7 @@ impl Metrics {
             model_load_duration,
             memory_budget_bytes,
             lazy_first_request,
+            device_info,
         })
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::device::ComputeDevice;
 use crate::families::{ModelFamily, Serving};
 use crate::listener::{self, ConnectionLimits};
 use crate::loader::{self, LoadPlan, ModelDir, ModelDirs};
@@ -119,6 +120,8 @@ pub struct ServeOptions {
     pub drain_delay: Duration,
     /// After the listener closed: how long running requests may take before they are cut.
     pub shutdown_timeout: Duration,
+    /// Where the models compute (`--device`).
+    pub device: ComputeDevice,
 }
 
 impl Default for ServeOptions {
@@ -128,6 +131,7 @@ impl Default for ServeOptions {
             connections: ConnectionLimits::default(),
             drain_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
+            device: ComputeDevice::cpu(),
         }
     }
 }
@@ -148,7 +152,9 @@ pub async fn run<F: ModelFamily>(
     residency.budget_bytes =
         residency.budget_bytes.or_else(|| residency::default_budget(loader::memory_limit()));
     let (family, count) = (plan.family, plan.models.len());
-    let load_plan = LoadPlan { dirs: plan.dirs, warmup: plan.warmup, batching: plan.batching };
+    let device = options.device.clone();
+    metrics.device_info.with_label_values(&[device.label().as_str(), device.name()]).set(1);
+    let load_plan = LoadPlan { dirs: plan.dirs, warmup: plan.warmup, batching: plan.batching, device };
     let state = Arc::new(AppState::<F>::new(
         &plan.models,
         load_plan,

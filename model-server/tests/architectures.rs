@@ -8,12 +8,15 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
-use kiln_model_server::families::text_embedding::{EmbeddingModel, cosine};
+use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings, cosine};
 use kiln_model_server::loader::{ModelDir, ModelDirs};
 use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
+use kiln_model_server::models::bert::candle::CandleBert;
+use kiln_model_server::models::{Architecture, Encoder};
 use kiln_model_server::serve::ServePlan;
 use kiln_model_server::state::PlannedModel;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -94,8 +97,22 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn check_parity(dir: &Path, pooling: &str, what: &str) {
-    let r = reference(dir);
     let model = EmbeddingModel::load(dir).unwrap_or_else(|e| panic!("{what}: {e}"));
+    check_model_parity(&model, dir, pooling, what);
+}
+
+/// The same checks on candle's model of `architecture`: the code a GPU runs (only the device
+/// differs), here on the CPU.
+fn check_candle_parity(dir: &Path, architecture: Architecture, pooling: &str, what: &str) {
+    let encoder = CandleBert::load(dir, architecture, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{what} (candle): {e}"));
+    let settings = EncoderSettings::read(dir, encoder.max_positions()).expect("settings");
+    let model = EmbeddingModel::with_encoder(dir, Arc::new(encoder), settings).expect("model");
+    check_model_parity(&model, dir, pooling, &format!("{what} (candle)"));
+}
+
+fn check_model_parity(model: &EmbeddingModel, dir: &Path, pooling: &str, what: &str) {
+    let r = reference(dir);
     assert_eq!(model.dimension(), 64);
     for (i, sentence) in r.sentences.iter().enumerate() {
         let tokens = model.tokenize(sentence).expect("tokenize");
@@ -121,6 +138,16 @@ fn xlm_roberta_matches_sentence_transformers_with_cls_and_mean_pooling() {
     // As multilingual-e5 ships: mean pooling over the same weights.
     let mean = with_pooling(&tiny("xlm-roberta"), "mean");
     check_parity(&mean, "mean", "xlm-roberta");
+}
+
+#[test]
+fn the_gpu_path_of_both_encoders_matches_sentence_transformers_on_the_cpu() {
+    check_candle_parity(&tiny("xlm-roberta"), Architecture::XlmRoberta, "cls", "xlm-roberta");
+    let mean = with_pooling(&tiny("xlm-roberta"), "mean");
+    check_candle_parity(&mean, Architecture::XlmRoberta, "mean", "xlm-roberta");
+    check_candle_parity(&tiny("bert"), Architecture::Bert, "mean", "bert");
+    let cls = with_pooling(&tiny("bert"), "cls");
+    check_candle_parity(&cls, Architecture::Bert, "cls", "bert");
 }
 
 #[test]

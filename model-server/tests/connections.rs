@@ -156,6 +156,7 @@ async fn shutdown_does_not_wait_for_slow_clients_beyond_its_deadline() {
         connections: limits(120, 120, 64),
         drain_delay: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(1),
+        ..ServeOptions::default()
     };
     let server = TestServer::with_options(plan(), options).await;
     server.wait_ready().await;

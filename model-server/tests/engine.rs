@@ -9,8 +9,8 @@ use std::sync::Arc;
 use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings, cosine};
 use kiln_model_server::kernels::Isa;
 use kiln_model_server::models::bert::BertConfig;
+use kiln_model_server::models::bert::candle::CandleBert;
 use kiln_model_server::models::bert::packed::{PackedBert, PackedOptions};
-use kiln_model_server::models::bert::reference::CandleBert;
 use kiln_model_server::models::{Architecture, Encoder, Pooling};
 
 fn assert_matches_golden(model: &EmbeddingModel) {
@@ -35,7 +35,8 @@ fn assert_matches_golden(model: &EmbeddingModel) {
 
 fn candle_model() -> EmbeddingModel {
     let dir = common::minilm_dir();
-    let encoder = CandleBert::load(&dir).expect("load candle MiniLM");
+    let encoder =
+        CandleBert::load(&dir, Architecture::Bert, &candle_core::Device::Cpu).expect("load candle MiniLM");
     let settings = EncoderSettings::read(&dir, encoder.max_positions()).expect("settings");
     EmbeddingModel::with_encoder(&dir, Arc::new(encoder), settings).expect("model")
 }
@@ -105,7 +106,8 @@ fn packed_encoder_matches_candle_on_a_mixed_batch() {
     let ids = mixed_ids(&fast);
     let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let packed = packed(Isa::best(), 2);
-    let candle = CandleBert::load(&common::minilm_dir()).expect("load candle");
+    let candle = CandleBert::load(&common::minilm_dir(), Architecture::Bert, &candle_core::Device::Cpu)
+        .expect("load candle");
     for pooling in [Pooling::Mean, Pooling::Cls] {
         let a = packed.encode(&ids, pooling).expect("packed");
         let b = candle.encode(&ids, pooling).expect("candle");

@@ -218,8 +218,17 @@ async fn status<F: ModelFamily>(State(state): State<Shared<F>>) -> Json<Value> {
         "openConnections": state.metrics.open_connections.get(),
         "residentBytes": crate::loader::rss_bytes(),
         "memoryBudgetBytes": state.residency.budget_bytes,
+        "device": device_status(&state.plan.device),
         "models": models,
     }))
+}
+
+fn device_status(device: &crate::device::ComputeDevice) -> Value {
+    let mut v = json!({"device": device.label(), "name": device.name()});
+    if let Some(note) = device.note() {
+        v["note"] = json!(note);
+    }
+    v
 }
 
 async fn metrics<F: ModelFamily>(State(state): State<Shared<F>>) -> Response {

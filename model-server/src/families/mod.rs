@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use axum::Router;
 
+use crate::device::ComputeDevice;
 use crate::manifest::{Batching, Family, ModelRef};
 use crate::metrics::Metrics;
 use crate::models::ModelError;
@@ -35,9 +36,10 @@ pub trait ModelFamily: Sized + Send + Sync + 'static {
     /// The model with its worker running: what requests go to.
     type Serving: Serving;
 
-    /// Load `dir`: the architecture comes from what the checkpoint declares, through the table
-    /// in [`crate::models`].
-    fn load(dir: &Path) -> Result<Self::Model, ModelError>;
+    /// Load `dir` to compute on `device`: the architecture comes from what the checkpoint
+    /// declares, through the table in [`crate::models`]; one with no path on `device` is
+    /// refused by name.
+    fn load(dir: &Path, device: &ComputeDevice) -> Result<Self::Model, ModelError>;
     /// A few words for the log line that says the model loaded.
     fn summary(model: &Self::Model) -> String;
     /// One warmup pass over `inputs`.

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::batcher::{BatchInput, BatchModel, BatchResult, BatchServing, BatchStatus};
 use super::{ModelFamily, Shared, StartContext};
+use crate::device::ComputeDevice;
 use crate::images::{ImageError, ImageLimits};
 use crate::manifest::{Family, ModelRef};
 use crate::models::yunet::{BgrImage, DetectOptions, Face, Yunet, is_yunet, padded};
@@ -39,7 +40,8 @@ impl ModelFamily for FaceDetection {
     type Model = FaceModel;
     type Serving = BatchServing<FaceModel, Input>;
 
-    fn load(dir: &Path) -> Result<FaceModel, ModelError> {
+    fn load(dir: &Path, device: &ComputeDevice) -> Result<FaceModel, ModelError> {
+        device.require_cpu("the YuNet architecture")?;
         FaceModel::load(dir)
     }
 

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::batcher::{BatchInput, BatchModel, BatchResult, BatchServing, BatchStatus};
 use super::embedding::{self, Tokens, l2_normalize};
 use super::{ModelFamily, Shared, StartContext};
+use crate::device::ComputeDevice;
 use crate::images::preprocess::{PixelValues, Preprocess};
 use crate::images::{ImageError, ImageLimits};
 use crate::manifest::{Family, ModelRef};
@@ -33,8 +34,8 @@ impl ModelFamily for ImageTextEmbedding {
     type Model = ImageTextModel;
     type Serving = BatchServing<ImageTextModel, Input>;
 
-    fn load(dir: &Path) -> Result<ImageTextModel, ModelError> {
-        ImageTextModel::load(dir)
+    fn load(dir: &Path, device: &ComputeDevice) -> Result<ImageTextModel, ModelError> {
+        ImageTextModel::load_on(dir, device)
     }
 
     fn summary(model: &ImageTextModel) -> String {
@@ -116,10 +117,16 @@ impl ImageTextModel {
     /// safetensors, `tokenizer.json` (and `tokenizer_config.json` for the padding token),
     /// `preprocessor_config.json`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_on(dir, &ComputeDevice::cpu())
+    }
+
+    /// [`Self::load`] for `device`: neither tower has a GPU path yet, so only the CPU.
+    pub fn load_on(dir: &Path, device: &ComputeDevice) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         let declared = model_type(&config_path)?;
         let arch = architecture(Family::ImageTextEmbedding, declared.as_deref(), "model_type", &config_path)
             .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        device.require_cpu(&format!("the {arch:?} architecture"))?;
         let encoder: Box<dyn ImageTextEncoder> = match arch {
             Architecture::Siglip => Box::new(Siglip::load(dir)?),
             Architecture::Clip => Box::new(Clip::load(dir)?),

@@ -15,6 +15,7 @@ use axum::Router;
 use serde_json::{Value, json};
 
 use super::{ModelFamily, Serving, Shared, StartContext};
+use crate::device::ComputeDevice;
 use crate::manifest::{Family, ModelRef};
 use crate::models::whisper::Whisper;
 use crate::models::whisper::transcribe::Options;
@@ -37,7 +38,8 @@ impl ModelFamily for SpeechToText {
 
     /// A CTranslate2 directory (the architecture from `model.bin`'s spec name) or a Hugging
     /// Face checkpoint (from `config.json`'s `model_type`).
-    fn load(dir: &Path) -> Result<Whisper, ModelError> {
+    fn load(dir: &Path, device: &ComputeDevice) -> Result<Whisper, ModelError> {
+        device.require_cpu("the Whisper architecture")?;
         let check = |declared: Option<&str>, kind, file: &Path| {
             architecture(Family::SpeechToText, declared, kind, file)
                 .map_err(|e| ModelError::Unsupported(e.to_string()))

@@ -15,8 +15,10 @@ use serde_json::{Value, json};
 use super::batcher::{BatchModel, BatchResult, BatchServing, BatchStatus};
 pub use super::embedding::{Tokens, cosine, l2_normalize};
 use super::{ModelFamily, Shared, StartContext};
+use crate::device::ComputeDevice;
 use crate::manifest::{Family, ModelRef};
 use crate::models::bert::BertConfig;
+use crate::models::bert::candle::CandleBert;
 use crate::models::bert::packed::PackedBert;
 use crate::models::{Architecture, Encoder, ModelError, architecture};
 use crate::weights::model_type;
@@ -32,8 +34,8 @@ impl ModelFamily for TextEmbedding {
     type Model = EmbeddingModel;
     type Serving = BatchServing<EmbeddingModel, Vec<u32>>;
 
-    fn load(dir: &Path) -> Result<EmbeddingModel, ModelError> {
-        EmbeddingModel::load(dir)
+    fn load(dir: &Path, device: &ComputeDevice) -> Result<EmbeddingModel, ModelError> {
+        EmbeddingModel::load_on(dir, device)
     }
 
     fn summary(model: &EmbeddingModel) -> String {
@@ -66,13 +68,23 @@ pub struct EmbeddingModel {
 
 impl EmbeddingModel {
     /// Load from a Hugging Face directory (config.json, tokenizer.json, safetensors and the
-    /// sentence-transformers files): the architecture from `model_type`, on the packed encoder.
+    /// sentence-transformers files) for the CPU: the architecture from `model_type`, on the
+    /// packed encoder.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_on(dir, &ComputeDevice::cpu())
+    }
+
+    /// [`Self::load`] for `device`. On a GPU, BERT and XLM-RoBERTa run candle's models on that
+    /// device (cuBLAS and candle's kernels).
+    pub fn load_on(dir: &Path, device: &ComputeDevice) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         let declared = model_type(&config_path)?;
         let arch = architecture(Family::TextEmbedding, declared.as_deref(), "model_type", &config_path)
             .map_err(|e| ModelError::Unsupported(e.to_string()))?;
         let encoder: Arc<dyn Encoder> = match arch {
+            Architecture::Bert | Architecture::XlmRoberta if !device.is_cpu() => {
+                Arc::new(CandleBert::load(dir, arch, device.candle())?)
+            }
             Architecture::Bert | Architecture::XlmRoberta => {
                 Arc::new(PackedBert::load(dir, &BertConfig::read(dir, arch)?)?)
             }

@@ -13,6 +13,7 @@ use axum::Router;
 use serde_json::{Value, json};
 
 use super::{ModelFamily, Serving, Shared, StartContext};
+use crate::device::ComputeDevice;
 use crate::manifest::{Family, ModelRef};
 use crate::models::ModelError;
 use crate::queue::WorkerThread;
@@ -32,7 +33,8 @@ impl ModelFamily for TextGeneration {
     type Model = GenerationModel;
     type Serving = GenerationServing;
 
-    fn load(dir: &Path) -> Result<GenerationModel, ModelError> {
+    fn load(dir: &Path, device: &ComputeDevice) -> Result<GenerationModel, ModelError> {
+        device.require_cpu("the Llama architecture")?;
         GenerationModel::load(dir)
     }
 

@@ -1,7 +1,7 @@
 //! Fast CPU encoder for the BERT architecture and XLM-RoBERTa (post-LayerNorm, absolute
 //! positions, GELU (erf), token type 0).
 //!
-//! Where the reference [`CandleBert`](super::reference::CandleBert) pads a batch to its longest
+//! Where the reference [`CandleBert`](super::candle::CandleBert) pads a batch to its longest
 //! input, this one packs: the real tokens of every input sit in one `[tokens, hidden]` matrix,
 //! positions restart at each input, and attention runs per (input, head) on strided views of
 //! the fused QKV matrix. So no work is spent on padding and no sorting is needed. Measured on
