@@ -899,8 +899,18 @@ async fn gpu_pools_place_pods_roll_only_the_changed_pool_and_report_misfits() {
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), n);
     assert!(pdbs.get_opt("bge-ab-a100").await.unwrap().is_none(), "no PDB for a single replica");
 
-    // Changing the version the l4 pool serves rolls that pool and leaves a100 alone.
+    // GPU pools run the CUDA build on their GPU; the pull init container keeps the CPU build.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
+    let a100 = deployments.get("bge-ab-a100").await.unwrap();
+    let pod_spec = a100.spec.unwrap().template.spec.unwrap();
+    let server = &pod_spec.containers[0];
+    assert_eq!(server.image.as_deref(), Some("ghcr.io/kiln-dev/kiln-model-server:0.1.0-cuda"));
+    let args = server.args.clone().unwrap_or_default();
+    assert!(args.windows(2).any(|w| w == ["--device", "cuda:0"]), "{args:?}");
+    let pull = &pod_spec.init_containers.unwrap()[0];
+    assert_eq!(pull.image.as_deref(), Some("ghcr.io/kiln-dev/kiln-model-server:0.1.0"));
+
+    // Changing the version the l4 pool serves rolls that pool and leaves a100 alone.
     let a100_gen = deployments.get("bge-ab-a100").await.unwrap().metadata.generation;
     let l4_gen = deployments.get("bge-ab-l4").await.unwrap().metadata.generation;
     md["spec"]["pools"][1]["serve"] = json!(["bge-base:v1"]);

@@ -73,7 +73,8 @@ pub use kiln_model_server::manifest::{Batching, Family, Load, ModelRef, Warmup};
 pub struct ModelDeploymentSpec {
     /// What the pods serve; one family per pod.
     pub family: Family,
-    /// Model-server image; empty means the operator's --model-server-image.
+    /// Model-server image of every pool (on pools with gpus > 0 it must be a CUDA build); empty
+    /// means the operator's --model-server-image, and --model-server-cuda-image on GPU pools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
     pub image: Option<String>,

@@ -31,6 +31,14 @@ struct Args {
     /// Default model-server image (a ModelDeployment's spec.image overrides it).
     #[arg(long, env = "KILN_MODEL_SERVER_IMAGE", default_value = "ghcr.io/kiln-dev/kiln-model-server:0.1.0")]
     model_server_image: String,
+    /// Model-server image built with CUDA, for pools with gpus > 0 (their servers run with
+    /// --device cuda:0); empty runs GPU pools on --model-server-image and the CPU.
+    #[arg(
+        long,
+        env = "KILN_MODEL_SERVER_CUDA_IMAGE",
+        default_value = "ghcr.io/kiln-dev/kiln-model-server:0.1.0-cuda"
+    )]
+    model_server_cuda_image: String,
     /// Serves /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_addr: SocketAddr,
@@ -87,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         caches,
         settings: OperatorSettings {
             model_server_image: args.model_server_image,
+            model_server_cuda_image: args.model_server_cuda_image,
             memory_headroom_bytes: args.memory_headroom_mib << 20,
         },
         metrics: metrics.clone(),

@@ -103,6 +103,13 @@ fn default_values_lint_and_render_two_leader_elected_replicas_with_cluster_rbac(
     let a = args(&d);
     assert!(a.contains(&"--leader-elect=true".to_string()), "{a:?}");
     assert!(a.contains(&"--namespace=".to_string()), "watches every namespace: {a:?}");
+    // GPU pools get the CUDA build unless the platform team empties the value.
+    assert!(
+        a.contains(&"--model-server-cuda-image=ghcr.io/kiln-dev/kiln-model-server:0.1.0-cuda".to_string()),
+        "{a:?}"
+    );
+    let no_cuda = args(&deployment(&render(&["modelServerCudaImage="]).expect("render")));
+    assert!(no_cuda.contains(&"--model-server-cuda-image=".to_string()), "{no_cuda:?}");
     // The lease Role lives in the release namespace, nowhere else.
     let lease_role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
     assert_eq!(lease_role["metadata"]["namespace"], "kiln-system");
@@ -234,7 +241,14 @@ fn the_image_policy_allows_only_the_configured_prefixes() {
     assert_eq!(allowed["expression"], r#"["registry.corp/ml/", "ghcr.io/kiln-dev/"]"#);
     let rule = policy["spec"]["validations"][0]["expression"].as_str().expect("expression");
     assert!(rule.contains("variables.image == ''"), "an empty spec.image is the operator's default: {rule}");
-    assert!(rule.contains("ghcr.io/kiln-dev/kiln-model-server:0.1.0"), "modelServerImage is allowed: {rule}");
+    assert!(
+        rule.contains("\"ghcr.io/kiln-dev/kiln-model-server:0.1.0\""),
+        "modelServerImage is allowed: {rule}"
+    );
+    assert!(
+        rule.contains("ghcr.io/kiln-dev/kiln-model-server:0.1.0-cuda"),
+        "so is modelServerCudaImage: {rule}"
+    );
     let binding = one(&objects, "ValidatingAdmissionPolicyBinding");
     assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
     assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);

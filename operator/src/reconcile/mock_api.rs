@@ -70,7 +70,11 @@ fn mock_client(world: BTreeMap<String, Value>) -> (Client, Writes) {
 }
 
 fn settings() -> OperatorSettings {
-    OperatorSettings { model_server_image: "kiln/model-server:test".into(), memory_headroom_bytes: 256 << 20 }
+    OperatorSettings {
+        model_server_image: "kiln/model-server:test".into(),
+        model_server_cuda_image: "kiln/model-server:test-cuda".into(),
+        memory_headroom_bytes: 256 << 20,
+    }
 }
 
 fn with_kind(mut v: Value, api_version: &str, kind: &str) -> Value {

@@ -14,7 +14,9 @@ use kube::{Resource, ResourceExt};
 use crate::crd::{ModelDeployment, PoolSpec};
 
 pub use manifest::{ManifestError, pool_manifest};
-pub use workload::{config_map, config_map_name, deployment, hpa, pdb, service, shutdown_timing};
+pub use workload::{
+    ServerImage, config_map, config_map_name, deployment, hpa, pdb, server_image, service, shutdown_timing,
+};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "kiln-operator";
@@ -31,6 +33,9 @@ pub const SERVER_PORT: i32 = 8080;
 #[derive(Clone, Debug)]
 pub struct OperatorSettings {
     pub model_server_image: String,
+    /// The model server built with CUDA, for pools with `gpus > 0`; empty runs those pools on
+    /// `model_server_image` and the CPU.
+    pub model_server_cuda_image: String,
     /// Bytes of headroom added to every pool's memory requirement (runtime, buffers).
     pub memory_headroom_bytes: u64,
 }
@@ -39,6 +44,7 @@ impl Default for OperatorSettings {
     fn default() -> Self {
         OperatorSettings {
             model_server_image: "ghcr.io/kiln-dev/kiln-model-server:0.1.0".to_string(),
+            model_server_cuda_image: "ghcr.io/kiln-dev/kiln-model-server:0.1.0-cuda".to_string(),
             memory_headroom_bytes: 256 << 20,
         }
     }

@@ -135,6 +135,33 @@ fn resources(pool: &PoolSpec) -> ResourceRequirements {
     r
 }
 
+/// What a pool's model server runs: its image and the `--device` it computes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerImage {
+    pub image: String,
+    /// `cuda:0` on a GPU pool (the first GPU the pod was given; a server never falls back to
+    /// the CPU when told a GPU), else `cpu`.
+    pub device: &'static str,
+    /// The `pull` init container's image: never the CUDA build, which cannot start where no
+    /// GPU driver is mounted (an init container requests no GPU).
+    pub pull_image: String,
+}
+
+/// The image and device of `pool`'s server. `spec.image`, when set, is every pool's image (on
+/// a GPU pool it must be a CUDA build); otherwise GPU pools get the operator's CUDA image and
+/// CPU pools its CPU image. With no CUDA image configured, GPU pools run the CPU image on the
+/// CPU: the platform team's explicit choice.
+pub fn server_image(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSettings) -> ServerImage {
+    let custom = md.spec.image.clone().filter(|i| !i.is_empty());
+    let cuda_image = Some(settings.model_server_cuda_image.clone()).filter(|i| !i.is_empty());
+    let cpu_image = custom.clone().unwrap_or_else(|| settings.model_server_image.clone());
+    match (pool.gpus > 0, custom, cuda_image) {
+        (true, Some(image), _) => ServerImage { image, device: "cuda:0", pull_image: cpu_image },
+        (true, None, Some(image)) => ServerImage { image, device: "cuda:0", pull_image: cpu_image },
+        _ => ServerImage { image: cpu_image.clone(), device: "cpu", pull_image: cpu_image },
+    }
+}
+
 pub fn deployment(
     md: &ModelDeployment,
     pool: &PoolSpec,
@@ -142,12 +169,7 @@ pub fn deployment(
     settings: &OperatorSettings,
 ) -> Deployment {
     let name = pool_object_name(md, pool);
-    let image = md
-        .spec
-        .image
-        .clone()
-        .filter(|i| !i.is_empty())
-        .unwrap_or_else(|| settings.model_server_image.clone());
+    let ServerImage { image, device, pull_image } = server_image(md, pool, settings);
     let manifest_path = format!("{MANIFEST_DIR}/{MANIFEST_KEY}");
     let claims = pvc_claims(manifest);
 
@@ -204,7 +226,7 @@ pub fn deployment(
 
     let pull = Container {
         name: "pull".into(),
-        image: Some(image.clone()),
+        image: Some(pull_image),
         command: Some(vec!["kiln-model-server".into()]),
         args: Some(vec![
             "pull".into(),
@@ -233,6 +255,8 @@ pub fn deployment(
             CACHE_DIR.into(),
             "--listen".into(),
             format!("0.0.0.0:{SERVER_PORT}"),
+            "--device".into(),
+            device.into(),
             "--drain-delay-seconds".into(),
             drain.to_string(),
             "--shutdown-timeout-seconds".into(),
@@ -406,6 +430,42 @@ mod tests {
 
     fn pod(d: &Deployment) -> &PodSpec {
         d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+    }
+
+    /// The server container's image and `--device`, and the pull container's image.
+    fn images(d: &Deployment) -> (String, String, String) {
+        let pod = pod(d);
+        let server = &pod.containers[0];
+        let args = server.args.as_ref().expect("args");
+        let at = args.iter().position(|a| a == "--device").expect("--device");
+        let pull = &pod.init_containers.as_ref().expect("init")[0];
+        (server.image.clone().expect("image"), args[at + 1].clone(), pull.image.clone().expect("pull image"))
+    }
+
+    #[test]
+    fn gpu_pools_run_the_cuda_image_on_their_gpu_and_cpu_pools_the_cpu_image() {
+        let settings = OperatorSettings::default();
+        let (cpu, cuda) = (settings.model_server_image.clone(), settings.model_server_cuda_image.clone());
+        let (_, d, _) = build("embeddings-ab-gpu.yaml", 0);
+        assert_eq!(images(&d), (cuda.clone(), "cuda:0".into(), cpu.clone()), "the a100 pool");
+        let (_, d, _) = build("embeddings-cpu.yaml", 0);
+        assert_eq!(images(&d), (cpu.clone(), "cpu".into(), cpu.clone()), "a CPU pool");
+
+        // spec.image is every pool's image; on a GPU pool it is told to use the GPU.
+        let mut md = sample("embeddings-ab-gpu.yaml");
+        md.spec.image = Some("registry.example/kiln-model-server:custom-cuda".into());
+        let p = &md.spec.pools[0];
+        let d = deployment(&md, p, &pool_manifest(&md, p).expect("manifest"), &settings);
+        let custom = "registry.example/kiln-model-server:custom-cuda".to_string();
+        assert_eq!(images(&d), (custom.clone(), "cuda:0".into(), custom));
+
+        // No CUDA image configured: GPU pools run the CPU image on the CPU, by choice.
+        let md = sample("embeddings-ab-gpu.yaml");
+        let p = &md.spec.pools[0];
+        let no_cuda =
+            OperatorSettings { model_server_cuda_image: String::new(), ..OperatorSettings::default() };
+        let d = deployment(&md, p, &pool_manifest(&md, p).expect("manifest"), &no_cuda);
+        assert_eq!(images(&d), (cpu.clone(), "cpu".into(), cpu));
     }
 
     #[test]
