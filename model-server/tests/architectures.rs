@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
+use kiln_model_server::device::{ComputeDevice, DeviceRequest};
 use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings, cosine};
 use kiln_model_server::loader::{ModelDir, ModelDirs};
 use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
@@ -101,14 +102,20 @@ fn check_parity(dir: &Path, pooling: &str, what: &str) {
     check_model_parity(&model, dir, pooling, what);
 }
 
-/// The same checks on candle's model of `architecture`: the code a GPU runs (only the device
-/// differs), here on the CPU.
-fn check_candle_parity(dir: &Path, architecture: Architecture, pooling: &str, what: &str) {
-    let encoder = CandleBert::load(dir, architecture, &candle_core::Device::Cpu)
-        .unwrap_or_else(|e| panic!("{what} (candle): {e}"));
+/// The same checks on candle's model of `architecture` on `device`: the code a GPU runs.
+fn check_candle_parity(
+    dir: &Path,
+    architecture: Architecture,
+    device: &ComputeDevice,
+    pooling: &str,
+    what: &str,
+) {
+    let what = format!("{what} (candle on {})", device.label());
+    let encoder =
+        CandleBert::load(dir, architecture, device.candle()).unwrap_or_else(|e| panic!("{what}: {e}"));
     let settings = EncoderSettings::read(dir, encoder.max_positions()).expect("settings");
     let model = EmbeddingModel::with_encoder(dir, Arc::new(encoder), settings).expect("model");
-    check_model_parity(&model, dir, pooling, &format!("{what} (candle)"));
+    check_model_parity(&model, dir, pooling, &what);
 }
 
 fn check_model_parity(model: &EmbeddingModel, dir: &Path, pooling: &str, what: &str) {
@@ -140,14 +147,22 @@ fn xlm_roberta_matches_sentence_transformers_with_cls_and_mean_pooling() {
     check_parity(&mean, "mean", "xlm-roberta");
 }
 
+/// The GPU path of both encoders on the CPU, every run, and on CUDA device 0 where one opens.
 #[test]
-fn the_gpu_path_of_both_encoders_matches_sentence_transformers_on_the_cpu() {
-    check_candle_parity(&tiny("xlm-roberta"), Architecture::XlmRoberta, "cls", "xlm-roberta");
-    let mean = with_pooling(&tiny("xlm-roberta"), "mean");
-    check_candle_parity(&mean, Architecture::XlmRoberta, "mean", "xlm-roberta");
-    check_candle_parity(&tiny("bert"), Architecture::Bert, "mean", "bert");
-    let cls = with_pooling(&tiny("bert"), "cls");
-    check_candle_parity(&cls, Architecture::Bert, "cls", "bert");
+fn the_gpu_path_of_both_encoders_matches_sentence_transformers() {
+    let mut devices = vec![ComputeDevice::cpu()];
+    match ComputeDevice::open(DeviceRequest::Cuda(0)) {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) => println!("skipped: no CUDA device ({e}); checked on the CPU only"),
+    }
+    for device in &devices {
+        check_candle_parity(&tiny("xlm-roberta"), Architecture::XlmRoberta, device, "cls", "xlm-roberta");
+        let mean = with_pooling(&tiny("xlm-roberta"), "mean");
+        check_candle_parity(&mean, Architecture::XlmRoberta, device, "mean", "xlm-roberta");
+        check_candle_parity(&tiny("bert"), Architecture::Bert, device, "mean", "bert");
+        let cls = with_pooling(&tiny("bert"), "cls");
+        check_candle_parity(&cls, Architecture::Bert, device, "cls", "bert");
+    }
 }
 
 #[test]
