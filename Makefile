@@ -20,7 +20,7 @@ test: ## every test: formatting, clippy, unit, integration and end-to-end tests
 	@# The Go builds for e2e run at low priority beside the cargo builds (e2e/cluster/prebuild.sh).
 	bash scripts/prune-target.sh
 	bash e2e/cluster/prebuild.sh start
-	$(MAKE) --no-print-directory lint fixtures unit image-check
+	$(MAKE) --no-print-directory lint fixtures unit image-check cuda-check
 	bash e2e/cluster/prebuild.sh wait
 	$(MAKE) --no-print-directory e2e
 	@echo "make test: all passed"
@@ -29,6 +29,10 @@ test: ## every test: formatting, clippy, unit, integration and end-to-end tests
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: cuda-check
+cuda-check: ## build the `cuda` feature where the CUDA toolchain is cached (make build-cuda installs it); says so where not
+	bash scripts/build-cuda.sh --check
 
 .PHONY: crd-check
 crd-check: ## crds/ and docs/reference.md must equal crdgen output (make test checks this in operator/tests/crd.rs)
@@ -64,13 +68,20 @@ fixtures: ## download the real test weights (MiniLM) into ~/.cache/kiln/fixtures
 build: ## release binaries
 	$(CARGO) build --release --locked -p kiln-operator -p kiln-model-server
 
+.PHONY: build-cuda
+build-cuda: ## the model server with CUDA, in release: toolchain from PyPI wheels (~/.cache/kiln), no GPU needed
+	bash scripts/build-cuda.sh
+
 .PHONY: images
-images: build ## container images of both binaries, pulling nothing: OCI archives in target/images (and docker images where a daemon runs)
+images: build build-cuda ## container images, pulling nothing: operator, model server and its -cuda build, as OCI archives in target/images (and docker images where a daemon runs)
 	@mkdir -p target/images; docker_flag=""; if docker info >/dev/null 2>&1; then docker_flag=--docker; fi; \
 	for bin in kiln-operator kiln-model-server; do \
 	  python3 scripts/image.py "$(CARGO_TARGET_DIR)/release/$$bin" "$$bin" 0.1.0 target/images $$docker_flag \
 	    >"target/images/$$bin.json"; \
-	done
+	done; \
+	cuda="$$(bash scripts/cuda-toolchain.sh --check)"; \
+	python3 scripts/image.py "$(KILN_CACHE)/cargo-target-cuda/release/kiln-model-server" kiln-model-server 0.1.0-cuda \
+	  target/images $$docker_flag "--cuda-libs=$$cuda/lib" >target/images/kiln-model-server-cuda.json
 
 .PHONY: image-check
 image-check: ## the image assembly checked on the debug binaries (archive, user, runs from its root filesystem)
@@ -79,6 +90,10 @@ image-check: ## the image assembly checked on the debug binaries (archive, user,
 .PHONY: bench
 bench: ## Kiln vs the Python baseline, same run: engine, HTTP (wrk), RSS, start to ready
 	bash bench/run.sh
+
+.PHONY: bench-gpu
+bench-gpu: ## on a machine with a CUDA device: BERT on the GPU beside the CPU engine (exits 2 without one)
+	bash bench/gpu.sh
 
 .PHONY: e2e
 e2e: ## end-to-end tests on the local control plane (starts and stops it unless already running)

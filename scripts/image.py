@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a container image of one Kiln binary without pulling a base image.
 
-usage: image.py BINARY NAME TAG OUT_DIR [--docker]
+usage: image.py BINARY NAME TAG OUT_DIR [--docker] [--cuda-libs=DIR]
 
 1. Assembles a root filesystem holding only the binary, the shared libraries it links (from
    `ldd`, with the dynamic loader), the CA bundle (S3 and HTTPS sources), and /etc/passwd and
@@ -11,6 +11,10 @@ usage: image.py BINARY NAME TAG OUT_DIR [--docker]
 3. Writes that root filesystem to OUT_DIR/NAME-rootfs and, with --docker (a running daemon),
    `docker build`s images/<name>.Dockerfile as NAME:TAG with its `rootfs` stage replaced by
    that directory, so the build pulls no base image.
+
+With --cuda-libs=DIR (the model server built with `make build-cuda`): the CUDA libraries it links
+are taken from DIR into /usr/local/cuda/lib64 (with NVRTC's builtins, which it opens at run time),
+except the driver's libcuda.so.1: the NVIDIA container runtime mounts that from the node.
 
 Prints one JSON line: the archive, its size, the uncompressed root filesystem size and the files.
 Standard library only.
@@ -27,11 +31,17 @@ import sys
 import tarfile
 
 UID = 65532
+CUDA_LIB_DIR = '/usr/local/cuda/lib64'
+# Libraries of the node's NVIDIA driver: mounted into the container at run time, never shipped.
+DRIVER_LIBS = ('libcuda.so.1',)
 CA_BUNDLES = ['/etc/ssl/certs/ca-certificates.crt', '/etc/pki/tls/certs/ca-bundle.crt']
 
 
-def linked_libraries(binary):
-    out = subprocess.run(['ldd', binary], capture_output=True, text=True)
+def linked_libraries(binary, cuda_libs=None):
+    env = dict(os.environ)
+    if cuda_libs:
+        env['LD_LIBRARY_PATH'] = cuda_libs
+    out = subprocess.run(['ldd', binary], capture_output=True, text=True, env=env)
     if out.returncode != 0 and 'not a dynamic executable' in (out.stdout + out.stderr):
         return []  # static binary
     if out.returncode != 0:
@@ -41,16 +51,26 @@ def linked_libraries(binary):
         m = re.search(r'(?:=>\s*)?(/\S+)\s+\(0x', line)
         if m:
             libs.append(m.group(1))
+        elif 'not found' in line and line.split()[0] in DRIVER_LIBS and cuda_libs:
+            continue
         elif 'not found' in line:
             sys.exit(f'{binary}: a linked library is missing: {line.strip()}')
     return libs
 
 
-def rootfs_files(binary, name):
+def rootfs_files(binary, name, cuda_libs=None):
     """(path in image, source path or bytes, mode) for every file of the image."""
     files = [(f'/usr/local/bin/{name}', binary, 0o755)]
-    for lib in linked_libraries(binary):
-        files.append((lib, os.path.realpath(lib), 0o755))
+    for lib in linked_libraries(binary, cuda_libs):
+        if cuda_libs and os.path.realpath(os.path.dirname(lib)) == os.path.realpath(cuda_libs):
+            files.append((f'{CUDA_LIB_DIR}/{os.path.basename(lib)}', os.path.realpath(lib), 0o755))
+        else:
+            files.append((lib, os.path.realpath(lib), 0o755))
+    if cuda_libs:
+        # NVRTC compiles candle's kernels at run time and opens its builtins library by name.
+        for extra in sorted(os.listdir(cuda_libs)):
+            if extra.startswith('libnvrtc-builtins.so.'):
+                files.append((f'{CUDA_LIB_DIR}/{extra}', os.path.join(cuda_libs, extra), 0o755))
     ca = next((p for p in CA_BUNDLES if os.path.exists(p)), None)
     if ca:
         files.append(('/etc/ssl/certs/ca-certificates.crt', ca, 0o644))
@@ -90,13 +110,17 @@ def blob(tar, data, media_type):
     return {'mediaType': media_type, 'digest': f'sha256:{digest}', 'size': len(data)}
 
 
-def oci_archive(path, layer, name, tag):
+def oci_archive(path, layer, name, tag, cuda=False):
     compressed = gzip.compress(layer, mtime=0)
+    env = ['PATH=/usr/local/bin', 'SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt']
+    if cuda:
+        # Where the image's CUDA libraries are; which driver parts the NVIDIA runtime mounts.
+        env += [f'LD_LIBRARY_PATH={CUDA_LIB_DIR}', 'NVIDIA_DRIVER_CAPABILITIES=compute,utility']
     config = {
         'architecture': {'x86_64': 'amd64', 'aarch64': 'arm64'}.get(os.uname().machine, os.uname().machine),
         'os': 'linux',
         'config': {'User': f'{UID}:{UID}', 'Entrypoint': [f'/usr/local/bin/{name}'],
-                   'Env': ['PATH=/usr/local/bin', 'SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt'],
+                   'Env': env,
                    'WorkingDir': '/home/nonroot',
                    'Labels': {'org.opencontainers.image.title': name, 'org.opencontainers.image.version': tag}},
         'rootfs': {'type': 'layers', 'diff_ids': ['sha256:' + hashlib.sha256(layer).hexdigest()]},
@@ -141,6 +165,9 @@ def docker_build(root, dockerfile, name, tag, repo):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
+    cuda_libs = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--cuda-libs=')), None)
+    if cuda_libs and not os.path.isdir(cuda_libs):
+        sys.exit(f'--cuda-libs={cuda_libs}: not a directory (make build-cuda installs the toolchain)')
     if len(args) != 4:
         sys.exit(__doc__)
     binary, name, tag, out_dir = args
@@ -149,14 +176,14 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     # Debug info is most of a Rust binary; symbols stay, so backtraces still name functions.
     if shutil.which('strip'):
-        stripped = os.path.join(out_dir, f'.{name}.stripped')
+        stripped = os.path.join(out_dir, f'.{name}-{tag}.stripped')
         subprocess.run(['strip', '--strip-debug', '-o', stripped, binary], check=True)
         binary = stripped
-    files = rootfs_files(binary, name)
+    files = rootfs_files(binary, name, cuda_libs)
     layer = layer_tar(files)
     archive = os.path.join(out_dir, f'{name}-{tag}.oci.tar')
-    compressed = oci_archive(archive, layer, name, tag)
-    root = os.path.join(out_dir, f'{name}-rootfs')
+    compressed = oci_archive(archive, layer, name, tag, cuda=cuda_libs is not None)
+    root = os.path.join(out_dir, f'{name}-{tag}-rootfs' if cuda_libs else f'{name}-rootfs')
     write_rootfs(files, root)
     if '--docker' in sys.argv:
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
