@@ -6,10 +6,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::{BertModel, Config as CandleBertConfig};
 use candle_transformers::models::xlm_roberta::{Config as XlmRobertaConfig, XLMRobertaModel};
 use serde_json::{Value, json};
 
+use super::BertConfig;
 use crate::models::{Architecture, Encoder, ModelError, Pooling};
 use crate::weights::{read_json, safetensors_files};
 
@@ -33,6 +34,19 @@ impl CandleBert {
     pub fn load(dir: &Path, architecture: Architecture, device: &Device) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         let mut config: Value = read_json(&config_path)?;
+        let invalid = |e: serde_json::Error| ModelError::Files {
+            path: config_path.display().to_string(),
+            message: format!("not a config candle's {architecture:?} reads: {e}"),
+        };
+        // The packed encoder's reading of the same file decides padding and positions, so both
+        // paths agree on them.
+        let mut ours: BertConfig = serde_json::from_value(config.clone()).map_err(invalid)?;
+        ours.architecture = architecture;
+        let first = ours.first_position();
+        let pad_id = match architecture {
+            Architecture::XlmRoberta => first - 1,
+            _ => 0,
+        };
         // Fields candle requires that newer transformers no longer write (inference ignores the
         // dropouts; "absolute" is the only position type these checkpoints use).
         if let Value::Object(fields) = &mut config {
@@ -42,15 +56,11 @@ impl CandleBert {
                 ("attention_probs_dropout_prob", json!(0.0)),
                 ("initializer_range", json!(0.02)),
                 ("classifier_dropout", Value::Null),
-                ("pad_token_id", json!(0)),
+                ("pad_token_id", json!(pad_id)),
             ] {
                 fields.entry(key).or_insert(default);
             }
         }
-        let invalid = |e: serde_json::Error| ModelError::Files {
-            path: config_path.display().to_string(),
-            message: format!("not a config candle's {architecture:?} reads: {e}"),
-        };
         let files = safetensors_files(dir)?;
         let failed = |e: candle_core::Error| ModelError::Files {
             path: dir.display().to_string(),
@@ -60,27 +70,29 @@ impl CandleBert {
         // `pull` and never modified in place afterwards.
         let vb =
             unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }.map_err(failed)?;
-        let (network, hidden_size, max_positions, pad_id) = match architecture {
+        let network = match architecture {
             Architecture::Bert => {
-                let c: BertConfig = serde_json::from_value(config).map_err(invalid)?;
-                let model = BertModel::load(vb, &c).map_err(failed)?;
-                (Network::Bert(model), c.hidden_size, c.max_position_embeddings, 0)
+                let c: CandleBertConfig = serde_json::from_value(config).map_err(invalid)?;
+                Network::Bert(BertModel::load(vb, &c).map_err(failed)?)
             }
             Architecture::XlmRoberta => {
                 let c: XlmRobertaConfig = serde_json::from_value(config).map_err(invalid)?;
-                let model = XLMRobertaModel::new(&c, vb).map_err(failed)?;
-                // Positions start after the padding index (as in the packed encoder).
-                let first = c.pad_token_id as usize + 1;
-                (
-                    Network::XlmRoberta(model),
-                    c.hidden_size,
-                    c.max_position_embeddings.saturating_sub(first),
-                    c.pad_token_id,
-                )
+                Network::XlmRoberta(XLMRobertaModel::new(&c, vb).map_err(failed)?)
             }
             other => return Err(ModelError::Unsupported(format!("{other:?} is not a BERT-family encoder"))),
         };
-        Ok(CandleBert { network, hidden_size, max_positions, pad_id, device: device.clone() })
+        let max_positions = ours.max_position_embeddings.saturating_sub(first);
+        let pad_id = u32::try_from(pad_id).map_err(|_| ModelError::Files {
+            path: config_path.display().to_string(),
+            message: format!("pad_token_id {pad_id} is not a token id"),
+        })?;
+        Ok(CandleBert {
+            network,
+            hidden_size: ours.hidden_size,
+            max_positions,
+            pad_id,
+            device: device.clone(),
+        })
     }
 }
 

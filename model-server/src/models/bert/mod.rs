@@ -64,7 +64,7 @@ impl BertConfig {
     /// index and those before it never being a real token's position.
     pub fn first_position(&self) -> usize {
         match self.architecture {
-            Architecture::XlmRoberta => self.pad_token_id.unwrap_or(1) + 1,
+            Architecture::XlmRoberta => self.pad_token_id.unwrap_or(1).saturating_add(1),
             _ => 0,
         }
     }
