@@ -155,10 +155,9 @@ pub fn server_image(md: &ModelDeployment, pool: &PoolSpec, settings: &OperatorSe
     let custom = md.spec.image.clone().filter(|i| !i.is_empty());
     let cuda_image = Some(settings.model_server_cuda_image.clone()).filter(|i| !i.is_empty());
     let cpu_image = custom.clone().unwrap_or_else(|| settings.model_server_image.clone());
-    match (pool.gpus > 0, custom, cuda_image) {
-        (true, Some(image), _) => ServerImage { image, device: "cuda:0", pull_image: cpu_image },
-        (true, None, Some(image)) => ServerImage { image, device: "cuda:0", pull_image: cpu_image },
-        _ => ServerImage { image: cpu_image.clone(), device: "cpu", pull_image: cpu_image },
+    match custom.or(cuda_image).filter(|_| pool.gpus > 0) {
+        Some(image) => ServerImage { image, device: "cuda:0", pull_image: cpu_image },
+        None => ServerImage { image: cpu_image.clone(), device: "cpu", pull_image: cpu_image },
     }
 }
 
