@@ -91,8 +91,8 @@ impl fmt::Debug for ComputeDevice {
 impl ComputeDevice {
     pub fn cpu() -> Self {
         let name = format!(
-            "cpu (row kernels {:?}, matmul {})",
-            crate::kernels::Isa::best(),
+            "cpu (row kernels {}, matmul {})",
+            crate::kernels::Isa::chosen().name(),
             crate::kernels::gemm::matmul_isa()
         );
         ComputeDevice { cuda: None, name, candle: candle_core::Device::Cpu, note: None }

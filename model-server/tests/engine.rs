@@ -116,22 +116,26 @@ fn packed_encoder_matches_candle_on_a_mixed_batch() {
 }
 
 #[test]
-fn scalar_kernels_and_thread_counts_give_the_same_vectors() {
+fn every_isa_and_thread_count_gives_the_same_vectors() {
     let model = EmbeddingModel::load(&common::minilm_dir()).expect("load MiniLM");
     let ids = mixed_ids(&model);
     let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let best = packed(Isa::best(), 2).encode(&ids, Pooling::Mean).expect("best");
-    let scalar_encoder = packed(Isa::Scalar, 2);
-    assert_eq!(scalar_encoder.isa(), Isa::Scalar);
-    let scalar = scalar_encoder.encode(&ids, Pooling::Mean).expect("scalar");
-    let one_thread = packed(Isa::best(), 1).encode(&ids, Pooling::Mean).expect("one thread");
-    for (what, other) in [("scalar", &scalar), ("1 thread", &one_thread)] {
+    let mut others = Vec::new();
+    // Each level the CPU has (scalar, AVX2, AVX-512), forced, against the best one.
+    for isa in Isa::supported() {
+        let encoder = packed(isa, 2);
+        assert_eq!(encoder.isa(), isa);
+        others.push((format!("{isa:?}"), encoder.encode(&ids, Pooling::Mean).expect("forced ISA")));
+    }
+    others.push(("1 thread".into(), packed(Isa::best(), 1).encode(&ids, Pooling::Mean).expect("one thread")));
+    for (what, other) in &others {
         assert_close(&best, other, 0.999_999, what);
         let max_diff =
             best.iter().flatten().zip(other.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(max_diff < 1e-4, "{what}: max difference {max_diff}");
     }
-    eprintln!("vector ISA in use: {:?}", Isa::best());
+    eprintln!("vector ISA in use: {:?}; levels compared: {:?}", Isa::best(), Isa::supported());
 }
 
 #[test]

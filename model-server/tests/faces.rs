@@ -25,7 +25,7 @@ fn detect(model: &FaceModel, bytes: &[u8], options: DetectOptions) -> Detection 
 fn every_reference_image_gives_opencvs_faces_on_each_isa() {
     let (dir, cases) = common::face_reference();
     assert!(cases.iter().map(|c| c.faces.len()).sum::<usize>() >= 6, "the reference has the faces it should");
-    for isa in [Isa::Scalar, Isa::Avx2Fma].into_iter().filter(|i| i.is_supported()) {
+    for isa in Isa::supported() {
         let model = FaceModel::load(&common::yunet_dir()).expect("load").with_isa(isa);
         for case in &cases {
             let bytes = std::fs::read(dir.join(&case.file)).expect("image");

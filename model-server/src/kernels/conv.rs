@@ -253,7 +253,7 @@ impl Conv2d {
         })?;
         let mut y = Feature { n: x.n, h: oh, w: ow, c: self.out_c, data: Vec::new() };
         #[cfg(target_arch = "x86_64")]
-        if let (Isa::Avx2Fma, Some(weights)) = (isa, &self.direct) {
+        if let (true, Some(weights)) = (isa.has_avx2(), &self.direct) {
             y.data = buffers.take(x.n * oh * ow * self.out_c);
             let row = ow * self.out_c;
             // The kernel for this many 8-wide output registers.
@@ -342,9 +342,9 @@ fn depthwise_row(
     isa: Isa,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: Avx2Fma is only chosen (Isa::best) or forced (tests, after is_supported) on a
-        // CPU with AVX2 and FMA.
+    if isa.has_avx2() {
+        // SAFETY: Avx2Fma and above are only chosen (Isa::chosen) or forced (tests, after
+        // is_supported) on a CPU with AVX2 and FMA.
         return unsafe { depthwise_row_avx2(x, b, oy, out, taps, bias, window, relu) };
     }
     let _ = isa;
@@ -694,7 +694,7 @@ mod tests {
             (1, 1, 1, 3, 1, 1),
             (8, 8, 8, 5, 1, 2),
         ];
-        for isa in [Isa::Scalar, Isa::Avx2Fma].into_iter().filter(|i| i.is_supported()) {
+        for isa in Isa::supported() {
             for &(c, out_c, groups, k, stride, pad) in &cases {
                 let (n, h, w) = (2, 13, 10);
                 let x = values(n * c * h * w, 7);

@@ -132,7 +132,7 @@ impl PreNormEncoder {
             .into_par_iter()
             .map(|l| load_layer(&scope.scope(&format!("layers.{l}")), &dims))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(PreNormEncoder { dims, layers, isa: Isa::best() })
+        Ok(PreNormEncoder { dims, layers, isa: Isa::chosen() })
     }
 
     pub fn dims(&self) -> &EncoderDims {
@@ -165,7 +165,7 @@ impl PreNormEncoder {
                 let rows = xb.len() / h;
                 let up = &mut up[..rows * self.dims.intermediate];
                 matmul::linear(up, nb, &layer.fc1.weight, false, threads);
-                self.par_rows(up, self.dims.intermediate, |r| {
+                super::par_rows(up, self.dims.intermediate, |r| {
                     super::bias_activation(r, &layer.fc1.bias, self.dims.activation, self.isa)
                 });
                 add_rows(xb, &layer.fc2.bias);
@@ -235,19 +235,9 @@ impl PreNormEncoder {
     pub fn norm_in_place(&self, x: &mut [f32], norm: &Norm) {
         let zero = vec![0.0; norm.gamma.len()];
         let eps = self.dims.eps;
-        self.par_rows(x, norm.gamma.len(), |r| {
+        super::par_rows(x, norm.gamma.len(), |r| {
             super::bias_layer_norm(r, &zero, &norm.gamma, &norm.beta, eps, self.isa)
         });
-    }
-
-    /// Runs a row kernel over `data` (rows of `row_len`), one contiguous block per thread.
-    fn par_rows(&self, data: &mut [f32], row_len: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
-        let rows = data.len() / row_len.max(1);
-        let threads = rayon::current_num_threads();
-        if threads == 1 || rows < 2 {
-            return f(data);
-        }
-        data.par_chunks_mut(rows.div_ceil(threads) * row_len).for_each(f);
     }
 }
 

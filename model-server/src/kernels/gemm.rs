@@ -252,7 +252,7 @@ const SKINNY_TOKENS: usize = 8;
 pub fn linear(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
     let (inp, out) = (w.rows, w.cols);
     let tokens = x.len() / inp;
-    if tokens <= SKINNY_TOKENS && super::Isa::best() == super::Isa::Avx2Fma {
+    if tokens <= SKINNY_TOKENS && super::Isa::best().has_avx2() {
         return skinny(dst, x, w, accumulate, threads);
     }
     let xv = View::dense(0, tokens, inp);
@@ -325,7 +325,7 @@ pub trait RowElement: Copy + Send + Sync {
 impl RowElement for f32 {
     fn dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; SKINNY_TOKENS]) {
         #[cfg(target_arch = "x86_64")]
-        if super::Isa::best() == super::Isa::Avx2Fma {
+        if super::Isa::best().has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { avx2::dots(xs, rows, w, dots) };
         }
@@ -338,7 +338,7 @@ impl RowElement for f32 {
 impl RowElement for half::f16 {
     fn dots(xs: &[f32], rows: usize, w: &[half::f16], dots: &mut [f32; SKINNY_TOKENS]) {
         #[cfg(target_arch = "x86_64")]
-        if super::Isa::best() == super::Isa::Avx2Fma && std::arch::is_x86_feature_detected!("f16c") {
+        if super::Isa::best().has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
             // SAFETY: the CPU has AVX2, FMA and F16C.
             return unsafe { avx2::dots_f16(xs, rows, w, dots) };
         }

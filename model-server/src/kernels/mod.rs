@@ -1,44 +1,103 @@
 //! Kernels every architecture shares: [`gemm`] (float matmuls on packed and strided views),
 //! [`quant`] (matmuls on GGUF quantized blocks), and here the row kernels, the element-wise work
 //! between matmuls (bias + GELU, softmax, bias + residual + LayerNorm, attention over a short
-//! input). Each has a portable scalar version and an AVX2+FMA version; [`Isa`] picks one at run
-//! time, so one binary is fast on current x86-64 and still correct on any CPU or target, and a
-//! test can force either path.
+//! input). Each has a portable scalar version, an AVX2+FMA version and an AVX-512 one
+//! ([`avx512`]); [`Isa`] picks one at run time, so one binary is fast on current x86-64 and still
+//! correct on any CPU or target, and a test can force each path.
 //!
 //! `exp` and `erf` are branch-free polynomials: libm's scalar versions (and `f32::round`, a libm
 //! call on baseline x86-64) cost more than the matmuls they sit between.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 pub mod conv;
 pub mod encoder;
 pub mod gemm;
 pub mod quant;
 
-/// Which implementation the row kernels use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which implementation the kernels use, slowest first: each level has everything the one
+/// before it has, so a kernel written only up to AVX2 runs its AVX2 version on an AVX-512 CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust, any CPU.
     Scalar,
     /// 256-bit AVX2 with fused multiply-add; only chosen when the CPU has both.
     Avx2Fma,
+    /// 512-bit AVX-512 (F, BW, DQ, VL) with VNNI's int8 dot products, on top of AVX2, FMA and
+    /// F16C: current Xeons and AMD Zen 4 and later.
+    Avx512,
 }
 
 impl Isa {
     /// The fastest implementation this CPU supports.
     pub fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Isa::Avx2Fma;
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                let avx512 = has!("avx512f")
+                    && has!("avx512bw")
+                    && has!("avx512dq")
+                    && has!("avx512vl")
+                    && has!("avx512vnni")
+                    && has!("f16c");
+                return if avx512 { Isa::Avx512 } else { Isa::Avx2Fma };
+            }
         }
         Isa::Scalar
     }
 
-    pub fn is_supported(self) -> bool {
+    /// What the models use: [`Isa::best`], lowered by `KILN_ENGINE_ISA` (`scalar`, `avx2` or
+    /// `avx512`) to compare the paths on one machine; a level the CPU lacks is never chosen.
+    pub fn chosen() -> Isa {
+        let cap = std::env::var("KILN_ENGINE_ISA").ok().and_then(|v| Isa::from_name(&v));
+        cap.map_or(Isa::best(), |cap| cap.min(Isa::best()))
+    }
+
+    /// `scalar`, `avx2` or `avx512` (any case).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512].into_iter().find(|i| i.name().eq_ignore_ascii_case(name))
+    }
+
+    pub fn name(self) -> &'static str {
         match self {
-            Isa::Scalar => true,
-            Isa::Avx2Fma => Isa::best() == Isa::Avx2Fma,
+            Isa::Scalar => "scalar",
+            Isa::Avx2Fma => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
+
+    pub fn is_supported(self) -> bool {
+        self <= Isa::best()
+    }
+
+    /// Every level this CPU supports, for tests that force each path.
+    pub fn supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512].into_iter().filter(|i| i.is_supported()).collect()
+    }
+
+    /// Whether the AVX2+FMA kernels may run (this level or a higher one).
+    pub fn has_avx2(self) -> bool {
+        self >= Isa::Avx2Fma
+    }
+}
+
+/// Below this many floats a row kernel runs on the calling thread: a short input's LayerNorm
+/// takes a few microseconds, less than handing half of it to another thread and waiting for it
+/// (measured: the pool's wake-ups were a tenth of a batch-1 forward pass).
+const PARALLEL_ROWS_MIN: usize = 16 * 1024;
+
+/// Runs a row kernel over `data` (rows of `row_len`), one contiguous block per thread of the
+/// current rayon pool, or on this thread when `data` is small.
+pub fn par_rows(data: &mut [f32], row_len: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    use rayon::prelude::*;
+    let rows = data.len() / row_len.max(1);
+    let threads = rayon::current_num_threads();
+    if threads == 1 || rows < 2 || data.len() < PARALLEL_ROWS_MIN {
+        return f(data);
+    }
+    data.par_chunks_mut(rows.div_ceil(threads) * row_len).for_each(f);
 }
 
 /// `x[r] = gelu(x[r] + bias)` for every row `r` of `x` (rows of `bias.len()`).
@@ -48,6 +107,9 @@ pub fn bias_gelu(x: &mut [f32], bias: &[f32], isa: Isa) {
         // SAFETY: `Isa::Avx2Fma` is only used when `is_supported` said the CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { avx2::bias_gelu(x, bias) },
+        // SAFETY: `Isa::Avx512` likewise only when the CPU has AVX-512 F/BW/DQ/VL.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::bias_gelu(x, bias) },
         _ => scalar::bias_gelu(x, bias),
     }
 }
@@ -96,6 +158,9 @@ pub fn bias_activation(x: &mut [f32], bias: &[f32], act: Activation, isa: Isa) {
         // SAFETY: as in `bias_gelu`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { avx2::bias_sigmoid_gate(x, bias, a, b) },
+        // SAFETY: as in `bias_gelu`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::bias_sigmoid_gate(x, bias, a, b) },
         _ => scalar::bias_sigmoid_gate(x, bias, a, b),
     }
 }
@@ -107,6 +172,9 @@ pub fn softmax(x: &mut [f32], n: usize, isa: Isa) {
         // SAFETY: as in `bias_gelu`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { avx2::softmax(x, n) },
+        // SAFETY: as in `bias_gelu`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::softmax(x, n) },
         _ => scalar::softmax(x, n),
     }
 }
@@ -137,6 +205,9 @@ pub unsafe fn small_attention(qkv: &[f32], h: HeadView, scores: &mut [f32], out:
         // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { avx2::small_attention(qkv, h, scores, out) },
+        // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::small_attention(qkv, h, scores, out) },
         // SAFETY: forwarded from the caller.
         _ => unsafe { small_attention_body(qkv, h, scores, out, Isa::Scalar) },
     }
@@ -198,6 +269,9 @@ pub fn bias_layer_norm(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32],
         // SAFETY: as in `bias_gelu`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { avx2::bias_layer_norm(x, bias, gamma, beta, eps) },
+        // SAFETY: as in `bias_gelu`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::bias_layer_norm(x, bias, gamma, beta, eps) },
         _ => scalar::bias_layer_norm(x, bias, gamma, beta, eps),
     }
 }
@@ -553,8 +627,27 @@ mod tests {
     /// Every kernel on every supported ISA against the scalar one, with rows that have tails.
     #[test]
     fn simd_kernels_match_scalar() {
-        let isa = Isa::best();
-        for n in [1, 7, 8, 13, 64, 384, 390] {
+        // Each level this CPU has, named in the output so a run shows which paths it checked.
+        eprintln!("ISA levels checked against scalar: {:?}", Isa::supported());
+        for isa in Isa::supported() {
+            simd_kernels_match_scalar_on(isa);
+        }
+    }
+
+    #[test]
+    fn isa_levels_are_ordered_and_named() {
+        assert!(Isa::Scalar < Isa::Avx2Fma && Isa::Avx2Fma < Isa::Avx512);
+        for isa in [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512] {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::from_name("AVX512"), Some(Isa::Avx512));
+        assert_eq!(Isa::from_name("sse"), None);
+        assert!(Isa::Scalar.is_supported() && Isa::chosen() <= Isa::best());
+        assert!(Isa::Avx512.has_avx2() && !Isa::Scalar.has_avx2());
+    }
+
+    fn simd_kernels_match_scalar_on(isa: Isa) {
+        for n in [1, 7, 8, 13, 16, 17, 64, 384, 390] {
             let x = values(3 * n, 6.0);
             let bias = values(n, 1.0);
             let gamma = values(n, 2.0);
@@ -565,25 +658,25 @@ mod tests {
             let (mut a, mut b) = (x.clone(), x.clone());
             bias_gelu(&mut a, &bias, isa);
             bias_gelu(&mut b, &bias, Isa::Scalar);
-            assert!(close(&a, &b), "gelu n={n}");
+            assert!(close(&a, &b), "{isa:?} gelu n={n}");
 
             for act in [Activation::GeluTanh, Activation::QuickGelu] {
                 let (mut a, mut b) = (x.clone(), x.clone());
                 bias_activation(&mut a, &bias, act, isa);
                 bias_activation(&mut b, &bias, act, Isa::Scalar);
-                assert!(close(&a, &b), "{act:?} n={n}");
+                assert!(close(&a, &b), "{isa:?} {act:?} n={n}");
             }
 
             let (mut a, mut b) = (x.clone(), x.clone());
             softmax(&mut a, n, isa);
             softmax(&mut b, n, Isa::Scalar);
-            assert!(close(&a, &b), "softmax n={n}");
+            assert!(close(&a, &b), "{isa:?} softmax n={n}");
             assert!(b.chunks(n).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
 
             let (mut a, mut b) = (x.clone(), x.clone());
             bias_layer_norm(&mut a, &bias, &gamma, &beta, 1e-12, isa);
             bias_layer_norm(&mut b, &bias, &gamma, &beta, 1e-12, Isa::Scalar);
-            assert!(close(&a, &b), "layer norm n={n}");
+            assert!(close(&a, &b), "{isa:?} layer norm n={n}");
         }
     }
 

@@ -322,13 +322,19 @@ fn native_forward(w: &QWeight, x: &[f32], t: usize) -> Result<Vec<f32>, ModelErr
     Ok(w.matmul(x, t))
 }
 
-/// AVX2 with FMA and F16C (for the block scales), or plain Rust.
+/// AVX-512 with VNNI (its level includes F16C), AVX2 with FMA and F16C (for the block scales),
+/// or plain Rust; at most [`Isa::chosen`].
 fn kernel_isa() -> Isa {
+    capped(Isa::chosen())
+}
+
+/// The level the kernels here run at when `isa` is asked for: AVX2 also needs F16C.
+fn capped(isa: Isa) -> Isa {
     #[cfg(target_arch = "x86_64")]
-    if Isa::best() == Isa::Avx2Fma && std::arch::is_x86_feature_detected!("f16c") {
-        return Isa::Avx2Fma;
+    if isa == Isa::Avx2Fma && !std::arch::is_x86_feature_detected!("f16c") {
+        return Isa::Scalar;
     }
-    Isa::Scalar
+    isa
 }
 
 fn f16(block: &[u8], at: usize) -> f32 {
@@ -368,9 +374,10 @@ fn quantize_rows(x: &[f32], cols: usize, isa: Isa) -> Acts {
 fn quantize_row(x: &[f32], qs: &mut [[i8; BLOCK]], d: &mut [f32], s: &mut [f32], isa: Isa) {
     for (i, vals) in x.chunks_exact(BLOCK).enumerate() {
         (d[i], s[i]) = match isa {
-            // SAFETY: `kernel_isa` picks Avx2Fma only when the CPU has AVX2, FMA and F16C.
+            // SAFETY: `kernel_isa` picks Avx2Fma only when the CPU has AVX2, FMA and F16C, which
+            // Avx512 includes.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::quantize_block(vals, &mut qs[i]) },
+            Isa::Avx2Fma | Isa::Avx512 => unsafe { avx2::quantize_block(vals, &mut qs[i]) },
             _ => scalar::quantize_block(vals, &mut qs[i]),
         };
     }
@@ -379,6 +386,16 @@ fn quantize_row(x: &[f32], qs: &mut [[i8; BLOCK]], d: &mut [f32], s: &mut [f32],
 /// `out[j] = w[j] · row r` of `acts`, for two weight rows (the same result as one at a time).
 fn dot_pair(format: Format, isa: Isa, w: [&[u8]; 2], acts: &Acts, r: usize, out: &mut [f32]) {
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `kernel_isa` picks Avx512 only when the CPU has it, VNNI included; the kernel
+        // checks the slices' bounds.
+        Isa::Avx512 => unsafe {
+            match format {
+                Format::Q4_0 => avx512::dot_tile::<Q4_0, 2, 1>(w, acts, r, out),
+                Format::Q4_1 => avx512::dot_tile::<Q4_1, 2, 1>(w, acts, r, out),
+                Format::Q8_0 => avx512::dot_tile::<Q8_0, 2, 1>(w, acts, r, out),
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `quantize_rows`; the kernel checks the slices' bounds.
         Isa::Avx2Fma => unsafe {
@@ -400,6 +417,28 @@ fn dot_pair(format: Format, isa: Isa, w: [&[u8]; 2], acts: &Acts, r: usize, out:
 /// [`TILE`]; any other count goes one row at a time, with the same result).
 fn dot_rows(format: Format, isa: Isa, w: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_pair`.
+        Isa::Avx512 => unsafe {
+            match (format, out.len()) {
+                (Format::Q4_0, TILE) => avx512::dot_tile::<Q4_0, 1, TILE>([w], acts, r0, out),
+                (Format::Q4_1, TILE) => avx512::dot_tile::<Q4_1, 1, TILE>([w], acts, r0, out),
+                (Format::Q8_0, TILE) => avx512::dot_tile::<Q8_0, 1, TILE>([w], acts, r0, out),
+                (Format::Q4_0, 4) => avx512::dot_tile::<Q4_0, 1, 4>([w], acts, r0, out),
+                (Format::Q4_1, 4) => avx512::dot_tile::<Q4_1, 1, 4>([w], acts, r0, out),
+                (Format::Q8_0, 4) => avx512::dot_tile::<Q8_0, 1, 4>([w], acts, r0, out),
+                (f, _) => {
+                    for (k, o) in out.iter_mut().enumerate() {
+                        let o = std::slice::from_mut(o);
+                        match f {
+                            Format::Q4_0 => avx512::dot_tile::<Q4_0, 1, 1>([w], acts, r0 + k, o),
+                            Format::Q4_1 => avx512::dot_tile::<Q4_1, 1, 1>([w], acts, r0 + k, o),
+                            Format::Q8_0 => avx512::dot_tile::<Q8_0, 1, 1>([w], acts, r0 + k, o),
+                        }
+                    }
+                }
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `quantize_rows`; the kernels check the slices' bounds.
         Isa::Avx2Fma => unsafe {
@@ -488,7 +527,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn f16(p: *const u8) -> f32 {
+    pub(super) fn f16(p: *const u8) -> f32 {
         // SAFETY: callers pass a pointer to two readable bytes.
         let bits = unsafe { p.cast::<u16>().read_unaligned() };
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
@@ -653,6 +692,219 @@ mod avx2 {
     }
 }
 
+/// The same products with AVX-512 VNNI: `vpdpbusd` multiplies unsigned weight bytes by signed
+/// activation bytes and adds each group of four into 32-bit lanes, one instruction where AVX2
+/// needs three, and a 512-bit register holds two blocks. Q8_0's signed weights are made unsigned
+/// by adding 128 (a sign-bit flip), which becomes a per-block offset of −128·d, handled as the
+/// Q4 formats' offsets are.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::avx2::f16;
+    use super::{Acts, BLOCK, Q4_1, Q8_0};
+
+    /// Blocks per segment, as in the AVX2 kernel; even, so block pairs never straddle two.
+    const SEGMENT: usize = 32;
+
+    /// One block's 32 weights as unsigned bytes, its scale, and its offset per unit of `s`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
+        let d = f16(p);
+        // SAFETY (all loads): the caller passes a pointer to a whole block of format F.
+        match F {
+            Q8_0 => {
+                let w = unsafe { _mm256_loadu_si256(p.add(2).cast()) };
+                (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), d, -128.0 * d)
+            }
+            _ => {
+                let (min, qs) = if F == Q4_1 {
+                    (f16(unsafe { p.add(2) }), unsafe { p.add(4) })
+                } else {
+                    (-8.0 * d, unsafe { p.add(2) })
+                };
+                let packed = unsafe { _mm_loadu_si128(qs.cast()) };
+                // Low nibbles are values 0..16, high nibbles 16..32.
+                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+                (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, min)
+            }
+        }
+    }
+
+    /// `out[j * R + k] = w[j] · row r0 + k`, as `super::avx2::dot_tile`: every output comes
+    /// from the same operations in the same order whatever W and R are.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // block j indexes the minimums of every weight row
+    pub unsafe fn dot_tile<const F: u8, const W: usize, const R: usize>(
+        w: [&[u8]; W],
+        acts: &Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let bytes = match F {
+            super::Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        };
+        let nb = acts.nb;
+        assert!(w.iter().all(|w| w.len() >= nb * bytes) && r0 + R <= acts.rows && out.len() >= W * R);
+        assert!(
+            acts.d.len() >= acts.rows * nb
+                && acts.s.len() >= acts.rows * nb
+                && acts.qs.len() >= acts.rows * nb
+        );
+        let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * nb);
+        let mut acc = [[_mm512_setzero_ps(); R]; W];
+        let mut offset = [[0f32; R]; W];
+        let mut mins = [[0f32; SEGMENT]; W];
+        let mut b0 = 0;
+        while b0 < nb {
+            let seg = SEGMENT.min(nb - b0);
+            // The Q4 formats four blocks at a time, then what is left two at a time (the
+            // split depends on the row length only, so every output is computed alike).
+            let mut j = 0;
+            if F != Q8_0 {
+                while j + 4 <= seg {
+                    // SAFETY: blocks b0 + j .. b0 + j + 4 are in bounds (asserted).
+                    unsafe { quad::<F, W, R>(&w, acts, &at, b0 + j, &mut acc, &mut mins, j) };
+                    j += 4;
+                }
+            }
+            for j in (j..seg).step_by(2) {
+                let b = b0 + j;
+                // The last block of an odd row goes alone: a zero second half adds nothing.
+                let two = j + 1 < seg;
+                for x in 0..W {
+                    // SAFETY: blocks b (and b + 1 when `two`) of the rows and of each activation
+                    // row are in bounds (asserted).
+                    unsafe {
+                        // A kilobyte ahead, as in the AVX2 kernel; a prefetch never faults.
+                        _mm_prefetch::<_MM_HINT_T0>(w[x].as_ptr().wrapping_add(b * bytes + 1024).cast());
+                        let (lo, d0, m0) = unpack::<F>(w[x].as_ptr().add(b * bytes));
+                        let (hi, d1, m1) = if two {
+                            unpack::<F>(w[x].as_ptr().add((b + 1) * bytes))
+                        } else {
+                            (_mm256_setzero_si256(), 0.0, 0.0)
+                        };
+                        mins[x][j] = m0;
+                        if two {
+                            mins[x][j + 1] = m1;
+                        }
+                        let wq = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                        let wd = _mm512_insertf32x8::<1>(_mm512_set1_ps(d0), _mm256_set1_ps(d1));
+                        for r in 0..R {
+                            let i = at[r] + b;
+                            let aq = if two {
+                                _mm512_loadu_si512(acts.qs.as_ptr().add(i).cast())
+                            } else {
+                                _mm512_zextsi256_si512(_mm256_loadu_si256(acts.qs.as_ptr().add(i).cast()))
+                            };
+                            let a1 = if two { *acts.d.get_unchecked(i + 1) } else { 0.0 };
+                            let ad = _mm512_insertf32x8::<1>(
+                                _mm512_set1_ps(*acts.d.get_unchecked(i)),
+                                _mm256_set1_ps(a1),
+                            );
+                            let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, aq));
+                            acc[x][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wd, ad), acc[x][r]);
+                        }
+                    }
+                }
+            }
+            for x in 0..W {
+                for r in 0..R {
+                    let s = &acts.s[at[r] + b0..at[r] + b0 + seg];
+                    let mut v = _mm512_setzero_ps();
+                    for k in (0..seg).step_by(16) {
+                        let m: __mmask16 = if seg - k >= 16 { 0xFFFF } else { (1u16 << (seg - k)) - 1 };
+                        // SAFETY: the mask keeps both loads inside the `seg` elements of each.
+                        unsafe {
+                            v = _mm512_fmadd_ps(
+                                _mm512_maskz_loadu_ps(m, mins[x].as_ptr().add(k)),
+                                _mm512_maskz_loadu_ps(m, s.as_ptr().add(k)),
+                                v,
+                            );
+                        }
+                    }
+                    offset[x][r] += _mm512_reduce_add_ps(v);
+                }
+            }
+            b0 += seg;
+        }
+        for x in 0..W {
+            for r in 0..R {
+                out[x * R + r] = _mm512_reduce_add_ps(acc[x][r]) + offset[x][r];
+            }
+        }
+    }
+
+    /// Four Q4 blocks `b..b + 4` of each weight row against each activation row: the blocks'
+    /// 64 packed bytes in one register, low nibbles against the activations' values 0..16 and
+    /// high nibbles against 16..32 (two `vpdpbusd` into the same lanes, four per block), and
+    /// the scales of four blocks converted and multiplied as one vector. Their minimums go to
+    /// `mins[x][j..j + 4]`.
+    ///
+    /// # Safety
+    /// Blocks `b..b + 4` must be inside every weight row and activation row (the caller's
+    /// asserts), and `j + 4 <= SEGMENT`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn quad<const F: u8, const W: usize, const R: usize>(
+        w: &[&[u8]; W],
+        acts: &Acts,
+        at: &[usize; R],
+        b: usize,
+        acc: &mut [[__m512; R]; W],
+        mins: &mut [[f32; SEGMENT]; W],
+        j: usize,
+    ) {
+        let (bytes, qs) = if F == Q4_1 { (20, 4) } else { (18, 2) };
+        let nibbles = _mm512_set1_epi8(0x0F);
+        // Lane l of the 16 block sums belongs to block l / 4.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        for x in 0..W {
+            // SAFETY (all loads): blocks b..b + 4 of row x, per the contract.
+            unsafe {
+                let p = w[x].as_ptr().add(b * bytes);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(1024).cast());
+                let q = |k: usize| _mm_loadu_si128(p.add(k * bytes + qs).cast());
+                let packed = _mm512_inserti32x4::<3>(
+                    _mm512_inserti32x4::<2>(
+                        _mm512_inserti32x4::<1>(_mm512_castsi128_si512(q(0)), q(1)),
+                        q(2),
+                    ),
+                    q(3),
+                );
+                let lo = _mm512_and_si512(packed, nibbles);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibbles);
+                let half = |at: usize| {
+                    let h = |k: usize| p.add(k * bytes + at).cast::<i16>().read_unaligned();
+                    _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0))
+                };
+                let d = half(0);
+                let m = if F == Q4_1 { half(2) } else { _mm_mul_ps(d, _mm_set1_ps(-8.0)) };
+                _mm_storeu_ps(mins[x].as_mut_ptr().add(j), m);
+                for r in 0..R {
+                    let i = at[r] + b;
+                    let a = acts.qs.as_ptr().add(i).cast::<__m512i>();
+                    // Two loads hold four blocks of 32 values; regroup them as the values 0..16
+                    // and the values 16..32 of each block, in block order.
+                    let (a01, a23) = (_mm512_loadu_si512(a), _mm512_loadu_si512(a.add(1)));
+                    let a_lo = _mm512_shuffle_i64x2::<0b10_00_10_00>(a01, a23);
+                    let a_hi = _mm512_shuffle_i64x2::<0b11_01_11_01>(a01, a23);
+                    let sums =
+                        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a_lo), hi, a_hi);
+                    let scale = _mm_mul_ps(d, _mm_loadu_ps(acts.d.as_ptr().add(i)));
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scale));
+                    acc[x][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[x][r]);
+                }
+            }
+        }
+    }
+
+    const _: () = assert!(SEGMENT.is_multiple_of(4) && BLOCK == 32);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,11 +937,12 @@ mod tests {
     #[test]
     fn every_format_and_isa_matches_the_dequantized_product() {
         let (rows, cols, t) = (40, 96, 7);
+        let levels = levels();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1] {
             let (q, dense) = weight(dtype, rows, cols);
             let x = input(t, cols);
             let want = dense_matmul(&x, &dense, t, rows, cols);
-            for isa in [Isa::Scalar, kernel_isa()] {
+            for &isa in &levels {
                 let mut w = QWeight::from_qtensor(&q, &Device::Cpu)
                     .ok()
                     .flatten()
@@ -707,15 +960,58 @@ mod tests {
         }
     }
 
+    /// Every level this CPU runs the kernels at, printed so a run shows which it checked.
+    fn levels() -> Vec<Isa> {
+        let mut levels: Vec<Isa> = Isa::supported().into_iter().map(capped).collect();
+        levels.dedup();
+        eprintln!("quantized matmul levels checked: {levels:?}");
+        levels
+    }
+
     #[test]
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
-        let (q, _) = weight(GgmlDType::Q4_1, 64, 64);
-        let w = QWeight::from_qtensor(&q, &Device::Cpu).ok().flatten().unwrap_or_else(|| panic!("Q4_1"));
-        // 21 rows: tiles of 8, 8, 4 and 1, and quantized on the pool (16 rows or more).
-        let x = input(21, 64);
-        let batched = w.matmul(&x, 21);
-        for r in 0..21 {
-            assert_eq!(w.matmul(&x[r * 64..(r + 1) * 64], 1), batched[r * 64..(r + 1) * 64], "row {r}");
+        let levels = levels();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            // 224 inputs, seven blocks: the AVX-512 kernel's four-block, two-block and odd last
+            // block steps all run.
+            let (q, _) = weight(dtype, 64, 224);
+            for &isa in &levels {
+                let mut w = QWeight::from_qtensor(&q, &Device::Cpu)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| panic!("{dtype:?}"));
+                w.isa = isa;
+                // 21 rows: tiles of 8, 8, 4 and 1, and quantized on the pool (16 rows or more).
+                let x = input(21, 224);
+                let batched = w.matmul(&x, 21);
+                for r in 0..21 {
+                    let alone = w.matmul(&x[r * 224..(r + 1) * 224], 1);
+                    assert_eq!(alone, batched[r * 64..(r + 1) * 64], "{dtype:?} {isa:?} row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_gives_the_scalar_products_up_to_rounding() {
+        // Long rows (Llama-sized: 1536 inputs, 48 blocks, segments of 32 and 16) in every format.
+        let (rows, cols, t) = (24, 1536, 9);
+        let levels = levels();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (q, _) = weight(dtype, rows, cols);
+            let x = input(t, cols);
+            let mut w =
+                QWeight::from_qtensor(&q, &Device::Cpu).ok().flatten().unwrap_or_else(|| panic!("{dtype:?}"));
+            w.isa = Isa::Scalar;
+            let want = w.matmul(&x, t);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for &isa in &levels {
+                w.isa = isa;
+                let got = w.matmul(&x, t);
+                // Same integer block sums; only the float additions are ordered differently.
+                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-5 * scale, "{dtype:?} {isa:?}: {worst} off, values up to {scale}");
+            }
         }
     }
 

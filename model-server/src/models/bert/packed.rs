@@ -39,8 +39,8 @@ const SMALL_ATTENTION_TOKENS: usize = 64;
 pub struct PackedOptions {
     /// Worker threads. Default: `RAYON_NUM_THREADS`, else the available cores.
     pub threads: Option<usize>,
-    /// Row-kernel implementation. Default: `KILN_ENGINE_ISA=scalar` forces the portable one,
-    /// else the best the CPU supports.
+    /// Row-kernel implementation. Default: [`Isa::chosen`] (the best the CPU supports, lowered
+    /// by `KILN_ENGINE_ISA`).
     pub isa: Option<Isa>,
 }
 
@@ -52,8 +52,7 @@ impl PackedOptions {
     }
 
     fn isa(&self) -> Isa {
-        let forced_scalar = std::env::var("KILN_ENGINE_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
-        self.isa.unwrap_or(if forced_scalar { Isa::Scalar } else { Isa::best() })
+        self.isa.unwrap_or_else(Isa::chosen)
     }
 }
 
@@ -218,7 +217,7 @@ impl PackedBert {
             }
         }
         // The token-type row goes in as the LayerNorm's "bias".
-        self.par_rows(x, h, |rows| {
+        kernels::par_rows(x, h, |rows| {
             kernels::bias_layer_norm(
                 rows,
                 &e.token_type,
@@ -245,7 +244,7 @@ impl PackedBert {
         self.attention(qkv, ctx, spans);
         // Accumulating onto x adds the residual for free; bias and LayerNorm follow in one pass.
         matmul::linear(x, ctx, &layer.attn_out.weight, true, self.threads);
-        self.par_rows(x, h, |rows| {
+        kernels::par_rows(x, h, |rows| {
             let n = &layer.attn_norm;
             kernels::bias_layer_norm(rows, &layer.attn_out.bias, &n.gamma, &n.beta, self.dims.eps, self.isa)
         });
@@ -300,9 +299,9 @@ impl PackedBert {
             let tokens = xb.len() / h;
             let up = &mut ffn[..tokens * i];
             matmul::linear(up, xb, &layer.ffn_up.weight, false, self.threads);
-            self.par_rows(up, i, |rows| kernels::bias_gelu(rows, &layer.ffn_up.bias, self.isa));
+            kernels::par_rows(up, i, |rows| kernels::bias_gelu(rows, &layer.ffn_up.bias, self.isa));
             matmul::linear(xb, up, &layer.ffn_down.weight, true, self.threads);
-            self.par_rows(xb, h, |rows| {
+            kernels::par_rows(xb, h, |rows| {
                 let n = &layer.ffn_norm;
                 kernels::bias_layer_norm(
                     rows,
@@ -314,16 +313,6 @@ impl PackedBert {
                 )
             });
         }
-    }
-
-    /// Runs a row kernel over `data` (rows of `row_len`), one contiguous block per thread.
-    fn par_rows(&self, data: &mut [f32], row_len: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
-        let rows = data.len() / row_len;
-        if self.threads == 1 || rows < 2 {
-            return f(data);
-        }
-        let per_thread = rows.div_ceil(self.threads);
-        data.par_chunks_mut(per_thread * row_len).for_each(f);
     }
 
     fn take_workspace(&self) -> Workspace {

@@ -309,7 +309,7 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
-            isa: Isa::best(),
+            isa: Isa::chosen(),
             pool,
         })
     }
@@ -489,8 +489,13 @@ struct HeadJob<'a> {
 /// [`HeadJob`]'s output, `[n][head_dim]`, with the loops compiled for the ISA the CPU has.
 fn attend_head(job: HeadJob<'_>, isa: Isa) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU has AVX2 and FMA.
+    if isa == Isa::Avx512 {
+        // SAFETY: `Isa::Avx512` is only chosen when the CPU has AVX-512F.
+        return unsafe { attend_head_avx512(job) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: `Isa::Avx2Fma` and above are only chosen when the CPU has AVX2 and FMA.
         return unsafe { attend_head_avx2(job) };
     }
     attend_head_with(job, isa)
@@ -501,6 +506,13 @@ fn attend_head(job: HeadJob<'_>, isa: Isa) -> Vec<f32> {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_head_avx2(job: HeadJob<'_>) -> Vec<f32> {
     attend_head_with(job, Isa::Avx2Fma)
+}
+
+/// The same loops for AVX-512, 16 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+unsafe fn attend_head_avx512(job: HeadJob<'_>) -> Vec<f32> {
+    attend_head_with(job, Isa::Avx512)
 }
 
 #[inline(always)]

@@ -409,7 +409,7 @@ impl Network {
             decoder_positions: source.get(&l.top("decoder", "positions"), &[dims.text_ctx, h])?.to_vec(),
             decoder_layers,
             decoder_norm: r.norm(&l.top("decoder", "layer_norm"), h)?,
-            isa: Isa::best(),
+            isa: Isa::chosen(),
         })
     }
 

@@ -82,7 +82,7 @@ impl Yunet {
             .thread_name(|i| format!("kiln-yunet-{i}"))
             .build()
             .map_err(|e| ModelError::Inference(format!("thread pool: {e}")))?;
-        Ok(Yunet { program, isa: Isa::best(), pool })
+        Ok(Yunet { program, isa: Isa::chosen(), pool })
     }
 
     /// Run on the given ISA's kernels (tests compare them).
