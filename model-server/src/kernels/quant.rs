@@ -469,6 +469,28 @@ fn dot_rows(format: Format, isa: Isa, w: &[u8], acts: &Acts, r0: usize, out: &mu
     }
 }
 
+/// What every tile kernel checks before its unchecked reads: W weight rows of `acts.nb` blocks
+/// of format F, activation rows `r0..r0 + R`, room for W·R outputs. Returns F's block size and
+/// where each activation row's blocks start.
+fn tile_bounds<const F: u8, const W: usize, const R: usize>(
+    w: &[&[u8]; W],
+    acts: &Acts,
+    r0: usize,
+    out: &[f32],
+) -> (usize, [usize; R]) {
+    let bytes = match F {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        _ => 34,
+    };
+    let nb = acts.nb;
+    assert!(w.iter().all(|w| w.len() >= nb * bytes) && r0 + R <= acts.rows && out.len() >= W * R);
+    assert!(
+        acts.d.len() >= acts.rows * nb && acts.s.len() >= acts.rows * nb && acts.qs.len() >= acts.rows * nb
+    );
+    (bytes, std::array::from_fn(|r| (r0 + r) * nb))
+}
+
 mod scalar {
     use super::{Acts, BLOCK, Format, f16};
 
@@ -518,7 +540,7 @@ mod scalar {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, Q4_0, Q4_1, Q8_0};
+    use super::{Acts, BLOCK, Q4_1, Q8_0};
     use crate::kernels::avx2::{hmax, hsum};
 
     /// Blocks per segment: the weight row's minimums are gathered for this many blocks, then
@@ -621,19 +643,8 @@ mod avx2 {
         r0: usize,
         out: &mut [f32],
     ) {
-        let bytes = match F {
-            Q4_0 => 18,
-            Q4_1 => 20,
-            _ => 34,
-        };
+        let (bytes, at) = super::tile_bounds::<F, W, R>(&w, acts, r0, out);
         let nb = acts.nb;
-        assert!(w.iter().all(|w| w.len() >= nb * bytes) && r0 + R <= acts.rows && out.len() >= W * R);
-        assert!(
-            acts.d.len() >= acts.rows * nb
-                && acts.s.len() >= acts.rows * nb
-                && acts.qs.len() >= acts.rows * nb
-        );
-        let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * nb);
         let mut acc = [[_mm256_setzero_ps(); R]; W];
         let mut offset = [[0f32; R]; W];
         let mut mins = [[0f32; SEGMENT]; W];
@@ -742,19 +753,8 @@ mod avx512 {
         r0: usize,
         out: &mut [f32],
     ) {
-        let bytes = match F {
-            super::Q4_0 => 18,
-            Q4_1 => 20,
-            _ => 34,
-        };
+        let (bytes, at) = super::tile_bounds::<F, W, R>(&w, acts, r0, out);
         let nb = acts.nb;
-        assert!(w.iter().all(|w| w.len() >= nb * bytes) && r0 + R <= acts.rows && out.len() >= W * R);
-        assert!(
-            acts.d.len() >= acts.rows * nb
-                && acts.s.len() >= acts.rows * nb
-                && acts.qs.len() >= acts.rows * nb
-        );
-        let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * nb);
         let mut acc = [[_mm512_setzero_ps(); R]; W];
         let mut offset = [[0f32; R]; W];
         let mut mins = [[0f32; SEGMENT]; W];
