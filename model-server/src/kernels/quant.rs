@@ -761,15 +761,13 @@ mod avx512 {
         let mut b0 = 0;
         while b0 < nb {
             let seg = SEGMENT.min(nb - b0);
-            // The Q4 formats four blocks at a time, then what is left two at a time (the
-            // split depends on the row length only, so every output is computed alike).
+            // Four blocks at a time, then what is left two at a time (the split depends on the
+            // row length only, so every output is computed alike).
             let mut j = 0;
-            if F != Q8_0 {
-                while j + 4 <= seg {
-                    // SAFETY: blocks b0 + j .. b0 + j + 4 are in bounds (asserted).
-                    unsafe { quad::<F, W, R>(&w, acts, &at, b0 + j, &mut acc, &mut mins, j) };
-                    j += 4;
-                }
+            while j + 4 <= seg {
+                // SAFETY: blocks b0 + j .. b0 + j + 4 are in bounds (asserted).
+                unsafe { quad::<F, W, R>(&w, acts, &at, b0 + j, &mut acc, &mut mins, j) };
+                j += 4;
             }
             for j in (j..seg).step_by(2) {
                 let b = b0 + j;
@@ -838,11 +836,11 @@ mod avx512 {
         }
     }
 
-    /// Four Q4 blocks `b..b + 4` of each weight row against each activation row: the blocks'
-    /// 64 packed bytes in one register, low nibbles against the activations' values 0..16 and
-    /// high nibbles against 16..32 (two `vpdpbusd` into the same lanes, four per block), and
-    /// the scales of four blocks converted and multiplied as one vector. Their minimums go to
-    /// `mins[x][j..j + 4]`.
+    /// Four blocks `b..b + 4` of each weight row against each activation row, the scales of the
+    /// four converted and multiplied as one vector. Q4: the blocks' 64 packed bytes in one
+    /// register, low nibbles against the activations' values 0..16 and high nibbles against
+    /// 16..32 (two `vpdpbusd` into the same lanes, four per block). Q8_0: two blocks per
+    /// register, as the activations lie. Their minimums go to `mins[x][j..j + 4]`.
     ///
     /// # Safety
     /// Blocks `b..b + 4` must be inside every weight row and activation row (the caller's
@@ -858,15 +856,54 @@ mod avx512 {
         mins: &mut [[f32; SEGMENT]; W],
         j: usize,
     ) {
-        let (bytes, qs) = if F == Q4_1 { (20, 4) } else { (18, 2) };
+        let (bytes, qs) = match F {
+            Q4_1 => (20, 4),
+            Q8_0 => (34, 2),
+            _ => (18, 2),
+        };
         let nibbles = _mm512_set1_epi8(0x0F);
         // Lane l of the 16 block sums belongs to block l / 4.
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // Q8_0: lane l of a two-block register belongs to block l / 8.
+        let (first_two, last_two) = (
+            _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+            _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        );
         for x in 0..W {
             // SAFETY (all loads): blocks b..b + 4 of row x, per the contract.
             unsafe {
                 let p = w[x].as_ptr().add(b * bytes);
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(1024).cast());
+                let half = |at: usize| {
+                    let h = |k: usize| p.add(k * bytes + at).cast::<i16>().read_unaligned();
+                    _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0))
+                };
+                if F == Q8_0 {
+                    // Signed weights made unsigned by a sign-bit flip (+128), undone by the
+                    // minimum −128·d.
+                    let block = |k: usize| _mm256_loadu_si256(p.add(k * bytes + qs).cast());
+                    let pair = |k: usize| {
+                        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(block(k)), block(k + 1));
+                        _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN))
+                    };
+                    let (w01, w23) = (pair(0), pair(2));
+                    let d = half(0);
+                    _mm_storeu_ps(mins[x].as_mut_ptr().add(j), _mm_mul_ps(d, _mm_set1_ps(-128.0)));
+                    for r in 0..R {
+                        let i = at[r] + b;
+                        let a = acts.qs.as_ptr().add(i).cast::<__m512i>();
+                        let zero = _mm512_setzero_si512();
+                        let s01 = _mm512_dpbusd_epi32(zero, w01, _mm512_loadu_si512(a));
+                        let s23 = _mm512_dpbusd_epi32(zero, w23, _mm512_loadu_si512(a.add(1)));
+                        let scale =
+                            _mm512_castps128_ps512(_mm_mul_ps(d, _mm_loadu_ps(acts.d.as_ptr().add(i))));
+                        let (c01, c23) =
+                            (_mm512_permutexvar_ps(first_two, scale), _mm512_permutexvar_ps(last_two, scale));
+                        acc[x][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), c01, acc[x][r]);
+                        acc[x][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), c23, acc[x][r]);
+                    }
+                    continue;
+                }
                 let q = |k: usize| _mm_loadu_si128(p.add(k * bytes + qs).cast());
                 let packed = _mm512_inserti32x4::<3>(
                     _mm512_inserti32x4::<2>(
@@ -877,10 +914,6 @@ mod avx512 {
                 );
                 let lo = _mm512_and_si512(packed, nibbles);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibbles);
-                let half = |at: usize| {
-                    let h = |k: usize| p.add(k * bytes + at).cast::<i16>().read_unaligned();
-                    _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0))
-                };
                 let d = half(0);
                 let m = if F == Q4_1 { half(2) } else { _mm_mul_ps(d, _mm_set1_ps(-8.0)) };
                 _mm_storeu_ps(mins[x].as_mut_ptr().add(j), m);
