@@ -190,8 +190,7 @@ impl Operator {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("kubeconfig");
         std::fs::write(&path, serde_json::to_vec(&kubeconfig).unwrap()).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let metrics = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{}", free_port());
         let log = dir.join("operator.log");
         let child = Command::new(built_binary("kiln-operator"))
             .args(["--namespace", namespace, "--metrics-addr", &metrics, "--log-format", "json"])
@@ -250,4 +249,17 @@ pub async fn apply_json(client: &Client, ns: &str, obj: &serde_json::Value) -> a
     let name = obj["metadata"]["name"].as_str().context("metadata.name")?;
     api.patch(name, &PatchParams::apply("kiln-e2e").force(), &Patch::Apply(obj)).await?;
     Ok(())
+}
+
+/// A free port no other operator of this test binary was given: the kernel may hand a
+/// just-released port to two binds in a row, and operators started side by side would share it.
+fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(port) {
+            return port;
+        }
+    }
 }

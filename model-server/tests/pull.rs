@@ -449,7 +449,7 @@ fn moto_path() -> PathBuf {
 }
 
 fn start_moto(bucket: &str, prefix: &str) -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::process::free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let child = Command::new("python3")
         .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])

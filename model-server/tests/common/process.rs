@@ -1,7 +1,9 @@
 //! The real `kiln-model-server` binary as a child process: started on a free port, waited for,
 //! measured, killed when dropped.
 
+use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub struct Proc(pub Child);
@@ -12,8 +14,18 @@ impl Drop for Proc {
     }
 }
 
+/// A free port that no other server of this test binary was given. The kernel may hand the
+/// same just-released port to two binds in a row, and two tests starting servers at once then
+/// shared it: one server failed to bind and its test talked to the other test's server.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        if GIVEN.lock().unwrap_or_else(PoisonError::into_inner).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The real binary serving `models` (NAME:VERSION=DIR) with `extra` flags and environment.
