@@ -30,6 +30,9 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every level, slowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512];
+
     /// The fastest implementation this CPU supports.
     pub fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
@@ -57,7 +60,7 @@ impl Isa {
 
     /// `scalar`, `avx2` or `avx512` (any case).
     pub fn from_name(name: &str) -> Option<Isa> {
-        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512].into_iter().find(|i| i.name().eq_ignore_ascii_case(name))
+        Isa::ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(name))
     }
 
     pub fn name(self) -> &'static str {
@@ -74,7 +77,7 @@ impl Isa {
 
     /// Every level this CPU supports, for tests that force each path.
     pub fn supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512].into_iter().filter(|i| i.is_supported()).collect()
+        Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
     }
 
     /// Whether the AVX2+FMA kernels may run (this level or a higher one).
@@ -637,7 +640,7 @@ mod tests {
     #[test]
     fn isa_levels_are_ordered_and_named() {
         assert!(Isa::Scalar < Isa::Avx2Fma && Isa::Avx2Fma < Isa::Avx512);
-        for isa in [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512] {
+        for isa in Isa::ALL {
             assert_eq!(Isa::from_name(isa.name()), Some(isa));
         }
         assert_eq!(Isa::from_name("AVX512"), Some(Isa::Avx512));

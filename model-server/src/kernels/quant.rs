@@ -383,28 +383,53 @@ fn quantize_row(x: &[f32], qs: &mut [[i8; BLOCK]], d: &mut [f32], s: &mut [f32],
     }
 }
 
+/// `$body` with `$F` the const block format of the run-time `$format` (the kernels take it as
+/// a const parameter, so each format's unpacking is compiled in).
+macro_rules! with_format {
+    ($format:expr, $F:ident => $body:expr) => {
+        match $format {
+            Format::Q4_0 => {
+                const $F: u8 = Q4_0;
+                $body
+            }
+            Format::Q4_1 => {
+                const $F: u8 = Q4_1;
+                $body
+            }
+            Format::Q8_0 => {
+                const $F: u8 = Q8_0;
+                $body
+            }
+        }
+    };
+}
+
+/// One weight row `$w` against the `$out.len()` activation rows from `$r0` with ISA module
+/// `$m`'s `dot_tile`: in one tile of [`TILE`] or 4 rows, else one row at a time.
+macro_rules! rows_in_tiles {
+    ($m:ident, $F:ident, $w:expr, $acts:expr, $r0:expr, $out:expr) => {
+        match $out.len() {
+            TILE => $m::dot_tile::<$F, 1, TILE>([$w], $acts, $r0, $out),
+            4 => $m::dot_tile::<$F, 1, 4>([$w], $acts, $r0, $out),
+            _ => {
+                for (k, o) in $out.iter_mut().enumerate() {
+                    $m::dot_tile::<$F, 1, 1>([$w], $acts, $r0 + k, std::slice::from_mut(o));
+                }
+            }
+        }
+    };
+}
+
 /// `out[j] = w[j] · row r` of `acts`, for two weight rows (the same result as one at a time).
 fn dot_pair(format: Format, isa: Isa, w: [&[u8]; 2], acts: &Acts, r: usize, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `kernel_isa` picks Avx512 only when the CPU has it, VNNI included; the kernel
         // checks the slices' bounds.
-        Isa::Avx512 => unsafe {
-            match format {
-                Format::Q4_0 => avx512::dot_tile::<Q4_0, 2, 1>(w, acts, r, out),
-                Format::Q4_1 => avx512::dot_tile::<Q4_1, 2, 1>(w, acts, r, out),
-                Format::Q8_0 => avx512::dot_tile::<Q8_0, 2, 1>(w, acts, r, out),
-            }
-        },
+        Isa::Avx512 => unsafe { with_format!(format, F => avx512::dot_tile::<F, 2, 1>(w, acts, r, out)) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `quantize_rows`; the kernel checks the slices' bounds.
-        Isa::Avx2Fma => unsafe {
-            match format {
-                Format::Q4_0 => avx2::dot_tile::<Q4_0, 2, 1>(w, acts, r, out),
-                Format::Q4_1 => avx2::dot_tile::<Q4_1, 2, 1>(w, acts, r, out),
-                Format::Q8_0 => avx2::dot_tile::<Q8_0, 2, 1>(w, acts, r, out),
-            }
-        },
+        Isa::Avx2Fma => unsafe { with_format!(format, F => avx2::dot_tile::<F, 2, 1>(w, acts, r, out)) },
         _ => {
             for (o, w) in out.iter_mut().zip(w) {
                 *o = scalar::dot(format, w, acts, r);
@@ -419,48 +444,10 @@ fn dot_rows(format: Format, isa: Isa, w: &[u8], acts: &Acts, r0: usize, out: &mu
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot_pair`.
-        Isa::Avx512 => unsafe {
-            match (format, out.len()) {
-                (Format::Q4_0, TILE) => avx512::dot_tile::<Q4_0, 1, TILE>([w], acts, r0, out),
-                (Format::Q4_1, TILE) => avx512::dot_tile::<Q4_1, 1, TILE>([w], acts, r0, out),
-                (Format::Q8_0, TILE) => avx512::dot_tile::<Q8_0, 1, TILE>([w], acts, r0, out),
-                (Format::Q4_0, 4) => avx512::dot_tile::<Q4_0, 1, 4>([w], acts, r0, out),
-                (Format::Q4_1, 4) => avx512::dot_tile::<Q4_1, 1, 4>([w], acts, r0, out),
-                (Format::Q8_0, 4) => avx512::dot_tile::<Q8_0, 1, 4>([w], acts, r0, out),
-                (f, _) => {
-                    for (k, o) in out.iter_mut().enumerate() {
-                        let o = std::slice::from_mut(o);
-                        match f {
-                            Format::Q4_0 => avx512::dot_tile::<Q4_0, 1, 1>([w], acts, r0 + k, o),
-                            Format::Q4_1 => avx512::dot_tile::<Q4_1, 1, 1>([w], acts, r0 + k, o),
-                            Format::Q8_0 => avx512::dot_tile::<Q8_0, 1, 1>([w], acts, r0 + k, o),
-                        }
-                    }
-                }
-            }
-        },
+        Isa::Avx512 => unsafe { with_format!(format, F => rows_in_tiles!(avx512, F, w, acts, r0, out)) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `quantize_rows`; the kernels check the slices' bounds.
-        Isa::Avx2Fma => unsafe {
-            match (format, out.len()) {
-                (Format::Q4_0, TILE) => avx2::dot_rows::<Q4_0, TILE>(w, acts, r0, out),
-                (Format::Q4_1, TILE) => avx2::dot_rows::<Q4_1, TILE>(w, acts, r0, out),
-                (Format::Q8_0, TILE) => avx2::dot_rows::<Q8_0, TILE>(w, acts, r0, out),
-                (Format::Q4_0, 4) => avx2::dot_rows::<Q4_0, 4>(w, acts, r0, out),
-                (Format::Q4_1, 4) => avx2::dot_rows::<Q4_1, 4>(w, acts, r0, out),
-                (Format::Q8_0, 4) => avx2::dot_rows::<Q8_0, 4>(w, acts, r0, out),
-                (f, _) => {
-                    for (k, o) in out.iter_mut().enumerate() {
-                        let o = std::slice::from_mut(o);
-                        match f {
-                            Format::Q4_0 => avx2::dot_rows::<Q4_0, 1>(w, acts, r0 + k, o),
-                            Format::Q4_1 => avx2::dot_rows::<Q4_1, 1>(w, acts, r0 + k, o),
-                            Format::Q8_0 => avx2::dot_rows::<Q8_0, 1>(w, acts, r0 + k, o),
-                        }
-                    }
-                }
-            }
-        },
+        // SAFETY: as in `dot_pair`.
+        Isa::Avx2Fma => unsafe { with_format!(format, F => rows_in_tiles!(avx2, F, w, acts, r0, out)) },
         _ => {
             for (k, o) in out.iter_mut().enumerate() {
                 *o = scalar::dot(format, w, acts, r0 + k);
@@ -468,6 +455,11 @@ fn dot_rows(format: Format, isa: Isa, w: &[u8], acts: &Acts, r0: usize, out: &mu
         }
     }
 }
+
+/// Blocks per segment of the SIMD tile kernels: a weight row's minimums are gathered for this
+/// many blocks, then applied to each activation row's `s` with vector arithmetic. A multiple of
+/// four, so AVX-512's groups of four blocks never straddle two segments.
+const SEGMENT: usize = 32;
 
 /// What every tile kernel checks before its unchecked reads: W weight rows of `acts.nb` blocks
 /// of format F, activation rows `r0..r0 + R`, room for W·R outputs. Returns F's block size and
@@ -540,16 +532,12 @@ mod scalar {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, Q4_1, Q8_0};
+    use super::{Acts, BLOCK, Q4_1, Q8_0, SEGMENT};
     use crate::kernels::avx2::{hmax, hsum};
-
-    /// Blocks per segment: the weight row's minimums are gathered for this many blocks, then
-    /// applied to each activation row's `s` with vector arithmetic.
-    const SEGMENT: usize = 32;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn f16(p: *const u8) -> f32 {
+    fn f16(p: *const u8) -> f32 {
         // SAFETY: callers pass a pointer to two readable bytes.
         let bits = unsafe { p.cast::<u16>().read_unaligned() };
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
@@ -592,7 +580,7 @@ mod avx2 {
     /// for Q8_0), its scale, and what one activation block's `s` is multiplied by.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    pub(super) unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
         let d = f16(p);
         // SAFETY (all loads): the caller passes a pointer to a whole block of format F.
         match F {
@@ -622,13 +610,6 @@ mod avx2 {
             _mm256_maddubs_epi16(w, a)
         };
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// `out[k] = w · row r0 + k` for R activation rows at once.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows<const F: u8, const R: usize>(w: &[u8], acts: &Acts, r0: usize, out: &mut [f32]) {
-        // SAFETY: forwarded.
-        unsafe { dot_tile::<F, 1, R>([w], acts, r0, out) }
     }
 
     /// `out[j * R + k] = w[j] · row r0 + k`: W weight rows by R activation rows. Each output
@@ -712,34 +693,18 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::avx2::f16;
-    use super::{Acts, BLOCK, Q4_1, Q8_0};
+    use super::{Acts, BLOCK, Q4_1, Q8_0, SEGMENT};
 
-    /// Blocks per segment, as in the AVX2 kernel; even, so block pairs never straddle two.
-    const SEGMENT: usize = 32;
-
-    /// One block's 32 weights as unsigned bytes, its scale, and its offset per unit of `s`.
+    /// One block's 32 weights as unsigned bytes, its scale, and its offset per unit of `s`:
+    /// the AVX2 unpacking, with Q8_0's sign bits flipped (+128, undone by a minimum of −128·d).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
-        let d = f16(p);
-        // SAFETY (all loads): the caller passes a pointer to a whole block of format F.
+        // SAFETY: forwarded from the caller.
+        let (w, d, min) = unsafe { super::avx2::unpack::<F>(p) };
         match F {
-            Q8_0 => {
-                let w = unsafe { _mm256_loadu_si256(p.add(2).cast()) };
-                (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), d, -128.0 * d)
-            }
-            _ => {
-                let (min, qs) = if F == Q4_1 {
-                    (f16(unsafe { p.add(2) }), unsafe { p.add(4) })
-                } else {
-                    (-8.0 * d, unsafe { p.add(2) })
-                };
-                let packed = unsafe { _mm_loadu_si128(qs.cast()) };
-                // Low nibbles are values 0..16, high nibbles 16..32.
-                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-                (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, min)
-            }
+            Q8_0 => (_mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)), d, -128.0 * d),
+            _ => (w, d, min),
         }
     }
 
