@@ -20,7 +20,9 @@ use crate::images::preprocess::{PixelValues, Preprocess};
 use crate::images::{ImageError, ImageLimits};
 use crate::manifest::{Family, ModelRef};
 use crate::models::clip::Clip;
+use crate::models::clip::candle::CandleClip;
 use crate::models::siglip::Siglip;
+use crate::models::siglip::candle::CandleSiglip;
 use crate::models::{Architecture, ImageTextEncoder, ModelError, architecture};
 use crate::weights::{model_type, read_json_if_present};
 
@@ -120,18 +122,25 @@ impl ImageTextModel {
         Self::load_on(dir, &ComputeDevice::cpu())
     }
 
-    /// [`Self::load`] for `device`: neither tower has a GPU path yet, so only the CPU.
+    /// [`Self::load`] for `device`: on the CPU the packed towers; on a GPU candle's SigLIP and
+    /// CLIP towers.
     pub fn load_on(dir: &Path, device: &ComputeDevice) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         let declared = model_type(&config_path)?;
         let arch = architecture(Family::ImageTextEmbedding, declared.as_deref(), "model_type", &config_path)
             .map_err(|e| ModelError::Unsupported(e.to_string()))?;
-        device.require_cpu(&format!("the {arch:?} architecture"))?;
         let encoder: Box<dyn ImageTextEncoder> = match arch {
-            Architecture::Siglip => Box::new(Siglip::load(dir)?),
-            Architecture::Clip => Box::new(Clip::load(dir)?),
+            Architecture::Siglip if device.is_cpu() => Box::new(Siglip::load(dir)?),
+            Architecture::Siglip => Box::new(CandleSiglip::load(dir, device.candle())?),
+            Architecture::Clip if device.is_cpu() => Box::new(Clip::load(dir)?),
+            Architecture::Clip => Box::new(CandleClip::load(dir, device.candle())?),
             other => return Err(ModelError::Unsupported(format!("{other:?} is not an image-text model"))),
         };
+        Self::with_encoder(dir, encoder)
+    }
+
+    /// The model in `dir` computed by `encoder` (one of its architecture's paths).
+    pub fn with_encoder(dir: &Path, encoder: Box<dyn ImageTextEncoder>) -> Result<Self, ModelError> {
         let preprocess = Preprocess::read(dir)?;
         let (h, w) = encoder.image_size();
         // Whatever the input's shape, the preprocessing must give what the tower takes.

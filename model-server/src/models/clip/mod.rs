@@ -7,6 +7,11 @@
 //!   changes it, so texts run unpadded.
 //!
 //! Features come out unnormalised; the family normalises them as CLIP's forward does.
+//!
+//! This is the CPU path; [`candle`] is candle-transformers' CLIP towers on any candle device,
+//! the path a GPU runs.
+
+pub mod candle;
 
 use std::path::Path;
 
@@ -98,9 +103,27 @@ impl Default for VisionConfig {
     }
 }
 
+impl ClipConfig {
+    /// `dir/config.json`, refused where the vision tower's patches do not fit its image.
+    pub fn read(dir: &Path) -> Result<ClipConfig, ModelError> {
+        let path = dir.join("config.json");
+        let config: ClipConfig = read_json(&path)?;
+        let v = &config.vision_config;
+        // A convolution whose stride is its kernel: the border past the last whole patch is
+        // dropped (so400m: 384 pixels in patches of 14 is 27 patches a side).
+        if v.patch_size == 0 || v.image_size < v.patch_size {
+            return Err(ModelError::Files {
+                path: path.display().to_string(),
+                message: format!("image_size {} is smaller than patch_size {}", v.image_size, v.patch_size),
+            });
+        }
+        Ok(config)
+    }
+}
+
 /// Which token's output is the text's feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EndOfText {
+pub(crate) enum EndOfText {
     /// The first occurrence of this id (position 0 when absent, as transformers' argmax gives).
     Id(u32),
     /// The largest id: checkpoints that declare `eos_token_id: 2` predate the id being set, and
@@ -109,7 +132,14 @@ enum EndOfText {
 }
 
 impl EndOfText {
-    fn position(self, ids: &[u32]) -> usize {
+    fn of(text: &TextConfig) -> Self {
+        match text.eos_token_id {
+            None | Some(2) => EndOfText::LargestId,
+            Some(id) => EndOfText::Id(id),
+        }
+    }
+
+    pub(crate) fn position(self, ids: &[u32]) -> usize {
         match self {
             EndOfText::Id(eos) => ids.iter().position(|&t| t == eos).unwrap_or(0),
             // The first of equal maxima, as torch's argmax.
@@ -151,16 +181,8 @@ pub struct Clip {
 impl Clip {
     pub fn load(dir: &Path) -> Result<Clip, ModelError> {
         let path = dir.join("config.json");
-        let config: ClipConfig = read_json(&path)?;
+        let config = ClipConfig::read(dir)?;
         let (t, v) = (&config.text_config, &config.vision_config);
-        // A convolution whose stride is its kernel: the border past the last whole patch is
-        // dropped (so400m: 384 pixels in patches of 14 is 27 patches a side).
-        if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(ModelError::Files {
-                path: path.display().to_string(),
-                message: format!("image_size {} is smaller than patch_size {}", v.image_size, v.patch_size),
-            });
-        }
         let dims =
             |hidden, heads, intermediate, layers, eps: f64, act: &str| -> Result<EncoderDims, ModelError> {
                 Ok(EncoderDims {
@@ -188,10 +210,7 @@ impl Clip {
             v.layer_norm_eps,
             &v.hidden_act,
         )?;
-        let end = match t.eos_token_id {
-            None | Some(2) => EndOfText::LargestId,
-            Some(id) => EndOfText::Id(id),
-        };
+        let end = EndOfText::of(t);
         let p = config.projection_dim;
         let tensors = Tensors::open(dir)?;
         let root = tensors.scope("");

@@ -7,6 +7,11 @@
 //!   token through `head`.
 //!
 //! Features come out unnormalised; the family normalises them as SigLIP's forward does.
+//!
+//! This is the CPU path; [`candle`] is candle-transformers' SigLIP on any candle device, the
+//! path a GPU runs.
+
+pub mod candle;
 
 use std::path::Path;
 
@@ -96,6 +101,40 @@ impl Default for VisionConfig {
     }
 }
 
+impl SiglipConfig {
+    /// `dir/config.json`, refused where the towers would not share a space or a part either
+    /// path needs is missing.
+    pub fn read(dir: &Path) -> Result<SiglipConfig, ModelError> {
+        let path = dir.join("config.json");
+        let config: SiglipConfig = read_json(&path)?;
+        let (t, v) = (&config.text_config, &config.vision_config);
+        if t.projection_size.is_some_and(|p| p != v.hidden_size) {
+            return Err(ModelError::Files {
+                path: path.display().to_string(),
+                message: format!(
+                    "text projection_size {} differs from the vision hidden size {}: the towers would not share a space",
+                    t.projection_size.unwrap_or_default(),
+                    v.hidden_size
+                ),
+            });
+        }
+        if !v.vision_use_head {
+            return Err(ModelError::Unsupported(
+                "a SigLIP vision tower without its attention-pooling head (vision_use_head: false)".into(),
+            ));
+        }
+        // A convolution whose stride is its kernel: the border past the last whole patch is
+        // dropped (so400m: 384 pixels in patches of 14 is 27 patches a side).
+        if v.patch_size == 0 || v.image_size < v.patch_size {
+            return Err(ModelError::Files {
+                path: path.display().to_string(),
+                message: format!("image_size {} is smaller than patch_size {}", v.image_size, v.patch_size),
+            });
+        }
+        Ok(config)
+    }
+}
+
 struct TextTower {
     embeddings: TokenEmbedding,
     encoder: PreNormEncoder,
@@ -132,31 +171,8 @@ pub struct Siglip {
 impl Siglip {
     pub fn load(dir: &Path) -> Result<Siglip, ModelError> {
         let path = dir.join("config.json");
-        let config: SiglipConfig = read_json(&path)?;
+        let config = SiglipConfig::read(dir)?;
         let (t, v) = (&config.text_config, &config.vision_config);
-        if t.projection_size.is_some_and(|p| p != v.hidden_size) {
-            return Err(ModelError::Files {
-                path: path.display().to_string(),
-                message: format!(
-                    "text projection_size {} differs from the vision hidden size {}: the towers would not share a space",
-                    t.projection_size.unwrap_or_default(),
-                    v.hidden_size
-                ),
-            });
-        }
-        if !v.vision_use_head {
-            return Err(ModelError::Unsupported(
-                "a SigLIP vision tower without its attention-pooling head (vision_use_head: false)".into(),
-            ));
-        }
-        // A convolution whose stride is its kernel: the border past the last whole patch is
-        // dropped (so400m: 384 pixels in patches of 14 is 27 patches a side).
-        if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(ModelError::Files {
-                path: path.display().to_string(),
-                message: format!("image_size {} is smaller than patch_size {}", v.image_size, v.patch_size),
-            });
-        }
         let text_dims = EncoderDims {
             hidden: t.hidden_size,
             heads: t.num_attention_heads,
