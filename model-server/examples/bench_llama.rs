@@ -3,12 +3,15 @@
 //! and aggregate decode tokens/s with 4 and 8 sequences per step (128 steps each, after a
 //! 64-token prompt per sequence). Threads: RAYON_NUM_THREADS (default: all cores).
 //!
-//! cargo run --release -p kiln-model-server --example bench_llama -- MODEL_DIR
+//! DEVICE (default cpu) is `--device`'s form: `cuda:0` runs the GPU path (a `cuda` build).
+//!
+//! cargo run --release -p kiln-model-server --example bench_llama -- MODEL_DIR [DEVICE]
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use kiln_model_server::device::{ComputeDevice, DeviceRequest};
 use kiln_model_server::families::text_generation::model::GenerationModel;
 use kiln_model_server::models::llama::Step;
 
@@ -16,11 +19,13 @@ const PROMPT: usize = 64;
 const STEPS: usize = 128;
 
 fn main() {
-    let dir = PathBuf::from(std::env::args().nth(1).expect("usage: bench_llama MODEL_DIR"));
+    let dir = PathBuf::from(std::env::args().nth(1).expect("usage: bench_llama MODEL_DIR [DEVICE]"));
+    let request: DeviceRequest = std::env::args().nth(2).as_deref().unwrap_or("cpu").parse().expect("device");
+    let device = ComputeDevice::open(request).expect("open the device");
     let started = Instant::now();
-    let model = GenerationModel::load(&dir).expect("load");
-    eprintln!("loaded in {:.2} s", started.elapsed().as_secs_f64());
-    let llama = model.llama();
+    let model = GenerationModel::load_on(&dir, &device).expect("load");
+    eprintln!("loaded on {} ({}) in {:.2} s", device.label(), device.name(), started.elapsed().as_secs_f64());
+    let llama = model.decoder();
     let prompt: Vec<u32> = (0..128u32).map(|i| 100 + i * 7).collect();
 
     if std::env::var_os("SINGLE_ONLY").is_some() {

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
+use kiln_model_server::device::{ComputeDevice, DeviceRequest};
 use kiln_model_server::families::text_generation::model::{
     ChatMessage, Delta, GenerationModel, SamplingParams, TextStream,
 };
@@ -105,6 +106,94 @@ fn a_safetensors_checkpoint_of_the_same_weights_matches_the_reference_too() {
     check_against_reference(&model, "safetensors");
 }
 
+/// The GPU path's decoder (candle's quantized Llama) against the same numpy reference: on the
+/// CPU every run, and on CUDA device 0 where one opens.
+#[test]
+fn the_gpu_path_matches_the_numpy_reference() {
+    for device in devices() {
+        let model =
+            GenerationModel::load_candle(&common::smollm2_dir(), device.candle()).expect("candle's Llama");
+        // candle's rotary tables stop at 4096 positions: the window it serves says so.
+        assert_eq!(model.context_length(), 4096);
+        check_against_reference(&model, &format!("GGUF (candle on {}, {})", device.label(), device.name()));
+    }
+}
+
+/// The CPU, and CUDA device 0 where one opens ("skipped: no CUDA device" where none does).
+fn devices() -> Vec<ComputeDevice> {
+    let mut devices = vec![ComputeDevice::cpu()];
+    match ComputeDevice::open(DeviceRequest::Cuda(0)) {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) => println!("skipped: no CUDA device ({e}); checked on the CPU only"),
+    }
+    devices
+}
+
+/// Greedy generation on a GPU equals the CPU path's for the first 16 tokens of every case, up
+/// to the CPU path's first near tie. No reference file needed, so it also runs on any GGUF put
+/// in the fixture's place (a GPU machine gets a cut-down SmolLM2, see scripts/gpu-check.sh).
+/// Only on a GPU: candle's decoder on the CPU is checked by the test above.
+#[test]
+fn the_gpu_path_gives_the_cpu_paths_greedy_tokens() {
+    const TOKENS: usize = 16;
+    let gpus: Vec<ComputeDevice> = devices().into_iter().filter(|d| !d.is_cpu()).collect();
+    if gpus.is_empty() {
+        return;
+    }
+    let cpu = GenerationModel::load(&common::smollm2_dir()).expect("load on the CPU");
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/generation-cases.json");
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("cases")).expect("cases json");
+    for device in gpus {
+        let gpu = GenerationModel::load_on(&common::smollm2_dir(), &device).expect("load on the GPU");
+        let (mut compared, mut whole) = (0, 0);
+        for case in &cases {
+            let ids = cpu.encode(&prompt_of(&cpu, case)).expect("encode");
+            // The CPU path's greedy tokens and how far each led the runner-up.
+            let decoder = cpu.decoder();
+            let mut cache = decoder.new_cache();
+            let (mut want, mut margins) = (Vec::new(), Vec::new());
+            let mut feed = ids.clone();
+            while want.len() < TOKENS {
+                let logits = decoder
+                    .forward(&mut [Step { tokens: &feed, cache: &mut cache, logits: true }])
+                    .expect("forward")
+                    .expect("logits")
+                    .get(0)
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("row");
+                let mut order: Vec<usize> = (0..logits.len()).collect();
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                want.push(order[0] as u32);
+                margins.push(f64::from(logits[order[0]] - logits[order[1]]));
+                if cpu.is_end(order[0] as u32) {
+                    break;
+                }
+                feed = vec![order[0] as u32];
+            }
+            let got = gpu.generate(&ids, &SamplingParams::greedy(), TOKENS).expect("generate");
+            let clear = margins.iter().take_while(|&&m| m > CLEAR_MARGIN).count();
+            let n = clear.min(want.len()).min(got.len());
+            assert_eq!(
+                got[..n],
+                want[..n],
+                "{}: candle on {} against the CPU path",
+                case["name"],
+                device.label()
+            );
+            compared += n;
+            whole += usize::from(got == want);
+        }
+        eprintln!(
+            "candle on {} ({}): {compared} greedy tokens compared before near ties, {whole} of {} cases identical in all {TOKENS}",
+            device.label(),
+            device.name(),
+            cases.len()
+        );
+        assert!(compared >= TOKENS, "at least {TOKENS} tokens compared (got {compared})");
+    }
+}
+
 /// Rendered prompts and prompt ids equal the reference's; teacher-forced logits within
 /// [`LOGIT_TOLERANCE`]; the same best token wherever the reference's choice is clear; free-running
 /// greedy output identical up to the reference's first near tie.
@@ -130,7 +219,7 @@ fn check_against_reference(model: &GenerationModel, what: &str) {
 
         // Teacher-forced along the reference's tokens: every step's logits for the reference's
         // five best tokens, and the same best token wherever the reference's choice is clear.
-        let llama = model.llama();
+        let llama = model.decoder();
         let mut cache = llama.new_cache();
         let mut feed = ids.clone();
         for (i, top) in r.top5.iter().enumerate() {

@@ -34,12 +34,11 @@ impl ModelFamily for TextGeneration {
     type Serving = GenerationServing;
 
     fn load(dir: &Path, device: &ComputeDevice) -> Result<GenerationModel, ModelError> {
-        device.require_cpu("the Llama architecture")?;
-        GenerationModel::load(dir)
+        GenerationModel::load_on(dir, device)
     }
 
     fn summary(model: &GenerationModel) -> String {
-        format!("{} ({} layers)", model.file().display(), model.llama().config().layers)
+        format!("{} ({} layers)", model.file().display(), model.decoder().config().layers)
     }
 
     /// Each input as a user message (raw text when the model has no chat template), greedy.
@@ -61,7 +60,7 @@ impl ModelFamily for TextGeneration {
         ctx: StartContext,
     ) -> std::io::Result<GenerationServing> {
         let kv_budget = ctx.memory_for_requests;
-        let per_token = model.llama().kv_bytes_per_token();
+        let per_token = model.decoder().kv_bytes_per_token();
         tracing::info!(
             kv_budget_bytes = kv_budget,
             kv_bytes_per_token = per_token,

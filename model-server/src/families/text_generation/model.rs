@@ -13,8 +13,10 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::device::ComputeDevice;
 use crate::manifest::Family;
-use crate::models::llama::{Llama, Step, hf};
+use crate::models::llama::candle::CandleLlama;
+use crate::models::llama::{Decoder, Llama, Step, hf};
 use crate::models::{Architecture, ModelError, architecture};
 use crate::weights::gguf::tokenizer as gguf_tokenizer;
 use crate::weights::gguf::{metadata_string, metadata_u32};
@@ -61,7 +63,7 @@ impl SamplingParams {
 }
 
 pub struct GenerationModel {
-    llama: Llama,
+    decoder: Decoder,
     /// Parses special-token text as control tokens: for the chat template's own text.
     tokenizer: Tokenizer,
     /// The same vocabulary with special-token text encoded as ordinary text: for what clients
@@ -109,14 +111,38 @@ fn find_gguf(dir: &Path) -> Result<Option<PathBuf>, ModelError> {
 }
 
 impl GenerationModel {
-    /// Load the model in `dir`: one GGUF file (with a tokenizer.json beside it, when present),
-    /// else a Hugging Face Llama checkpoint (config.json, *.safetensors, tokenizer.json).
+    /// Load the model in `dir` for the CPU: one GGUF file (with a tokenizer.json beside it, when
+    /// present), else a Hugging Face Llama checkpoint (config.json, *.safetensors,
+    /// tokenizer.json).
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`Self::load`] for `device`: the packed decoder on the CPU, candle's on a GPU (GGUF
+    /// files only; a checkpoint is refused there by name).
+    pub fn load_on(dir: &Path, device: &ComputeDevice) -> Result<Self, ModelError> {
+        Self::load_with(dir, (!device.is_cpu()).then(|| device.candle()))
+    }
+
+    /// The GPU path's decoder (candle's quantized Llama) on any candle device: the CPU too,
+    /// where it is checked against the same reference.
+    pub fn load_candle(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, Some(device))
+    }
+
+    /// `candle`: the device candle's decoder runs on; None for the packed decoder.
+    fn load_with(dir: &Path, candle: Option<&Device>) -> Result<Self, ModelError> {
         match find_gguf(dir)? {
-            Some(file) => Self::load_gguf(dir, file),
+            Some(file) => Self::load_gguf(dir, file, candle),
             None => match hf::find(dir) {
                 Some((config, files)) => {
                     decoder(model_type(&config)?.as_deref(), "model_type", &config)?;
+                    if candle.is_some() {
+                        return Err(ModelError::Unsupported(
+                            "a Hugging Face Llama checkpoint has no GPU path yet (its GGUF file has one);                              serve it on the CPU"
+                                .into(),
+                        ));
+                    }
                     Self::load_checkpoint(dir, &config, &files)
                 }
                 None => Err(ModelError::Files {
@@ -129,14 +155,17 @@ impl GenerationModel {
         }
     }
 
-    fn load_gguf(dir: &Path, file: PathBuf) -> Result<Self, ModelError> {
+    fn load_gguf(dir: &Path, file: PathBuf, candle: Option<&Device>) -> Result<Self, ModelError> {
         let files_err = |message: String| ModelError::Files { path: file.display().to_string(), message };
         let mut reader =
             std::io::BufReader::new(std::fs::File::open(&file).map_err(|e| files_err(e.to_string()))?);
         let ct =
             gguf_file::Content::read(&mut reader).map_err(|e| files_err(format!("not a GGUF file: {e}")))?;
         decoder(metadata_string(&ct, "general.architecture").ok().as_deref(), "general.architecture", &file)?;
-        let llama = Llama::load(&ct, &mut reader, &Device::Cpu)?;
+        let decoder = match candle {
+            None => Decoder::Packed(Llama::load(&ct, &mut reader, &Device::Cpu)?),
+            Some(device) => Decoder::Candle(CandleLlama::load(&mut reader, device)?),
+        };
 
         let vocab = gguf_tokenizer::tokens(&ct)?;
         let json = dir.join("tokenizer.json");
@@ -172,30 +201,30 @@ impl GenerationModel {
             _ => None,
         };
         let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
-        Ok(GenerationModel::assemble(llama, text, chat, file))
+        Ok(GenerationModel::assemble(decoder, text, chat, file))
     }
 
     fn assemble(
-        llama: Llama,
+        decoder: Decoder,
         text: TextParts,
         chat: Option<minijinja::Environment<'static>>,
         file: PathBuf,
     ) -> Self {
         let TextParts { tokenizer, bos, eos, add_bos, end_ids } = text;
         let plain = plain_text_tokenizer(&tokenizer);
-        GenerationModel { llama, tokenizer, plain, chat, bos, eos, add_bos, end_ids, file }
+        GenerationModel { decoder, tokenizer, plain, chat, bos, eos, add_bos, end_ids, file }
     }
 
     pub fn file(&self) -> &Path {
         &self.file
     }
 
-    pub fn llama(&self) -> &Llama {
-        &self.llama
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
     pub fn context_length(&self) -> usize {
-        self.llama.config().context_length
+        self.decoder.config().context_length
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -283,7 +312,7 @@ impl GenerationModel {
 
     /// Size of the model's vocabulary: every prompt token must be below it.
     pub fn vocab_size(&self) -> usize {
-        self.llama.config().vocab_size
+        self.decoder.config().vocab_size
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
@@ -301,13 +330,13 @@ impl GenerationModel {
         if prompt.is_empty() {
             return Err(ModelError::Inference("empty prompt".into()));
         }
-        let mut cache = self.llama.new_cache();
+        let mut cache = self.decoder.new_cache();
         let mut processor = sampling.processor();
         let mut out = Vec::new();
         let mut next = prompt.to_vec();
         while out.len() < max_tokens && cache.len() + next.len() <= self.context_length() {
             let logits = self
-                .llama
+                .decoder
                 .forward(&mut [Step { tokens: &next, cache: &mut cache, logits: true }])?
                 .ok_or_else(|| ModelError::Inference("no logits".into()))?;
             let token = processor.sample(&logits.get(0)?)?;
@@ -403,7 +432,7 @@ impl GenerationModel {
         };
         let chat = template.map(chat_environment).transpose()?;
         let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
-        Ok(GenerationModel::assemble(llama, text, chat, config.to_path_buf()))
+        Ok(GenerationModel::assemble(Decoder::Packed(llama), text, chat, config.to_path_buf()))
     }
 }
 

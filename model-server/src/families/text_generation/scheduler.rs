@@ -5,7 +5,7 @@
 //! to `maxBatchSize` active sequences and while the model's KV-cache budget has room for the
 //! next one's whole reservation (its prompt plus `max_tokens`, at most the context window), so
 //! the caches of admitted sequences can never outgrow the memory set aside for them. Each step is
-//! one [`Llama::forward`](crate::models::llama::Llama::forward) over every active sequence: one
+//! one [`Decoder::forward`](crate::models::llama::Decoder::forward) over every active sequence: one
 //! token for each sequence that is decoding, plus prompt chunks for sequences still in prefill,
 //! capped so a long prompt delays running streams by one bounded chunk and never by a whole
 //! prefill. A sequence leaves as soon as it ends, fails or its caller goes away (the event channel
@@ -168,7 +168,7 @@ impl Scheduler {
         let StartContext {
             batching: config, metrics, on_failure, memory_for_requests: kv_budget_bytes, ..
         } = ctx;
-        let kv = Arc::new(KvCache::new(kv_budget_bytes, model.llama().kv_bytes_per_token()));
+        let kv = Arc::new(KvCache::new(kv_budget_bytes, model.decoder().kv_bytes_per_token()));
         let labels = [id.name.as_str(), id.version.as_str()];
         metrics.kv_cache_budget_bytes.with_label_values(&labels).set(saturating_i64(kv_budget_bytes));
         let context = model.context_length();
@@ -380,7 +380,7 @@ impl Worker {
                 active.push(Active {
                     processor: request.sampling.processor(),
                     text: TextStream::new(request.stop.clone()),
-                    cache: self.model.llama().new_cache_for(tokens),
+                    cache: self.model.decoder().new_cache_for(tokens),
                     fed: 0,
                     last: [0],
                     generated: 0,
@@ -444,7 +444,7 @@ impl Worker {
             steps.push(Step { tokens, cache: &mut a.cache, logits: part.yields });
         }
         self.metrics.batch_size.with_label_values(&self.labels()).observe(steps.len() as f64);
-        self.model.llama().forward(&mut steps)
+        self.model.decoder().forward(&mut steps)
     }
 
     fn step(&self, active: &mut Vec<Active>) {

@@ -13,7 +13,11 @@
 //! layout follows llama.cpp's GGUF conventions: `blk.N.attn_q/k/v/output`, `ffn_gate/up/down`,
 //! interleaved ("normal") rotary embeddings, output weights tied to the token embeddings when
 //! `output.weight` is absent.
+//!
+//! That is the CPU path. On a GPU, [`candle`] runs candle-transformers' quantized Llama over
+//! the same GGUF file; [`Decoder`] is whichever of the two a model was loaded on.
 
+pub mod candle;
 pub mod hf;
 
 use std::sync::Arc;
@@ -89,6 +93,11 @@ impl LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Bytes of keys and values (float32) one position of one sequence occupies.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.layers as u64) * 2 * (self.kv_heads as u64) * (self.head_dim as u64) * 4
+    }
+
     /// The size of one attention head, where the shape is one the decoder runs: query heads
     /// dividing the hidden size, and key/value heads dividing the query heads.
     pub(crate) fn head_dim_of(hidden: usize, heads: usize, kv_heads: usize) -> Result<usize, String> {
@@ -165,6 +174,9 @@ pub struct SequenceCache {
     len: usize,
     /// Floats per position in each of `k` and `v`.
     row: usize,
+    /// On the GPU path: candle's model holding this sequence's keys and values (`layers` is
+    /// then empty).
+    candle: Option<candle::CandleCache>,
 }
 
 impl SequenceCache {
@@ -195,6 +207,49 @@ pub struct Step<'a> {
     /// Whether to return next-token logits for this sequence (false for a prefill chunk that
     /// is not the prompt's last).
     pub logits: bool,
+}
+
+/// The decoder a model was loaded on: the packed CPU kernels, or candle's quantized Llama (the
+/// GPU path). The scheduler sees one interface: caches, one forward over many sequences.
+pub enum Decoder {
+    Packed(Llama),
+    Candle(candle::CandleLlama),
+}
+
+impl Decoder {
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Decoder::Packed(m) => m.config(),
+            Decoder::Candle(m) => m.config(),
+        }
+    }
+
+    pub fn new_cache(&self) -> SequenceCache {
+        self.new_cache_for(0)
+    }
+
+    /// A cache for a sequence of up to `tokens` positions (see [`Llama::new_cache_for`]).
+    pub fn new_cache_for(&self, tokens: usize) -> SequenceCache {
+        match self {
+            Decoder::Packed(m) => m.new_cache_for(tokens),
+            Decoder::Candle(m) => {
+                SequenceCache { layers: Vec::new(), len: 0, row: 0, candle: Some(m.new_cache()) }
+            }
+        }
+    }
+
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        self.config().kv_bytes_per_token()
+    }
+
+    /// One step over several sequences ([`Llama::forward`]). On failure no cache has changed
+    /// past what [`SequenceCache::rollback`] restores.
+    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, ModelError> {
+        match self {
+            Decoder::Packed(m) => m.forward(steps),
+            Decoder::Candle(m) => m.forward(steps),
+        }
+    }
 }
 
 /// Attention work (query rows x keys x head size) below which a step's attention runs on the
@@ -331,12 +386,12 @@ impl Llama {
             k: Vec::with_capacity(tokens.saturating_mul(row)),
             v: Vec::with_capacity(tokens.saturating_mul(row)),
         };
-        SequenceCache { layers: (0..self.cfg.layers).map(|_| layer()).collect(), len: 0, row }
+        SequenceCache { layers: (0..self.cfg.layers).map(|_| layer()).collect(), len: 0, row, candle: None }
     }
 
     /// Bytes of keys and values one position of one sequence occupies.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.cfg.layers as u64) * 2 * (self.cfg.kv_heads as u64) * (self.cfg.head_dim as u64) * 4
+        self.cfg.kv_bytes_per_token()
     }
 
     /// Run one step over several sequences. Returns next-token logits, `[k, vocab]`, one row per
