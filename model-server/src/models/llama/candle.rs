@@ -118,3 +118,55 @@ impl CandleLlama {
         Ok(Some(Tensor::cat(&rows, 0)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+
+    fn file(
+        arch: &str,
+        extra: &[(&str, gguf_file::Value)],
+        tensors: &[&str],
+    ) -> (LlamaConfig, gguf_file::Content) {
+        let cfg = LlamaConfig {
+            architecture: arch.into(),
+            layers: 1,
+            hidden: 8,
+            heads: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            context_length: 8192,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+            vocab_size: 16,
+        };
+        let info = || gguf_file::TensorInfo {
+            ggml_dtype: GgmlDType::F32,
+            shape: candle_core::Shape::from(2),
+            offset: 0,
+        };
+        let ct = gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata: extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<HashMap<_, _>>(),
+            tensor_infos: tensors.iter().map(|t| (t.to_string(), info())).collect(),
+            tensor_data_offset: 0,
+        };
+        (cfg, ct)
+    }
+
+    #[test]
+    fn what_candle_would_compute_differently_is_refused_by_name() {
+        let (cfg, ct) = file("llama", &[], &["token_embd.weight"]);
+        assert_eq!(refusal(&cfg, &ct), None);
+        let (cfg, ct) = file("mistral", &[], &[]);
+        assert!(refusal(&cfg, &ct).is_some_and(|w| w.contains("\"mistral\" GGUF has no GPU path")));
+        let (cfg, ct) = file("llama", &[], &["rope_freqs.weight"]);
+        assert!(refusal(&cfg, &ct).is_some_and(|w| w.contains("rope_freqs")));
+        let (cfg, ct) = file("llama", &[("llama.expert_count", gguf_file::Value::U32(8))], &[]);
+        assert!(refusal(&cfg, &ct).is_some_and(|w| w.contains("8 experts")));
+    }
+}
