@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# make bench-gpu: BERT (all-MiniLM-L6-v2) on CUDA device 0 beside the CPU's packed encoder, in the
-# same run: sentences/s at batch 32 over the bench corpus's short and long inputs, and batch-1
-# p50/p99 (bench_engine, tokenization and pooling included). Needs a CUDA device; without one it
-# says so and exits 2. The other families have no GPU path yet (docs/model-server.md).
-#   env: OUT (default target/bench-gpu); BENCH_ENGINE=PATH uses an already built CUDA
-#        bench_engine (on a GPU machine without the package registries, carry it there).
+# make bench-gpu: each family with a GPU path, on CUDA device 0, in one run:
+# - text embeddings: BERT (all-MiniLM-L6-v2) on the GPU beside the CPU's packed encoder:
+#   sentences/s at batch 32 over the bench corpus's short and long inputs, and batch-1 p50/p99
+#   (bench_engine, tokenization and pooling included);
+# - text generation: SmolLM2-135M Q4_1 (bench_llama: prefill 128 tokens, decode with 1, 4 and 8
+#   sequences) on the GPU and on the CPU;
+# - image-text embeddings: SigLIP base and so400m (random weights, full size) served by Kiln on
+#   the GPU over HTTP beside transformers on torch on the same GPU (bench/image_text.py).
+# Needs a CUDA device; without one it says so and exits 2. The other families have no GPU path
+# yet (docs/model-server.md).
+#   env: OUT (default target/bench-gpu); BENCH_ENGINE, BENCH_LLAMA and BENCH_SERVER use
+#        already built CUDA binaries (on a GPU machine without the package registries, carry
+#        them there: scripts/gpu-check.sh); MODEL (MiniLM) and LLAMA_MODEL (SmolLM2) directories;
+#        TORCH_PYTHON (default python3) has torch with CUDA and transformers; THREADS (default 8)
+#        for both image-text engines.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="$ROOT/../shared/bench"
 OUT="${OUT:-$ROOT/target/bench-gpu}"
 MODEL="${MODEL:-${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/minilm}"
+LLAMA_MODEL="${LLAMA_MODEL:-${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/smollm2}"
 CORPUS="${CORPUS:-$SHARED/corpus}"
 mkdir -p "$OUT"
 engine="${BENCH_ENGINE:-}"
-if [ -z "$engine" ]; then
+llama="${BENCH_LLAMA:-}"
+server="${BENCH_SERVER:-}"
+if [ -z "$engine" ] || [ -z "$llama" ] || [ -z "$server" ]; then
   bash "$ROOT/scripts/fixtures.sh"
+  server="$(bash "$ROOT/scripts/build-cuda.sh")"
   engine="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_engine)"
+  llama="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_llama)"
 fi
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -41,4 +55,26 @@ for name, e in r.items():
     l = e.get("throughput_long", {}).get("sentences_per_s")
     lat = e.get("latency_single", {})
     print(f"| {name} | {dev} | {s} | {l} | {lat.get('p50_ms')} | {lat.get('p99_ms')} |")
+PY
+echo "== SmolLM2-135M Q4_1: the GPU path on cuda:0, the packed decoder on the CPU (bench_llama)"
+for dev in cuda:0 cpu; do
+  echo "-- $dev"
+  "$llama" "$LLAMA_MODEL" "$dev" 2>&1 | tee "$OUT/gpu-llama-${dev%%:*}.txt"
+done
+echo "== SigLIP on cuda:0: Kiln over HTTP and transformers on torch"
+"${TORCH_PYTHON:-python3}" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
+  || { echo "bench-gpu: image-text skipped: ${TORCH_PYTHON:-python3} has no torch with CUDA" >&2; exit 2; }
+python3 "$ROOT/bench/image_text.py" "$server" "${TORCH_PYTHON:-python3}" "$OUT/gpu-image-text.json" \
+  --device cuda:0 --threads "${THREADS:-8}" --models base,so400m >"$OUT/gpu-image-text.log" 2>&1 \
+  || { tail -30 "$OUT/gpu-image-text.log"; exit 1; }
+python3 - "$OUT/gpu-image-text.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("| checkpoint | engine | ready s | images/s (batch 32) | image p50 ms | text p50 ms | min cosine image / text |")
+print("|---|---|---|---|---|---|---|")
+for name, row in r["checkpoints"].items():
+    for engine in ("kiln", "torch"):
+        e = row[engine]
+        print(f"| {name} | {engine} | {e['ready_s']:.2f} | {e['images_per_s']:.1f} | {e['image_p50_ms']:.2f} | "
+              f"{e['text_p50_ms']:.2f} | {row['min_image_cosine']:.6f} / {row['min_text_cosine']:.6f} |")
 PY

@@ -3,7 +3,10 @@
 checkpoints with random weights (speed does not depend on the values), the same images and
 queries, the same threads, in one run.
 
-usage: image_text.py KILN_BINARY VENV_PYTHON OUT_JSON [--threads 2] [--models base,so400m]
+usage: image_text.py KILN_BINARY VENV_PYTHON OUT_JSON [--threads 2] [--models base,so400m] [--device cpu]
+
+--device cuda:0 runs both engines on that GPU (Kiln's server built with `make build-cuda`, torch
+with CUDA): `make bench-gpu`.
 
 The checkpoints (siglip-base-patch16-224's and siglip-so400m-patch14-384's configs, float16)
 are written once by VENV_PYTHON with transformers into ~/.cache/kiln/bench/siglip-*-random-1,
@@ -43,7 +46,10 @@ CHECKPOINTS = {
 WRITE = r'''
 import json, os, shutil, sys, torch
 from transformers import SiglipConfig, SiglipModel
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+try:
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+except ImportError:  # transformers before the PIL processors' split (a GPU machine's may be older)
+    from transformers import SiglipImageProcessor as SiglipImageProcessorPil
 out, tiny, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 tower = {"hidden_size": spec["hidden"], "intermediate_size": spec["intermediate"],
          "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
@@ -66,13 +72,16 @@ import io, json, resource, statistics, sys, time
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, SiglipModel, PreTrainedTokenizerFast
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-model_dir, threads, inputs_path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+except ImportError:  # transformers before the PIL processors' split (a GPU machine's may be older)
+    from transformers import SiglipImageProcessor as SiglipImageProcessorPil
+model_dir, threads, inputs_path, out, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 torch.set_num_threads(threads)
 inputs = json.load(open(inputs_path))
 images = [__import__("base64").b64decode(b) for b in inputs["images"]]
 t0 = time.time()
-model = SiglipModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+model = SiglipModel.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
 processor = SiglipImageProcessorPil.from_pretrained(model_dir)
 tokenizer = PreTrainedTokenizerFast(tokenizer_file=model_dir + "/tokenizer.json", pad_token="<pad>")
 load_s = time.time() - t0
@@ -81,16 +90,17 @@ def embed_images(batch):
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch]
     pixels = processor(pil, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
-        f = model.get_image_features(pixel_values=pixels)
+        f = model.get_image_features(pixel_values=pixels.to(device))
     f = getattr(f, "pooler_output", f)
-    return torch.nn.functional.normalize(f, dim=-1)
+    # Back on the host: the time includes the GPU's work and the copy, as Kiln's does.
+    return torch.nn.functional.normalize(f, dim=-1).cpu()
 
 def embed_text(texts):
     ids = tokenizer(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
     with torch.inference_mode():
-        f = model.get_text_features(input_ids=ids["input_ids"])
+        f = model.get_text_features(input_ids=ids["input_ids"].to(device))
     f = getattr(f, "pooler_output", f)
-    return torch.nn.functional.normalize(f, dim=-1)
+    return torch.nn.functional.normalize(f, dim=-1).cpu()
 
 embed_images(images[:1]); embed_text(inputs["queries"][:1])
 t0 = time.time()
@@ -146,12 +156,12 @@ def warm_page_cache(model_dir):
             pass
 
 
-def kiln(binary, model_dir, threads, images, samples, port, log_path):
+def kiln(binary, model_dir, threads, device, images, samples, port, log_path):
     base = f'http://127.0.0.1:{port}'
     log = open(log_path, 'w')
     t0 = time.time()
     srv = subprocess.Popen([binary, 'serve', '--family', 'image-text-embedding', '--listen', f'127.0.0.1:{port}',
-                            '--threads', str(threads), '--warmup-iterations', '1',
+                            '--threads', str(threads), '--warmup-iterations', '1', '--device', device,
                             '--model', f'siglip:bench={model_dir}'],
                            stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -190,9 +200,10 @@ def main():
     ap.add_argument('--models', default='base,so400m')
     ap.add_argument('--images', type=int, default=32)
     ap.add_argument('--port', type=int, default=8098)
+    ap.add_argument('--device', default='cpu', help='cpu, or cuda:N for both engines on that GPU')
     a = ap.parse_args()
     images = keyframes(a.images, a.venv_python)
-    result = {'threads': a.threads, 'images': a.images, 'checkpoints': {}}
+    result = {'threads': a.threads, 'images': a.images, 'device': a.device, 'checkpoints': {}}
     for name in a.models.split(','):
         spec = CHECKPOINTS[name]
         model_dir = os.path.join(CACHE, f'siglip-{name}-random-1')
@@ -200,16 +211,17 @@ def main():
             print(f'== writing the {name} SigLIP checkpoint (once)', flush=True)
             subprocess.run([a.venv_python, '-c', WRITE, model_dir, TINY, json.dumps(spec)], check=True)
         # A full-size image costs seconds on two cores: fewer latency samples for the large one.
-        samples = 10 if name == 'base' else 4
+        samples = 10 if name == 'base' or a.device != 'cpu' else 4
         print(f'== {name}: kiln', flush=True)
         warm_page_cache(model_dir)
-        k = kiln(a.binary, model_dir, a.threads, images, samples, a.port, f'{a.out}.{name}.server.log')
+        k = kiln(a.binary, model_dir, a.threads, a.device, images, samples, a.port, f'{a.out}.{name}.server.log')
         print(f'== {name}: transformers on torch', flush=True)
         inputs_path = f'{a.out}.{name}.inputs.json'
         json.dump({'images': images, 'queries': QUERIES, 'samples': samples}, open(inputs_path, 'w'))
         torch_out = f'{a.out}.{name}.torch.json'
         warm_page_cache(model_dir)
-        subprocess.run([a.venv_python, '-c', TORCH_SIDE, model_dir, str(a.threads), inputs_path, torch_out], check=True)
+        subprocess.run([a.venv_python, '-c', TORCH_SIDE, model_dir, str(a.threads), inputs_path, torch_out, a.device],
+                       check=True)
         t = json.load(open(torch_out))
         row = {'image_size': spec['image_size'], 'samples': samples}
         for engine, r in (('kiln', k), ('torch', t)):

@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 24 on a machine with a CUDA device but no Rust toolchain or package
+# registry: built and packed here, run there.
+#
+#   gpu-check.sh pack DIR   (here) builds the `cuda` model server, bench_engine, bench_llama
+#                           and the GPU tests (architectures, image_text, device, generation)
+#                           with `make build-cuda`'s toolchain, for KILN_CUDA_ARCHS (default
+#                           90) only, into DIR/bin.tar.xz, with
+#                           MiniLM's small files, SmolLM2's GGUF cut to its first 2 layers (a
+#                           device machine takes 64 MiB of files; the whole file is 98 MB),
+#                           gguf-py and the bench corpus. Prints DIR's size.
+#   gpu-check.sh run DIR OUT   (there, from the repository root) writes random MiniLM weights
+#                           and a full-depth SmolLM2 (the kept layers repeated), puts the binaries
+#                           where the tests were told they live, runs the GPU tests, serves
+#                           MiniLM (against sentence-transformers on the same weights) and
+#                           SmolLM2 on cuda:0 over HTTP, then `make bench-gpu` (bench/gpu.sh).
+#                           Logs and JSON go to OUT. Needs python3 with torch, transformers,
+#                           sentence-transformers and numpy, and the CUDA 13 runtime and cuBLAS
+#                           (the `nvidia-*` wheels torch brings).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+TESTS=architectures,image_text,device,generation
+
+pack() {
+  local dir="$1"
+  rm -rf "$dir" && mkdir -p "$dir/stage" "$dir/fixtures/minilm"
+  # Machine code for the GPU it will run on only (default: Hopper, 9.0): all four capabilities'
+  # kernels would not fit beside the model. Its own target directory, first seeded from the
+  # usual one so only candle's kernels and what depends on them are built again.
+  export KILN_CUDA_ARCHS="${KILN_CUDA_ARCHS:-90}"
+  export KILN_CUDA_TARGET_DIR="${KILN_CUDA_TARGET_DIR:-$CACHE/cargo-target-cuda-sm${KILN_CUDA_ARCHS// /-}}"
+  if [ ! -d "$KILN_CUDA_TARGET_DIR" ] && [ -d "$CACHE/cargo-target-cuda" ]; then
+    cp -a "$CACHE/cargo-target-cuda" "$KILN_CUDA_TARGET_DIR"
+    rm -rf "$KILN_CUDA_TARGET_DIR"/release/build/candle-kernels-*
+  fi
+  local server engine llama
+  server="$(bash "$ROOT/scripts/build-cuda.sh")"
+  engine="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_engine)"
+  llama="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_llama)"
+  cp "$server" "$engine" "$llama" "$dir/stage/"
+  while read -r exe; do
+    # cargo names a test's executable NAME-HASH.
+    cp "$exe" "$dir/stage/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
+  done < <(bash "$ROOT/scripts/build-cuda.sh" --tests "$TESTS")
+  strip "$dir"/stage/*
+  # One stream with a window wider than a binary: the binaries share most of their bytes.
+  tar -C "$dir/stage" -cf - . | xz -T1 --lzma2=preset=6,dict=512MiB >"$dir/bin.tar.xz"
+  rm -rf "$dir/stage"
+  # Where the tests look for their data and the server binary: paths fixed when they compiled.
+  cat >"$dir/paths.env" <<EOF
+MANIFEST_DIR=$ROOT/model-server
+BIN_EXE=$(dirname "$server")/kiln-model-server
+EOF
+  # MiniLM's files but its weights (87 MB): there, transformers writes random ones of its shape.
+  (cd "$CACHE/fixtures/minilm" && find . -type f ! -name model.safetensors ! -name '.git*' ! -name '*.md' \
+    -exec cp --parents {} "$dir/fixtures/minilm/" \;)
+  cp -r "$ROOT/../shared/bench/corpus" "$dir/corpus"
+  # SmolLM2 with its first layers only (the token table alone is 30 MB): the GPU path's greedy
+  # tokens are compared with the CPU path's on the same file there, so no reference is needed.
+  mkdir -p "$dir/fixtures/smollm2"
+  local venv
+  venv="$(ls -d "$CACHE"/gguf-reference-venv-* | head -n1)"
+  # gguf-py (pure Python) to write the full-size file there: the kept layers repeated.
+  mkdir -p "$dir/py" && cp -r "$venv"/lib/python3*/site-packages/gguf "$dir/py/"
+  "$venv/bin/python" - "$CACHE/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "$dir/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "${GPU_CHECK_LAYERS:-2}" <<'PY'
+import re, sys
+import gguf
+src, dst, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+reader = gguf.GGUFReader(src)
+arch = reader.fields["general.architecture"].contents()
+writer = gguf.GGUFWriter(dst, arch)
+for field in reader.fields.values():
+    if field.name == "general.architecture" or field.name.startswith("GGUF."):
+        continue
+    kind = field.types[0]
+    sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+    value = layers if field.name == f"{arch}.block_count" else field.contents()
+    writer.add_key_value(field.name, value, kind, sub_type=sub)
+kept = [t for t in reader.tensors if not (m := re.match(r"blk\.(\d+)\.", t.name)) or int(m.group(1)) < layers]
+for t in kept:
+    writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+writer.write_header_to_file()
+writer.write_kv_data_to_file()
+writer.write_ti_data_to_file()
+for t in kept:
+    writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+writer.close()
+PY
+  du -sh "$dir"
+}
+
+run() {
+  local dir out status=0
+  dir="$(cd "$1" && pwd)"
+  out="$2"
+  mkdir -p "$out" "$dir/bin"
+  SECONDS=0
+  # shellcheck disable=SC1091
+  . "$dir/paths.env"
+  if command -v xz >/dev/null; then
+    xz -dc "$dir/bin.tar.xz" | tar -C "$dir/bin" -xf -
+  else
+    python3 -c 'import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])' \
+      "$dir/bin.tar.xz" "$dir/bin"
+  fi
+  if [ ! -e "$MANIFEST_DIR" ]; then
+    mkdir -p "$(dirname "$MANIFEST_DIR")"
+    ln -sfn "$ROOT/model-server" "$MANIFEST_DIR"
+  fi
+  mkdir -p "$(dirname "$BIN_EXE")"
+  cp "$dir/bin/kiln-model-server" "$BIN_EXE"
+  # The CUDA 13 runtime and cuBLAS the binaries link, from the wheels beside torch.
+  local libs
+  libs="$(python3 - <<'PY'
+import glob, os, site, sys
+dirs = set()
+for base in site.getsitepackages() + [sys.prefix]:
+    for lib in ("libcublas.so.13", "libcudart.so.13", "libcurand.so.10", "libnvrtc.so.13"):
+        dirs.update(os.path.dirname(p) for p in glob.glob(f"{base}/**/{lib}", recursive=True))
+print(":".join(sorted(dirs)))
+PY
+)"
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export PYTHONPATH="$dir/py${PYTHONPATH:+:$PYTHONPATH}"
+  echo "CUDA libraries from: $libs"
+  ldd "$BIN_EXE" | grep 'not found' && status=1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  local fixtures="$dir/fixtures" full="$dir/smollm2-full"
+  # MiniLM's shape with seeded random weights, and SmolLM2 at full depth from the kept layers
+  # repeated (speed depends on shapes and formats, not values).
+  python3 - "$fixtures/minilm" "$fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "$full/SmolLM2-135M-Instruct.Q4_1.gguf" <<'PY' || { status=1; echo "FAILED: writing the models"; }
+import os, re, sys
+import gguf, torch
+from transformers import BertConfig, BertModel
+minilm, src, dst = sys.argv[1:4]
+torch.manual_seed(0)
+BertModel(BertConfig.from_json_file(minilm + "/config.json")).save_pretrained(minilm, safe_serialization=True)
+reader = gguf.GGUFReader(src)
+arch = reader.fields["general.architecture"].contents()
+kept, layers = int(reader.fields[f"{arch}.block_count"].contents()), 30
+os.makedirs(os.path.dirname(dst), exist_ok=True)
+writer = gguf.GGUFWriter(dst, arch)
+for field in reader.fields.values():
+    if field.name == "general.architecture" or field.name.startswith("GGUF."):
+        continue
+    kind = field.types[0]
+    sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+    writer.add_key_value(field.name, layers if field.name == f"{arch}.block_count" else field.contents(), kind,
+                         sub_type=sub)
+out = [(t.name, t) for t in reader.tensors if not t.name.startswith("blk.")]
+for i in range(layers):
+    out += [(t.name.replace(f"blk.{i % kept}.", f"blk.{i}.", 1), t) for t in reader.tensors
+            if t.name.startswith(f"blk.{i % kept}.")]
+for name, t in out:
+    writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+writer.write_header_to_file()
+writer.write_kv_data_to_file()
+writer.write_ti_data_to_file()
+for _, t in out:
+    writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+writer.close()
+print(f"MiniLM (random) and SmolLM2 ({layers} layers from {kept}) written")
+PY
+  local t args
+  for t in ${TESTS//,/ }; do
+    case "$t" in
+      # Random MiniLM weights here: the reference vectors are for the real ones.
+      device) args=(--skip gpu_embeddings_match_the_reference_vectors) ;;
+      # The cut-down SmolLM2 has no numpy reference: the CPU path is the yardstick.
+      generation) args=(the_gpu_path_gives_the_cpu_paths_greedy_tokens) ;;
+      *) args=() ;;
+    esac
+    echo "== test $t ${args[*]} (at ${SECONDS}s)"
+    KILN_FIXTURES="$fixtures" timeout 300 "$dir/bin/$t" "${args[@]}" --test-threads 2 --nocapture \
+      >"$out/test-$t.log" 2>&1 || { status=1; echo "FAILED: $t"; }
+    grep -E '^test |test result|candle on|skipped|panicked' "$out/test-$t.log" || true
+  done
+  echo "== served on cuda:0 over HTTP: MiniLM against sentence-transformers, SmolLM2 chat (at ${SECONDS}s)"
+  timeout 180 python3 - "$BIN_EXE" "$fixtures/minilm" "$ROOT/model-server/tests/data/golden-minilm-sample.json" \
+    "$full" "$out" >"$out/http.log" 2>&1 <<'PY' || { status=1; echo "FAILED: HTTP on cuda:0"; }
+import json, subprocess, sys, time, urllib.request
+binary, model, golden, smollm2, log_dir = sys.argv[1:6]
+texts = [i["text"] for i in json.load(open(golden))["items"]]
+
+def serve(args, port, log):
+    srv = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cuda:0"] + args,
+                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    started = time.time()
+    while True:
+        try:
+            if urllib.request.urlopen(base + "/readyz", timeout=2).status == 200:
+                break
+        except Exception:
+            if srv.poll() is not None or time.time() - started > 120:
+                srv.kill()
+                raise SystemExit(f"server exited or never ready ({srv.returncode}): {open(log).read()[-2000:]}")
+            time.sleep(0.1)
+    print(f"ready in {time.time() - started:.1f} s", flush=True)
+    status = json.load(urllib.request.urlopen(base + "/status", timeout=10))
+    print("status device:", json.dumps(status["device"]), flush=True)
+    assert status["device"]["device"] == "cuda:0", status["device"]
+    return srv, base
+
+def post(base, path, body):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=60))
+
+def cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+srv, base = serve(["--model", f"minilm:v1={model}"], 8097, log_dir + "/serve-minilm.log")
+try:
+    got = [d["embedding"] for d in post(base, "/v1/embeddings", {"model": "minilm", "input": texts})["data"]]
+    metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    print([l for l in metrics.splitlines() if l.startswith("kiln_device_info")])
+finally:
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+from sentence_transformers import SentenceTransformer
+want = SentenceTransformer(model, device="cpu").encode(texts, normalize_embeddings=True).tolist()
+worst = min(cos(g, w) for g, w in zip(got, want))
+apart = max(cos(want[i], want[j]) for i in range(len(want)) for j in range(i + 1, len(want)) if texts[i] != texts[j])
+print(f"{len(texts)} texts: worst cosine against sentence-transformers {worst:.7f}; closest two different texts {apart:.5f}")
+assert worst >= 0.99999 and worst > apart, (worst, apart)
+
+srv, base = serve(["--family", "text-generation", "--model", f"smollm2:full={smollm2}"], 8096,
+                  log_dir + "/serve-smollm2.log")
+try:
+    r = post(base, "/v1/chat/completions", {"model": "smollm2", "max_tokens": 16, "temperature": 0,
+                                            "messages": [{"role": "user", "content": "What is 2+2?"}]})
+    print("chat on cuda:0:", json.dumps(r["usage"]), repr(r["choices"][0]["message"]["content"][:80]))
+    assert r["usage"]["completion_tokens"] > 0
+finally:
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+PY
+  cat "$out/http.log"
+  echo "== make bench-gpu (at ${SECONDS}s)"
+  BENCH_ENGINE="$dir/bin/bench_engine" BENCH_SERVER="$BIN_EXE" BENCH_LLAMA="$dir/bin/bench_llama" \
+    MODEL="$fixtures/minilm" LLAMA_MODEL="$full" CORPUS="$dir/corpus" OUT="$out" THREADS="${THREADS:-8}" \
+    timeout "${BENCH_TIMEOUT:-420}" bash "$ROOT/bench/gpu.sh" || { status=1; echo "FAILED: bench-gpu"; }
+  echo "== done at ${SECONDS}s"
+  return "$status"
+}
+
+case "${1:-}" in
+  pack) pack "${2:?pack DIR}" ;;
+  run) run "${2:?run DIR OUT}" "${3:?run DIR OUT}" ;;
+  *) echo "usage: gpu-check.sh pack DIR | run DIR OUT" >&2; exit 2 ;;
+esac
