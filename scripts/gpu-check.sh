@@ -6,8 +6,9 @@
 #                           and the GPU tests (architectures, image_text, device, generation)
 #                           with `make build-cuda`'s toolchain, for KILN_CUDA_ARCHS (default
 #                           90) only, into DIR/bin.tar.xz, with
-#                           MiniLM's small files, SmolLM2's GGUF cut to its first 2 layers (a
-#                           device machine takes 64 MiB of files; the whole file is 98 MB),
+#                           MiniLM's small files, SmolLM2's GGUF cut to its first 2 layers with
+#                           its token table in Q4_0 (a device machine takes 64 MiB of files;
+#                           the whole file is 98 MB),
 #                           gguf-py and the bench corpus. Prints DIR's size.
 #   gpu-check.sh run DIR OUT   (there, from the repository root) writes random MiniLM weights
 #                           and a full-depth SmolLM2 (the kept layers repeated), puts the binaries
@@ -23,7 +24,8 @@ CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 TESTS=architectures,image_text,device,generation
 
 pack() {
-  local dir="$1"
+  local dir
+  dir="$(mkdir -p "$1" && cd "$1" && pwd)"
   rm -rf "$dir" && mkdir -p "$dir/stage" "$dir/fixtures/minilm"
   # Machine code for the GPU it will run on only (default: Hopper, 9.0): all four capabilities'
   # kernels would not fit beside the model. Its own target directory, first seeded from the
@@ -79,13 +81,23 @@ for field in reader.fields.values():
     value = layers if field.name == f"{arch}.block_count" else field.contents()
     writer.add_key_value(field.name, value, kind, sub_type=sub)
 kept = [t for t in reader.tensors if not (m := re.match(r"blk\.(\d+)\.", t.name)) or int(m.group(1)) < layers]
+# The token table (also the output layer) in Q4_0 rather than Q8_0: half of its 30 MB.
+Q4_0 = gguf.GGMLQuantizationType.Q4_0
+data = {}
 for t in kept:
-    writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    if t.name == "token_embd.weight" and t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+        rows = gguf.quants.dequantize(t.data, t.tensor_type)
+        data[t.name] = (gguf.quants.quantize(rows, Q4_0), Q4_0)
+    else:
+        data[t.name] = (t.data, t.tensor_type)
+for t in kept:
+    d, kind = data[t.name]
+    writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, kind)
 writer.write_header_to_file()
 writer.write_kv_data_to_file()
 writer.write_ti_data_to_file()
 for t in kept:
-    writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.write_tensor_data(data[t.name][0], tensor_endianess=reader.endianess)
 writer.close()
 PY
   du -sh "$dir"
@@ -150,17 +162,25 @@ for field in reader.fields.values():
     sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
     writer.add_key_value(field.name, layers if field.name == f"{arch}.block_count" else field.contents(), kind,
                          sub_type=sub)
-out = [(t.name, t) for t in reader.tensors if not t.name.startswith("blk.")]
+# (name, data, format); the token table back in Q8_0, as SmolLM2 ships it.
+out = []
+for t in reader.tensors:
+    if t.name == "token_embd.weight" and t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+        rows = gguf.quants.dequantize(t.data, t.tensor_type)
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        out.append((t.name, gguf.quants.quantize(rows, q8), q8))
+    elif not t.name.startswith("blk."):
+        out.append((t.name, t.data, t.tensor_type))
 for i in range(layers):
-    out += [(t.name.replace(f"blk.{i % kept}.", f"blk.{i}.", 1), t) for t in reader.tensors
+    out += [(t.name.replace(f"blk.{i % kept}.", f"blk.{i}.", 1), t.data, t.tensor_type) for t in reader.tensors
             if t.name.startswith(f"blk.{i % kept}.")]
-for name, t in out:
-    writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+for name, data, kind in out:
+    writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
 writer.write_header_to_file()
 writer.write_kv_data_to_file()
 writer.write_ti_data_to_file()
-for _, t in out:
-    writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+for _, data, _ in out:
+    writer.write_tensor_data(data, tensor_endianess=reader.endianess)
 writer.close()
 print(f"MiniLM (random) and SmolLM2 ({layers} layers from {kept}) written")
 PY
