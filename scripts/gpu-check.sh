@@ -65,41 +65,8 @@ EOF
   venv="$(ls -d "$CACHE"/gguf-reference-venv-* | head -n1)"
   # gguf-py (pure Python) to write the full-size file there: the kept layers repeated.
   mkdir -p "$dir/py" && cp -r "$venv"/lib/python3*/site-packages/gguf "$dir/py/"
-  "$venv/bin/python" - "$CACHE/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    "$dir/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "${GPU_CHECK_LAYERS:-2}" <<'PY'
-import re, sys
-import gguf
-src, dst, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-reader = gguf.GGUFReader(src)
-arch = reader.fields["general.architecture"].contents()
-writer = gguf.GGUFWriter(dst, arch)
-for field in reader.fields.values():
-    if field.name == "general.architecture" or field.name.startswith("GGUF."):
-        continue
-    kind = field.types[0]
-    sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-    value = layers if field.name == f"{arch}.block_count" else field.contents()
-    writer.add_key_value(field.name, value, kind, sub_type=sub)
-kept = [t for t in reader.tensors if not (m := re.match(r"blk\.(\d+)\.", t.name)) or int(m.group(1)) < layers]
-# The token table (also the output layer) in Q4_0 rather than Q8_0: half of its 30 MB.
-Q4_0 = gguf.GGMLQuantizationType.Q4_0
-data = {}
-for t in kept:
-    if t.name == "token_embd.weight" and t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
-        rows = gguf.quants.dequantize(t.data, t.tensor_type)
-        data[t.name] = (gguf.quants.quantize(rows, Q4_0), Q4_0)
-    else:
-        data[t.name] = (t.data, t.tensor_type)
-for t in kept:
-    d, kind = data[t.name]
-    writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, kind)
-writer.write_header_to_file()
-writer.write_kv_data_to_file()
-writer.write_ti_data_to_file()
-for t in kept:
-    writer.write_tensor_data(data[t.name][0], tensor_endianess=reader.endianess)
-writer.close()
-PY
+  "$venv/bin/python" "$ROOT/scripts/gguf_layers.py" "$CACHE/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "$dir/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --layers "${GPU_CHECK_LAYERS:-2}" --token-table Q4_0
   du -sh "$dir"
 }
 
@@ -142,48 +109,15 @@ PY
   local fixtures="$dir/fixtures" full="$dir/smollm2-full"
   # MiniLM's shape with seeded random weights, and SmolLM2 at full depth from the kept layers
   # repeated (speed depends on shapes and formats, not values).
-  python3 - "$fixtures/minilm" "$fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    "$full/SmolLM2-135M-Instruct.Q4_1.gguf" <<'PY' || { status=1; echo "FAILED: writing the models"; }
-import os, re, sys
-import gguf, torch
+  python3 - "$fixtures/minilm" <<'PY' || { status=1; echo "FAILED: writing MiniLM"; }
+import sys, torch
 from transformers import BertConfig, BertModel
-minilm, src, dst = sys.argv[1:4]
 torch.manual_seed(0)
-BertModel(BertConfig.from_json_file(minilm + "/config.json")).save_pretrained(minilm, safe_serialization=True)
-reader = gguf.GGUFReader(src)
-arch = reader.fields["general.architecture"].contents()
-kept, layers = int(reader.fields[f"{arch}.block_count"].contents()), 30
-os.makedirs(os.path.dirname(dst), exist_ok=True)
-writer = gguf.GGUFWriter(dst, arch)
-for field in reader.fields.values():
-    if field.name == "general.architecture" or field.name.startswith("GGUF."):
-        continue
-    kind = field.types[0]
-    sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-    writer.add_key_value(field.name, layers if field.name == f"{arch}.block_count" else field.contents(), kind,
-                         sub_type=sub)
-# (name, data, format); the token table back in Q8_0, as SmolLM2 ships it.
-out = []
-for t in reader.tensors:
-    if t.name == "token_embd.weight" and t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
-        rows = gguf.quants.dequantize(t.data, t.tensor_type)
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        out.append((t.name, gguf.quants.quantize(rows, q8), q8))
-    elif not t.name.startswith("blk."):
-        out.append((t.name, t.data, t.tensor_type))
-for i in range(layers):
-    out += [(t.name.replace(f"blk.{i % kept}.", f"blk.{i}.", 1), t.data, t.tensor_type) for t in reader.tensors
-            if t.name.startswith(f"blk.{i % kept}.")]
-for name, data, kind in out:
-    writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
-writer.write_header_to_file()
-writer.write_kv_data_to_file()
-writer.write_ti_data_to_file()
-for _, data, _ in out:
-    writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-writer.close()
-print(f"MiniLM (random) and SmolLM2 ({layers} layers from {kept}) written")
+BertModel(BertConfig.from_json_file(sys.argv[1] + "/config.json")).save_pretrained(sys.argv[1], safe_serialization=True)
 PY
+  mkdir -p "$full"
+  python3 "$ROOT/scripts/gguf_layers.py" "$fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "$full/SmolLM2-135M-Instruct.Q4_1.gguf" --layers 30 --token-table Q8_0 || { status=1; echo "FAILED: writing SmolLM2"; }
   local t args
   for t in ${TESTS//,/ }; do
     case "$t" in
@@ -225,6 +159,13 @@ def serve(args, port, log):
     assert status["device"]["device"] == "cuda:0", status["device"]
     return srv, base
 
+def stop(srv):
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+
 def post(base, path, body):
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     return json.load(urllib.request.urlopen(req, timeout=60))
@@ -238,11 +179,7 @@ try:
     metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     print([l for l in metrics.splitlines() if l.startswith("kiln_device_info")])
 finally:
-    srv.terminate()
-    try:
-        srv.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv.kill()
+    stop(srv)
 from sentence_transformers import SentenceTransformer
 want = SentenceTransformer(model, device="cpu").encode(texts, normalize_embeddings=True).tolist()
 worst = min(cos(g, w) for g, w in zip(got, want))
@@ -258,11 +195,7 @@ try:
     print("chat on cuda:0:", json.dumps(r["usage"]), repr(r["choices"][0]["message"]["content"][:80]))
     assert r["usage"]["completion_tokens"] > 0
 finally:
-    srv.terminate()
-    try:
-        srv.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv.kill()
+    stop(srv)
 PY
   cat "$out/http.log"
   echo "== make bench-gpu (at ${SECONDS}s)"

@@ -15,7 +15,7 @@ use kiln_model_server::families::text_generation::model::{
 };
 use kiln_model_server::kernels::Isa;
 use kiln_model_server::manifest::Batching;
-use kiln_model_server::models::llama::Step;
+use kiln_model_server::models::llama::{Decoder, SequenceCache, Step};
 use serde_json::{Value, json};
 
 /// How far our logits may sit from the reference's. Our quantized matmul (like llama.cpp's)
@@ -119,6 +119,17 @@ fn the_gpu_path_matches_the_numpy_reference() {
     }
 }
 
+/// The logits after feeding `tokens` to one sequence.
+fn next_logits(decoder: &Decoder, tokens: &[u32], cache: &mut SequenceCache) -> Vec<f32> {
+    decoder
+        .forward(&mut [Step { tokens, cache, logits: true }])
+        .expect("forward")
+        .expect("logits")
+        .get(0)
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("row")
+}
+
 /// The CPU, and CUDA device 0 where one opens ("skipped: no CUDA device" where none does).
 fn devices() -> Vec<ComputeDevice> {
     let mut devices = vec![ComputeDevice::cpu()];
@@ -155,13 +166,7 @@ fn the_gpu_path_gives_the_cpu_paths_greedy_tokens() {
             let (mut want, mut margins) = (Vec::new(), Vec::new());
             let mut feed = ids.clone();
             while want.len() < TOKENS {
-                let logits = decoder
-                    .forward(&mut [Step { tokens: &feed, cache: &mut cache, logits: true }])
-                    .expect("forward")
-                    .expect("logits")
-                    .get(0)
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .expect("row");
+                let logits = next_logits(decoder, &feed, &mut cache);
                 let mut order: Vec<usize> = (0..logits.len()).collect();
                 order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
                 want.push(order[0] as u32);
@@ -223,13 +228,7 @@ fn check_against_reference(model: &GenerationModel, what: &str) {
         let mut cache = llama.new_cache();
         let mut feed = ids.clone();
         for (i, top) in r.top5.iter().enumerate() {
-            let logits = llama
-                .forward(&mut [Step { tokens: &feed, cache: &mut cache, logits: true }])
-                .expect("forward")
-                .expect("logits")
-                .get(0)
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("row");
+            let logits = next_logits(llama, &feed, &mut cache);
             for &(token, expected) in top {
                 let got = f64::from(logits[token as usize]);
                 worst = worst.max((got - expected).abs());

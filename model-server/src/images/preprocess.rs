@@ -71,6 +71,28 @@ pub struct PixelValues {
     pub data: Vec<f32>,
 }
 
+impl PixelValues {
+    /// `images`, each `side`×`side`, as one `(n, 3, side, side)` tensor on `device`: a candle
+    /// vision tower's batch.
+    pub fn batch(
+        images: &[&PixelValues],
+        side: usize,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor, ModelError> {
+        let mut data = Vec::with_capacity(images.len() * 3 * side * side);
+        for image in images {
+            if (image.height, image.width) != (side, side) || image.data.len() != 3 * side * side {
+                return Err(ModelError::Inference(format!(
+                    "pixel values of {}x{} for a tower that takes {side}x{side}",
+                    image.width, image.height
+                )));
+            }
+            data.extend_from_slice(&image.data);
+        }
+        Ok(candle_core::Tensor::from_vec(data, (images.len(), 3, side, side), device)?)
+    }
+}
+
 impl Preprocess {
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("preprocessor_config.json");

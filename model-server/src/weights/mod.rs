@@ -57,6 +57,24 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(files)
 }
 
+/// A model directory's safetensors weights for candle's models, float32 on `device` (the GPU
+/// paths), and the error that names the directory for what building the model then reports.
+pub fn candle_weights(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> Result<(candle_nn::VarBuilder<'static>, impl Fn(candle_core::Error) -> ModelError), ModelError> {
+    let path = dir.display().to_string();
+    let failed =
+        move |e: candle_core::Error| ModelError::Files { path: path.clone(), message: e.to_string() };
+    let files = safetensors_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only; the cache is written atomically by `pull`
+    // and never modified in place afterwards.
+    let vb =
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, candle_core::DType::F32, device) }
+            .map_err(&failed)?;
+    Ok((vb, failed))
+}
+
 /// A JSON file read into `T`; errors name the file (and, through serde, the field).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     let files_err = |message: String| ModelError::Files { path: path.display().to_string(), message };

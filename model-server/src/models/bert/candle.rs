@@ -4,15 +4,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config as CandleBertConfig};
 use candle_transformers::models::xlm_roberta::{Config as XlmRobertaConfig, XLMRobertaModel};
 use serde_json::{Value, json};
 
 use super::BertConfig;
 use crate::models::{Architecture, Encoder, ModelError, Pooling};
-use crate::weights::{read_json, safetensors_files};
+use crate::weights::{candle_weights, read_json};
 
 enum Network {
     Bert(BertModel),
@@ -61,23 +60,15 @@ impl CandleBert {
                 fields.entry(key).or_insert(default);
             }
         }
-        let files = safetensors_files(dir)?;
-        let failed = |e: candle_core::Error| ModelError::Files {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        };
-        // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
-        // `pull` and never modified in place afterwards.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }.map_err(failed)?;
+        let (vb, failed) = candle_weights(dir, device)?;
         let network = match architecture {
             Architecture::Bert => {
                 let c: CandleBertConfig = serde_json::from_value(config).map_err(invalid)?;
-                Network::Bert(BertModel::load(vb, &c).map_err(failed)?)
+                Network::Bert(BertModel::load(vb, &c).map_err(&failed)?)
             }
             Architecture::XlmRoberta => {
                 let c: XlmRobertaConfig = serde_json::from_value(config).map_err(invalid)?;
-                Network::XlmRoberta(XLMRobertaModel::new(&c, vb).map_err(failed)?)
+                Network::XlmRoberta(XLMRobertaModel::new(&c, vb).map_err(&failed)?)
             }
             other => return Err(ModelError::Unsupported(format!("{other:?} is not a BERT-family encoder"))),
         };

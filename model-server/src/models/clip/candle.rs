@@ -6,15 +6,15 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Device, IndexOp, Module, Tensor};
+use candle_nn::Linear;
 use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 
 use super::{ClipConfig, EndOfText};
 use crate::images::preprocess::PixelValues;
 use crate::models::{ImageTextEncoder, ModelError};
-use crate::weights::safetensors_files;
+use crate::weights::candle_weights;
 
 pub struct CandleClip {
     text: ClipTextTransformer,
@@ -67,15 +67,7 @@ impl CandleClip {
             image_size: v.image_size,
             patch_size: v.patch_size,
         };
-        let files = safetensors_files(dir)?;
-        let failed = |e: candle_core::Error| ModelError::Files {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        };
-        // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
-        // `pull` and never modified in place afterwards.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }.map_err(failed)?;
+        let (vb, failed) = candle_weights(dir, device)?;
         // candle would invent a random class embedding where the checkpoint has none.
         if !vb.contains_tensor("vision_model.embeddings.class_embedding") {
             return Err(ModelError::Files {
@@ -84,12 +76,12 @@ impl CandleClip {
             });
         }
         Ok(CandleClip {
-            text: ClipTextTransformer::new(vb.pp("text_model"), &text_config).map_err(failed)?,
+            text: ClipTextTransformer::new(vb.pp("text_model"), &text_config).map_err(&failed)?,
             text_projection: candle_nn::linear_no_bias(t.hidden_size, p, vb.pp("text_projection"))
-                .map_err(failed)?,
-            vision: ClipVisionTransformer::new(vb.pp("vision_model"), &vision_config).map_err(failed)?,
+                .map_err(&failed)?,
+            vision: ClipVisionTransformer::new(vb.pp("vision_model"), &vision_config).map_err(&failed)?,
             visual_projection: candle_nn::linear_no_bias(v.hidden_size, p, vb.pp("visual_projection"))
-                .map_err(failed)?,
+                .map_err(&failed)?,
             end: EndOfText::of(t),
             dimension: p,
             image_size: v.image_size,
@@ -101,18 +93,7 @@ impl CandleClip {
 
 impl ImageTextEncoder for CandleClip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let side = self.image_size;
-        let mut data = Vec::with_capacity(images.len() * 3 * side * side);
-        for image in images {
-            if (image.height, image.width) != (side, side) || image.data.len() != 3 * side * side {
-                return Err(ModelError::Inference(format!(
-                    "pixel values of {}x{} for a tower that takes {side}x{side}",
-                    image.width, image.height
-                )));
-            }
-            data.extend_from_slice(&image.data);
-        }
-        let pixels = Tensor::from_vec(data, (images.len(), 3, side, side), &self.device)?;
+        let pixels = PixelValues::batch(images, self.image_size, &self.device)?;
         let pooled = self.vision.forward(&pixels)?;
         Ok(self.visual_projection.forward(&pooled)?.to_vec2::<f32>()?)
     }

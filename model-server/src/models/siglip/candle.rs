@@ -4,15 +4,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use candle_transformers::models::siglip;
 use serde_json::Value;
 
 use super::SiglipConfig;
 use crate::images::preprocess::PixelValues;
 use crate::models::{ImageTextEncoder, ModelError};
-use crate::weights::{read_json, safetensors_files};
+use crate::weights::{candle_weights, read_json};
 
 pub struct CandleSiglip {
     model: siglip::Model,
@@ -48,16 +47,8 @@ impl CandleSiglip {
             path: path.display().to_string(),
             message: format!("not a config candle's SigLIP reads: {e}"),
         })?;
-        let files = safetensors_files(dir)?;
-        let failed = |e: candle_core::Error| ModelError::Files {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        };
-        // SAFETY: the files are memory-mapped read-only; the cache is written atomically by
-        // `pull` and never modified in place afterwards.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }.map_err(failed)?;
-        let model = siglip::Model::new(&config, vb).map_err(failed)?;
+        let (vb, failed) = candle_weights(dir, device)?;
+        let model = siglip::Model::new(&config, vb).map_err(&failed)?;
         Ok(CandleSiglip {
             model,
             dimension: v.hidden_size,
@@ -70,18 +61,7 @@ impl CandleSiglip {
 
 impl ImageTextEncoder for CandleSiglip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let side = self.image_size;
-        let mut data = Vec::with_capacity(images.len() * 3 * side * side);
-        for image in images {
-            if (image.height, image.width) != (side, side) || image.data.len() != 3 * side * side {
-                return Err(ModelError::Inference(format!(
-                    "pixel values of {}x{} for a tower that takes {side}x{side}",
-                    image.width, image.height
-                )));
-            }
-            data.extend_from_slice(&image.data);
-        }
-        let pixels = Tensor::from_vec(data, (images.len(), 3, side, side), &self.device)?;
+        let pixels = PixelValues::batch(images, self.image_size, &self.device)?;
         Ok(self.model.get_image_features(&pixels)?.to_vec2::<f32>()?)
     }
 
