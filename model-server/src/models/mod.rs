@@ -57,22 +57,28 @@ pub trait Encoder: Send + Sync {
 /// image-text-embedding family. Deterministic and thread-safe, like [`Encoder`].
 pub trait ImageTextEncoder: Send + Sync {
     /// One feature vector (not normalised) per image (at least one); images are
-    /// [`Self::image_size`].
+    /// [`TowerShape::image_size`] a side.
     fn embed_images(
         &self,
         images: &[&crate::images::preprocess::PixelValues],
     ) -> Result<Vec<Vec<f32>>, ModelError>;
     /// One feature vector (not normalised) per text (at least one), from its token ids.
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+    fn shape(&self) -> TowerShape;
+}
+
+/// What the image-text-embedding family needs to know of a model's towers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TowerShape {
     /// Width of both towers' features.
-    fn dimension(&self) -> usize;
-    /// (height, width) of the pixel values the vision tower takes.
-    fn image_size(&self) -> (usize, usize);
+    pub dimension: usize,
+    /// Side of the square pixel values the vision tower takes.
+    pub image_size: usize,
     /// Most token ids a text may have.
-    fn max_text_tokens(&self) -> usize;
-    /// Whether texts are padded to [`Self::max_text_tokens`] (SigLIP was trained on padded
-    /// texts and attends to the padding).
-    fn pads_text(&self) -> bool;
+    pub max_text_tokens: usize,
+    /// Whether texts are padded to `max_text_tokens` (SigLIP was trained on padded texts and
+    /// attends to the padding).
+    pub pads_text: bool,
 }
 
 /// Every architecture this build runs.

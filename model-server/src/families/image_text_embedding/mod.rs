@@ -41,8 +41,12 @@ impl ModelFamily for ImageTextEmbedding {
     }
 
     fn summary(model: &ImageTextModel) -> String {
-        let (h, w) = model.encoder.image_size();
-        format!("dimension {}, images {w}x{h}, texts up to {} tokens", model.dimension(), model.max_tokens)
+        let side = model.encoder.shape().image_size;
+        format!(
+            "dimension {}, images {side}x{side}, texts up to {} tokens",
+            model.dimension(),
+            model.max_tokens
+        )
     }
 
     /// The warmup texts and a synthetic image through both towers.
@@ -142,7 +146,8 @@ impl ImageTextModel {
     /// The model in `dir` computed by `encoder` (one of its architecture's paths).
     pub fn with_encoder(dir: &Path, encoder: Box<dyn ImageTextEncoder>) -> Result<Self, ModelError> {
         let preprocess = Preprocess::read(dir)?;
-        let (h, w) = encoder.image_size();
+        let shape = encoder.shape();
+        let (h, w) = (shape.image_size, shape.image_size);
         // Whatever the input's shape, the preprocessing must give what the tower takes.
         for (iw, ih) in [(1000, 700), (300, 1000), (w as u32, h as u32)] {
             let (ow, oh) = preprocess.output_size(iw, ih);
@@ -155,15 +160,15 @@ impl ImageTextModel {
                 });
             }
         }
-        let max_tokens = encoder.max_text_tokens();
+        let max_tokens = shape.max_text_tokens;
         let (tokenizer, declared_pad) = text_tokenizer(dir, max_tokens)?;
-        let pad = if encoder.pads_text() { Some(pad_id(dir, &tokenizer, declared_pad)?) } else { None };
+        let pad = if shape.pads_text { Some(pad_id(dir, &tokenizer, declared_pad)?) } else { None };
         let image_tokens = (h * w / 256).max(1);
         Ok(ImageTextModel { encoder, tokenizer, preprocess, pad, max_tokens, image_tokens })
     }
 
     pub fn dimension(&self) -> usize {
-        self.encoder.dimension()
+        self.encoder.shape().dimension
     }
 
     /// A text's ids, cut at the tower's limit (special tokens kept).
@@ -214,10 +219,10 @@ impl ImageTextModel {
 
 impl BatchStatus for ImageTextModel {
     fn status(&self) -> serde_json::Map<String, Value> {
-        let (h, w) = self.encoder.image_size();
+        let side = self.encoder.shape().image_size;
         let mut m = serde_json::Map::new();
         m.insert("dimension".into(), json!(self.dimension()));
-        m.insert("imageSize".into(), json!({"width": w, "height": h}));
+        m.insert("imageSize".into(), json!({"width": side, "height": side}));
         m.insert("maxSeqLength".into(), json!(self.max_tokens));
         m
     }

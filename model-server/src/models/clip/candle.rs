@@ -13,7 +13,7 @@ use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisi
 
 use super::{ClipConfig, EndOfText};
 use crate::images::preprocess::PixelValues;
-use crate::models::{ImageTextEncoder, ModelError};
+use crate::models::{ImageTextEncoder, ModelError, TowerShape};
 use crate::weights::candle_weights;
 
 pub struct CandleClip {
@@ -22,9 +22,7 @@ pub struct CandleClip {
     vision: ClipVisionTransformer,
     visual_projection: Linear,
     end: EndOfText,
-    dimension: usize,
-    image_size: usize,
-    max_text_tokens: usize,
+    shape: TowerShape,
     device: Device,
 }
 
@@ -83,9 +81,12 @@ impl CandleClip {
             visual_projection: candle_nn::linear_no_bias(v.hidden_size, p, vb.pp("visual_projection"))
                 .map_err(&failed)?,
             end: EndOfText::of(t),
-            dimension: p,
-            image_size: v.image_size,
-            max_text_tokens: t.max_position_embeddings,
+            shape: TowerShape {
+                dimension: p,
+                image_size: v.image_size,
+                max_text_tokens: t.max_position_embeddings,
+                pads_text: false,
+            },
             device: device.clone(),
         })
     }
@@ -93,17 +94,17 @@ impl CandleClip {
 
 impl ImageTextEncoder for CandleClip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let pixels = PixelValues::batch(images, self.image_size, &self.device)?;
+        let pixels = PixelValues::batch(images, self.shape.image_size, &self.device)?;
         let pooled = self.vision.forward(&pixels)?;
         Ok(self.visual_projection.forward(&pooled)?.to_vec2::<f32>()?)
     }
 
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         let len = texts.iter().map(|t| t.len()).max().unwrap_or(0);
-        if texts.is_empty() || len == 0 || len > self.max_text_tokens {
+        if texts.is_empty() || len == 0 || len > self.shape.max_text_tokens {
             return Err(ModelError::Inference(format!(
                 "texts of 1 to {} tokens, not {len}",
-                self.max_text_tokens
+                self.shape.max_text_tokens
             )));
         }
         // Padded to the longest: under the causal mask nothing after a text's end-of-text
@@ -123,20 +124,8 @@ impl ImageTextEncoder for CandleClip {
         Ok(self.text_projection.forward(&pooled)?.to_vec2::<f32>()?)
     }
 
-    fn dimension(&self) -> usize {
-        self.dimension
-    }
-
-    fn image_size(&self) -> (usize, usize) {
-        (self.image_size, self.image_size)
-    }
-
-    fn max_text_tokens(&self) -> usize {
-        self.max_text_tokens
-    }
-
-    fn pads_text(&self) -> bool {
-        false
+    fn shape(&self) -> TowerShape {
+        self.shape
     }
 }
 

@@ -24,7 +24,7 @@ use crate::kernels::encoder::{
     self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, TokenEmbedding, load_linear, load_norm,
 };
 use crate::kernels::gemm::Linear;
-use crate::models::{ImageTextEncoder, ModelError};
+use crate::models::{ImageTextEncoder, ModelError, TowerShape};
 use crate::weights::read_json;
 use crate::weights::tensors::{Scope, Tensors};
 
@@ -303,20 +303,13 @@ impl ImageTextEncoder for Clip {
         self.text.forward(texts)
     }
 
-    fn dimension(&self) -> usize {
-        self.dimension
-    }
-
-    fn image_size(&self) -> (usize, usize) {
-        (self.vision.image_size, self.vision.image_size)
-    }
-
-    fn max_text_tokens(&self) -> usize {
-        self.text.embeddings.positions()
-    }
-
-    fn pads_text(&self) -> bool {
-        false
+    fn shape(&self) -> TowerShape {
+        TowerShape {
+            dimension: self.dimension,
+            image_size: self.vision.image_size,
+            max_text_tokens: self.text.embeddings.positions(),
+            pads_text: false,
+        }
     }
 }
 

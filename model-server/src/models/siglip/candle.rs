@@ -10,14 +10,12 @@ use serde_json::Value;
 
 use super::SiglipConfig;
 use crate::images::preprocess::PixelValues;
-use crate::models::{ImageTextEncoder, ModelError};
+use crate::models::{ImageTextEncoder, ModelError, TowerShape};
 use crate::weights::{candle_weights, read_json};
 
 pub struct CandleSiglip {
     model: siglip::Model,
-    dimension: usize,
-    image_size: usize,
-    max_text_tokens: usize,
+    shape: TowerShape,
     device: Device,
 }
 
@@ -51,9 +49,12 @@ impl CandleSiglip {
         let model = siglip::Model::new(&config, vb).map_err(&failed)?;
         Ok(CandleSiglip {
             model,
-            dimension: v.hidden_size,
-            image_size: v.image_size,
-            max_text_tokens: t.max_position_embeddings,
+            shape: TowerShape {
+                dimension: v.hidden_size,
+                image_size: v.image_size,
+                max_text_tokens: t.max_position_embeddings,
+                pads_text: true,
+            },
             device: device.clone(),
         })
     }
@@ -61,17 +62,17 @@ impl CandleSiglip {
 
 impl ImageTextEncoder for CandleSiglip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let pixels = PixelValues::batch(images, self.image_size, &self.device)?;
+        let pixels = PixelValues::batch(images, self.shape.image_size, &self.device)?;
         Ok(self.model.get_image_features(&pixels)?.to_vec2::<f32>()?)
     }
 
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         // The family pads every text to the tower's length before it comes here.
         let len = texts.first().map_or(0, |t| t.len());
-        if len == 0 || len > self.max_text_tokens || texts.iter().any(|t| t.len() != len) {
+        if len == 0 || len > self.shape.max_text_tokens || texts.iter().any(|t| t.len() != len) {
             return Err(ModelError::Inference(format!(
                 "texts must be padded to one length of at most {} tokens",
-                self.max_text_tokens
+                self.shape.max_text_tokens
             )));
         }
         let ids: Vec<u32> = texts.iter().flat_map(|t| t.iter().copied()).collect();
@@ -79,19 +80,7 @@ impl ImageTextEncoder for CandleSiglip {
         Ok(self.model.get_text_features(&ids)?.to_vec2::<f32>()?)
     }
 
-    fn dimension(&self) -> usize {
-        self.dimension
-    }
-
-    fn image_size(&self) -> (usize, usize) {
-        (self.image_size, self.image_size)
-    }
-
-    fn max_text_tokens(&self) -> usize {
-        self.max_text_tokens
-    }
-
-    fn pads_text(&self) -> bool {
-        true
+    fn shape(&self) -> TowerShape {
+        self.shape
     }
 }

@@ -25,7 +25,7 @@ use crate::kernels::encoder::{
     self as enc, EncoderDims, PatchEmbedding, PreNormEncoder, Span, TokenEmbedding, load_linear, load_norm,
 };
 use crate::kernels::gemm::{Linear, SharedOut, View};
-use crate::models::{ImageTextEncoder, ModelError};
+use crate::models::{ImageTextEncoder, ModelError, TowerShape};
 use crate::weights::read_json;
 use crate::weights::tensors::{Scope, Tensors};
 
@@ -336,19 +336,12 @@ impl ImageTextEncoder for Siglip {
         self.text.forward(texts)
     }
 
-    fn dimension(&self) -> usize {
-        self.vision.encoder.dims().hidden
-    }
-
-    fn image_size(&self) -> (usize, usize) {
-        (self.vision.image_size, self.vision.image_size)
-    }
-
-    fn max_text_tokens(&self) -> usize {
-        self.text.embeddings.positions()
-    }
-
-    fn pads_text(&self) -> bool {
-        true
+    fn shape(&self) -> TowerShape {
+        TowerShape {
+            dimension: self.vision.encoder.dims().hidden,
+            image_size: self.vision.image_size,
+            max_text_tokens: self.text.embeddings.positions(),
+            pads_text: true,
+        }
     }
 }
