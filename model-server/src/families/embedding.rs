@@ -1,13 +1,49 @@
 //! What both embedding families (text, image-text) share: one input's token ids, the text
-//! path from request to vectors, and the vector arithmetic on their output.
+//! path from request to vectors, OpenAI's `/v1/embeddings`, and the vector arithmetic on their
+//! output.
 
-use super::ModelFamily;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+
 use super::batcher::{BatchInput, Batcher};
-use crate::api::embeddings::Embedded;
-use crate::api::{self, ApiError, worker_answer};
+use super::{ModelFamily, Shared};
+use crate::api::embeddings::{Embedded, EmbeddingsRequest};
+use crate::api::{self, ApiError, Inference, counted, worker_answer};
+use crate::loader::Lease;
 use crate::manifest::ModelRef;
 use crate::models::ModelError;
 use crate::state::AppState;
+
+/// A family whose models embed text: what the shared text routes need of it.
+pub trait EmbedsText: ModelFamily {
+    /// Width of the leased model's vectors.
+    fn dimension(lease: &Lease<Self>) -> usize;
+
+    /// `texts` through the leased model's batcher.
+    fn embed_texts(
+        state: &Shared<Self>,
+        lease: &Lease<Self>,
+        id: &ModelRef,
+        texts: Vec<String>,
+    ) -> impl Future<Output = Result<Embedded, ApiError>> + Send;
+}
+
+/// `POST /v1/embeddings` (OpenAI's) for any family that embeds text.
+pub async fn embeddings<F: EmbedsText>(
+    State(state): State<Shared<F>>,
+    request: Result<Inference<F, EmbeddingsRequest>, ApiError>,
+) -> Response {
+    let Inference { body: mut req, id, lease } = match request {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    counted(&state, &id, || async {
+        let texts = req.texts(&id, F::dimension(&lease), state.limits.max_inputs)?;
+        let out = F::embed_texts(&state, &lease, &id, texts).await?;
+        Ok(req.response(&id, &out))
+    })
+    .await
+}
 
 /// `dir`'s `tokenizer.json` for embedding: its own padding removed (returned: the id it padded
 /// with) and truncation at `max_tokens`, special tokens kept. tokenizer.json files often carry

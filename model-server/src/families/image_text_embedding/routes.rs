@@ -9,10 +9,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ImageTextEmbedding, Input};
-use crate::api::embeddings::{Embedded, EmbeddingsRequest, too_many_inputs};
+use crate::api::embeddings::{Embedded, too_many_inputs};
 use crate::api::images::{self, Encoded, is_multipart};
 use crate::api::{ApiError, Inference, RequestBody, Upload, counted};
-use crate::families::{Shared, embedding};
+use crate::families::Shared;
+use crate::families::embedding::{self, EmbedsText};
 use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
@@ -20,7 +21,7 @@ pub fn routes() -> Router<Shared<ImageTextEmbedding>> {
     Router::new()
         .route("/embed/vision", post(embed_vision))
         .route("/embed/text", post(embed_text))
-        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/embeddings", post(embedding::embeddings::<ImageTextEmbedding>))
 }
 
 /// The JSON form of `/embed/vision`: one image or a list, base64-encoded.
@@ -96,14 +97,21 @@ async fn embed_images(
         .await
 }
 
-async fn embed_texts(
-    state: &Shared<ImageTextEmbedding>,
-    lease: &Lease<ImageTextEmbedding>,
-    id: &ModelRef,
-    texts: Vec<String>,
-) -> Result<Embedded, ApiError> {
-    let model = lease.model.clone();
-    embedding::embed_texts(state, &lease.batcher, id, texts, move |t| model.tokenize(t), Input::Text).await
+impl EmbedsText for ImageTextEmbedding {
+    fn dimension(lease: &Lease<ImageTextEmbedding>) -> usize {
+        lease.model.dimension()
+    }
+
+    async fn embed_texts(
+        state: &Shared<ImageTextEmbedding>,
+        lease: &Lease<ImageTextEmbedding>,
+        id: &ModelRef,
+        texts: Vec<String>,
+    ) -> Result<Embedded, ApiError> {
+        let model = lease.model.clone();
+        embedding::embed_texts(state, &lease.batcher, id, texts, move |t| model.tokenize(t), Input::Text)
+            .await
+    }
 }
 
 async fn embed_vision(State(state): State<Shared<ImageTextEmbedding>>, req: Request) -> Response {
@@ -159,7 +167,7 @@ async fn embed_text(
             }
             TextInput::Many(items) => (items, false),
         };
-        let mut out = embed_texts(&state, &lease, &id, texts).await?;
+        let mut out = ImageTextEmbedding::embed_texts(&state, &lease, &id, texts).await?;
         let dimension = lease.model.dimension();
         let body = if one {
             json!({
@@ -179,22 +187,6 @@ async fn embed_text(
             })
         };
         Ok(Json(body).into_response())
-    })
-    .await
-}
-
-async fn embeddings(
-    State(state): State<Shared<ImageTextEmbedding>>,
-    request: Result<Inference<ImageTextEmbedding, EmbeddingsRequest>, ApiError>,
-) -> Response {
-    let Inference { body: mut req, id, lease } = match request {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    counted(&state, &id, || async {
-        let texts = req.texts(&id, lease.model.dimension(), state.limits.max_inputs)?;
-        let out = embed_texts(&state, &lease, &id, texts).await?;
-        Ok(req.response(&id, &out))
     })
     .await
 }

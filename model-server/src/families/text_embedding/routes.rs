@@ -8,14 +8,17 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::TextEmbedding;
-use crate::api::embeddings::{Embedded, EmbeddingsRequest};
+use crate::api::embeddings::Embedded;
 use crate::api::{ApiError, Inference, RequestBody, counted};
-use crate::families::{Shared, embedding};
+use crate::families::Shared;
+use crate::families::embedding::{self, EmbedsText};
 use crate::loader::Lease;
 use crate::manifest::ModelRef;
 
 pub fn routes() -> Router<Shared<TextEmbedding>> {
-    Router::new().route("/v1/embeddings", post(embeddings)).route("/embed/text", post(embed_text))
+    Router::new()
+        .route("/v1/embeddings", post(embedding::embeddings::<TextEmbedding>))
+        .route("/embed/text", post(embed_text))
 }
 
 /// The product's `{"text": "..."}`.
@@ -34,30 +37,20 @@ impl RequestBody for EmbedTextRequest {
     }
 }
 
-async fn embed_texts(
-    state: &Shared<TextEmbedding>,
-    serving: &Lease<TextEmbedding>,
-    id: &ModelRef,
-    texts: Vec<String>,
-) -> Result<Embedded, ApiError> {
-    let model = serving.model.clone();
-    embedding::embed_texts(state, &serving.batcher, id, texts, move |t| model.tokenize(t), |ids| ids).await
-}
+impl EmbedsText for TextEmbedding {
+    fn dimension(lease: &Lease<TextEmbedding>) -> usize {
+        lease.model.dimension()
+    }
 
-async fn embeddings(
-    State(state): State<Shared<TextEmbedding>>,
-    request: Result<Inference<TextEmbedding, EmbeddingsRequest>, ApiError>,
-) -> Response {
-    let Inference { body: mut req, id, lease } = match request {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    counted(&state, &id, || async {
-        let texts = req.texts(&id, lease.model.dimension(), state.limits.max_inputs)?;
-        let out = embed_texts(&state, &lease, &id, texts).await?;
-        Ok(req.response(&id, &out))
-    })
-    .await
+    async fn embed_texts(
+        state: &Shared<TextEmbedding>,
+        lease: &Lease<TextEmbedding>,
+        id: &ModelRef,
+        texts: Vec<String>,
+    ) -> Result<Embedded, ApiError> {
+        let model = lease.model.clone();
+        embedding::embed_texts(state, &lease.batcher, id, texts, move |t| model.tokenize(t), |ids| ids).await
+    }
 }
 
 async fn embed_text(
@@ -69,7 +62,7 @@ async fn embed_text(
         Err(e) => return e.into_response(),
     };
     counted(&state, &id, || async {
-        let mut out = embed_texts(&state, &lease, &id, vec![req.text]).await?;
+        let mut out = TextEmbedding::embed_texts(&state, &lease, &id, vec![req.text]).await?;
         let embedding = out.vectors.pop().unwrap_or_default();
         Ok(Json(json!({
             "embedding": embedding,
