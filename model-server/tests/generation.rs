@@ -140,6 +140,70 @@ fn devices() -> Vec<ComputeDevice> {
     devices
 }
 
+/// The GPU path's decoder (candle's, on the CPU every run and on CUDA where one opens) as the
+/// scheduler drives it: sequences stepped together get what each gets alone, and a step that
+/// fails for one sequence changes no cache, so every sequence can run on as if it never ran.
+#[test]
+fn the_gpu_path_steps_sequences_together_and_a_failed_step_changes_nothing() {
+    let cpu = GenerationModel::load(&common::smollm2_dir()).expect("load");
+    let first = cpu.encode_plain("The capital of France is").expect("encode");
+    let second = cpu.encode_plain("1, 2, 3, 4, 5,").expect("encode");
+    for device in devices() {
+        let model =
+            GenerationModel::load_candle(&common::smollm2_dir(), device.candle()).expect("candle's Llama");
+        let d = model.decoder();
+        let alone: Vec<Vec<f32>> = [&first, &second]
+            .iter()
+            .map(|p| {
+                let mut cache = d.new_cache();
+                next_logits(d, p, &mut cache)
+            })
+            .collect();
+        let (mut a, mut b) = (d.new_cache(), d.new_cache());
+        let rows = d
+            .forward(&mut [
+                Step { tokens: &first, cache: &mut a, logits: true },
+                Step { tokens: &second, cache: &mut b, logits: true },
+            ])
+            .expect("forward")
+            .expect("logits")
+            .to_vec2::<f32>()
+            .expect("rows");
+        assert_eq!(rows, alone, "candle on {}: together as alone", device.label());
+        assert_eq!((a.len(), b.len()), (first.len(), second.len()));
+
+        // The second sequence's token is outside the vocabulary: the step fails as a whole.
+        let next = [13u32];
+        let err = d
+            .forward(&mut [
+                Step { tokens: &next, cache: &mut a, logits: true },
+                Step { tokens: &[u32::MAX], cache: &mut b, logits: true },
+            ])
+            .expect_err("a token outside the vocabulary");
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+        assert_eq!((a.len(), b.len()), (first.len(), second.len()), "no cache moved");
+        let mut fresh = d.new_cache();
+        next_logits(d, &first, &mut fresh);
+        let want = next_logits(d, &next, &mut fresh);
+        assert_eq!(
+            next_logits(d, &next, &mut a),
+            want,
+            "candle on {}: runs on as if it never failed",
+            device.label()
+        );
+        // A packed decoder's cache is not candle's, and the other way round.
+        let mut packed = cpu.decoder().new_cache();
+        let err =
+            d.forward(&mut [Step { tokens: &next, cache: &mut packed, logits: true }]).expect_err("foreign");
+        assert!(err.to_string().contains("not from this model"), "{err}");
+        let err = cpu
+            .decoder()
+            .forward(&mut [Step { tokens: &next, cache: &mut a, logits: true }])
+            .expect_err("foreign");
+        assert!(err.to_string().contains("not from this model"), "{err}");
+    }
+}
+
 /// Greedy generation on a GPU equals the CPU path's for the first 16 tokens of every case, up
 /// to the CPU path's first near tie. No reference file needed, so it also runs on any GGUF put
 /// in the fixture's place (a GPU machine gets a cut-down SmolLM2, see scripts/gpu-check.sh).
