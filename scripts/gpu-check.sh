@@ -124,7 +124,7 @@ PY
       # Random MiniLM weights here: the reference vectors are for the real ones.
       device) args=(--skip gpu_embeddings_match_the_reference_vectors) ;;
       # The cut-down SmolLM2 has no numpy reference: the CPU path is the yardstick.
-      generation) args=(the_gpu_path_gives_the_cpu_paths_greedy_tokens) ;;
+      generation) args=(the_gpu_path_gives_the_cpu_paths_greedy_tokens the_gpu_path_steps_sequences_together) ;;
       *) args=() ;;
     esac
     echo "== test $t ${args[*]} (at ${SECONDS}s)"
