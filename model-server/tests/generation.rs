@@ -130,6 +130,19 @@ fn next_logits(decoder: &Decoder, tokens: &[u32], cache: &mut SequenceCache) -> 
         .expect("row")
 }
 
+/// A Hugging Face checkpoint has no GPU path: refused by name, with what to do instead.
+#[test]
+fn the_gpu_path_refuses_a_checkpoint_by_name() {
+    let err = GenerationModel::load_candle(&common::smollm2_hf_dir(), &candle_core::Device::Cpu)
+        .err()
+        .expect("a checkpoint on the GPU path")
+        .to_string();
+    assert_eq!(
+        err,
+        "unsupported model: a Hugging Face Llama checkpoint has no GPU path yet (its GGUF file has one); serve it on the CPU"
+    );
+}
+
 /// The CPU, and CUDA device 0 where one opens ("skipped: no CUDA device" where none does).
 fn devices() -> Vec<ComputeDevice> {
     let mut devices = vec![ComputeDevice::cpu()];

@@ -139,8 +139,7 @@ impl GenerationModel {
                     decoder(model_type(&config)?.as_deref(), "model_type", &config)?;
                     if candle.is_some() {
                         return Err(ModelError::Unsupported(
-                            "a Hugging Face Llama checkpoint has no GPU path yet (its GGUF file has one);                              serve it on the CPU"
-                                .into(),
+                            "a Hugging Face Llama checkpoint has no GPU path yet (its GGUF file has one); serve it on the CPU".into(),
                         ));
                     }
                     Self::load_checkpoint(dir, &config, &files)
@@ -162,11 +161,6 @@ impl GenerationModel {
         let ct =
             gguf_file::Content::read(&mut reader).map_err(|e| files_err(format!("not a GGUF file: {e}")))?;
         decoder(metadata_string(&ct, "general.architecture").ok().as_deref(), "general.architecture", &file)?;
-        let decoder = match candle {
-            None => Decoder::Packed(Llama::load(&ct, &mut reader, &Device::Cpu)?),
-            Some(device) => Decoder::Candle(CandleLlama::load(&mut reader, device)?),
-        };
-
         let vocab = gguf_tokenizer::tokens(&ct)?;
         let json = dir.join("tokenizer.json");
         let (tokenizer, control) = if json.exists() {
@@ -201,6 +195,11 @@ impl GenerationModel {
             _ => None,
         };
         let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
+        // Last: candle's decoder takes the header itself.
+        let decoder = match candle {
+            None => Decoder::Packed(Llama::load(&ct, &mut reader, &Device::Cpu)?),
+            Some(device) => Decoder::Candle(CandleLlama::load(ct, &mut reader, device)?),
+        };
         Ok(GenerationModel::assemble(decoder, text, chat, file))
     }
 

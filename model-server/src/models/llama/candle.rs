@@ -7,7 +7,7 @@
 //! sequence runs on a copy of its state, and the copies replace the states only when every
 //! sequence of the step has run, so a failed step leaves every cache as it was.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -48,11 +48,12 @@ fn refusal(cfg: &LlamaConfig, ct: &gguf_file::Content) -> Option<String> {
 }
 
 impl CandleLlama {
-    /// The GGUF file `reader` reads, its weights on `device`.
-    pub fn load<R: Read + Seek>(reader: &mut R, device: &Device) -> Result<Self, ModelError> {
-        let files = |e: String| ModelError::Files { path: "the GGUF file".into(), message: e };
-        reader.seek(SeekFrom::Start(0)).map_err(|e| files(e.to_string()))?;
-        let ct = gguf_file::Content::read(reader).map_err(|e| files(format!("not a GGUF file: {e}")))?;
+    /// The GGUF file whose header is `ct` and which `reader` reads, its weights on `device`.
+    pub fn load<R: Read + Seek>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         // The CPU path's reading decides what is refused (shapes, rotary scaling), so both
         // paths take the same files, less the ones above.
         let mut cfg = LlamaConfig::from_gguf(&ct)?;
