@@ -64,6 +64,7 @@ pub trait ImageTextEncoder: Send + Sync {
     ) -> Result<Vec<Vec<f32>>, ModelError>;
     /// One feature vector (not normalised) per text (at least one), from its token ids.
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Feature width, image size and text length of the towers.
     fn shape(&self) -> TowerShape;
 }
 

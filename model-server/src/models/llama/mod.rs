@@ -373,10 +373,6 @@ impl Llama {
         &self.cfg
     }
 
-    pub fn new_cache(&self) -> SequenceCache {
-        self.new_cache_for(0)
-    }
-
     /// A cache with room for `tokens` positions allocated up front, so it never reallocates
     /// (a growing Vec may briefly hold twice its contents) and its memory is what the scheduler
     /// reserved for it. Untouched pages cost no resident memory until written.
@@ -387,11 +383,6 @@ impl Llama {
             v: Vec::with_capacity(tokens.saturating_mul(row)),
         };
         SequenceCache { layers: (0..self.cfg.layers).map(|_| layer()).collect(), len: 0, row, candle: None }
-    }
-
-    /// Bytes of keys and values one position of one sequence occupies.
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        self.cfg.kv_bytes_per_token()
     }
 
     /// Run one step over several sequences. Returns next-token logits, `[k, vocab]`, one row per
