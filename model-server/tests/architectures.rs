@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
-use kiln_model_server::device::{ComputeDevice, DeviceRequest};
+use kiln_model_server::device::ComputeDevice;
 use kiln_model_server::families::text_embedding::{EmbeddingModel, EncoderSettings, cosine};
 use kiln_model_server::loader::{ModelDir, ModelDirs};
 use kiln_model_server::manifest::{Batching, Family, ModelRef, Warmup};
@@ -150,12 +150,7 @@ fn xlm_roberta_matches_sentence_transformers_with_cls_and_mean_pooling() {
 /// The GPU path of both encoders on the CPU, every run, and on CUDA device 0 where one opens.
 #[test]
 fn the_gpu_path_of_both_encoders_matches_sentence_transformers() {
-    let mut devices = vec![ComputeDevice::cpu()];
-    match ComputeDevice::open(DeviceRequest::Cuda(0)) {
-        Ok(gpu) => devices.push(gpu),
-        Err(e) => println!("skipped: no CUDA device ({e}); checked on the CPU only"),
-    }
-    for device in &devices {
+    for device in &common::devices() {
         check_candle_parity(&tiny("xlm-roberta"), Architecture::XlmRoberta, device, "cls", "xlm-roberta");
         let mean = with_pooling(&tiny("xlm-roberta"), "mean");
         check_candle_parity(&mean, Architecture::XlmRoberta, device, "mean", "xlm-roberta");

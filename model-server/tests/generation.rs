@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use kiln_model_server::device::{ComputeDevice, DeviceRequest};
+use kiln_model_server::device::ComputeDevice;
 use kiln_model_server::families::text_generation::model::{
     ChatMessage, Delta, GenerationModel, SamplingParams, TextStream,
 };
@@ -110,7 +110,7 @@ fn a_safetensors_checkpoint_of_the_same_weights_matches_the_reference_too() {
 /// CPU every run, and on CUDA device 0 where one opens.
 #[test]
 fn the_gpu_path_matches_the_numpy_reference() {
-    for device in devices() {
+    for device in common::devices() {
         let model =
             GenerationModel::load_candle(&common::smollm2_dir(), device.candle()).expect("candle's Llama");
         // candle's rotary tables stop at 4096 positions: the window it serves says so.
@@ -143,16 +143,6 @@ fn the_gpu_path_refuses_a_checkpoint_by_name() {
     );
 }
 
-/// The CPU, and CUDA device 0 where one opens ("skipped: no CUDA device" where none does).
-fn devices() -> Vec<ComputeDevice> {
-    let mut devices = vec![ComputeDevice::cpu()];
-    match ComputeDevice::open(DeviceRequest::Cuda(0)) {
-        Ok(gpu) => devices.push(gpu),
-        Err(e) => println!("skipped: no CUDA device ({e}); checked on the CPU only"),
-    }
-    devices
-}
-
 /// The GPU path's decoder (candle's, on the CPU every run and on CUDA where one opens) as the
 /// scheduler drives it: sequences stepped together get what each gets alone, and a step that
 /// fails for one sequence changes no cache, so every sequence can run on as if it never ran.
@@ -161,7 +151,7 @@ fn the_gpu_path_steps_sequences_together_and_a_failed_step_changes_nothing() {
     let cpu = GenerationModel::load(&common::smollm2_dir()).expect("load");
     let first = cpu.encode_plain("The capital of France is").expect("encode");
     let second = cpu.encode_plain("1, 2, 3, 4, 5,").expect("encode");
-    for device in devices() {
+    for device in common::devices() {
         let model =
             GenerationModel::load_candle(&common::smollm2_dir(), device.candle()).expect("candle's Llama");
         let d = model.decoder();
@@ -224,7 +214,7 @@ fn the_gpu_path_steps_sequences_together_and_a_failed_step_changes_nothing() {
 #[test]
 fn the_gpu_path_gives_the_cpu_paths_greedy_tokens() {
     const TOKENS: usize = 16;
-    let gpus: Vec<ComputeDevice> = devices().into_iter().filter(|d| !d.is_cpu()).collect();
+    let gpus: Vec<ComputeDevice> = common::devices().into_iter().filter(|d| !d.is_cpu()).collect();
     if gpus.is_empty() {
         return;
     }

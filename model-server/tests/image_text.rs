@@ -4,9 +4,10 @@
 //! embedding must be within cosine 0.9999 of transformers' feature; tokens must be equal.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::path::PathBuf;
 
-use kiln_model_server::device::{ComputeDevice, DeviceRequest};
 use kiln_model_server::families::image_text_embedding::{ImageTextModel, Input};
 use kiln_model_server::families::text_embedding::cosine;
 use kiln_model_server::images::ImageLimits;
@@ -122,12 +123,7 @@ fn clip_matches_transformers() {
 /// where one opens, through the same checks; `load_on` a GPU picks them.
 #[test]
 fn the_gpu_paths_match_transformers() {
-    let mut devices = vec![ComputeDevice::cpu()];
-    match ComputeDevice::open(DeviceRequest::Cuda(0)) {
-        Ok(gpu) => devices.push(gpu),
-        Err(e) => println!("skipped: no CUDA device ({e}); checked on the CPU only"),
-    }
-    for device in &devices {
+    for device in &common::devices() {
         for name in ["siglip", "clip"] {
             let dir = data().join("tiny").join(name);
             let encoder: Box<dyn ImageTextEncoder> = match name {

@@ -7,6 +7,18 @@ pub mod process;
 
 use std::path::PathBuf;
 
+/// What a GPU path's test runs on: the CPU always, and CUDA device 0 where one opens (the
+/// output says "skipped: no CUDA device" and why where none does).
+pub fn devices() -> Vec<kiln_model_server::device::ComputeDevice> {
+    use kiln_model_server::device::{ComputeDevice, DeviceRequest};
+    let mut devices = vec![ComputeDevice::cpu()];
+    match ComputeDevice::open(DeviceRequest::Cuda(0)) {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) => println!("skipped: no CUDA device ({e}); checked on the CPU only"),
+    }
+    devices
+}
+
 /// A scratch directory under the system temp dir, removed with everything in it when dropped
 /// (a pull test leaves a 90 MB model copy behind otherwise).
 pub struct Scratch(tempfile::TempDir);
