@@ -5,6 +5,8 @@
 
 mod common;
 
+use candle_core::DType;
+use kiln_model_server::models::whisper::engine::Placement;
 use kiln_model_server::models::whisper::transcribe::{Options, OptionsError, Transcript, Transcription};
 use kiln_model_server::models::whisper::{Task, WINDOW_FRAMES, Whisper};
 
@@ -88,13 +90,39 @@ fn a_hugging_face_checkpoint_of_the_same_weights_decodes_the_same_tokens() {
 }
 
 fn first_windows_equal_the_reference(dir: &std::path::Path) {
-    let whisper = Whisper::load(dir).expect("load tiny.en");
+    first_windows_of_equal_the_reference(&Whisper::load(dir).expect("load tiny.en"), "packed");
+}
+
+/// Whisper's GPU path (candle's ops) on each device, in float32 and in float16 as it runs on a
+/// GPU: the first windows' greedy tokens equal faster-whisper's, and transcriptions stepping
+/// together (encoder batches, decoder steps of several sequences) give faster-whisper's text.
+#[test]
+fn the_gpu_path_gives_faster_whisper_s_tokens() {
+    let dir = common::whisper_tiny_en_dir();
+    for device in &common::devices() {
+        for dtype in [DType::F32, DType::F16] {
+            let placement = Placement::Candle { device: device.candle().clone(), dtype };
+            let whisper = Whisper::load_on(&dir, &placement).expect("candle's Whisper");
+            let label = format!("candle {dtype:?} on {} ({})", device.label(), device.name());
+            first_windows_of_equal_the_reference(&whisper, &label);
+            let cases = common::speech_reference();
+            let short: Vec<_> = cases.iter().filter(|c| c.name != "long").collect();
+            let clips: Vec<&[f32]> = short.iter().map(|c| c.samples.as_slice()).collect();
+            for (case, t) in short.iter().zip(together(&whisper, &clips, &greedy())) {
+                assert_eq!(t.text(), case.transcript, "{label}: {}", case.name);
+            }
+            eprintln!("{label}: faster-whisper's tokens and transcripts");
+        }
+    }
+}
+
+fn first_windows_of_equal_the_reference(whisper: &Whisper, label: &str) {
     let cases = common::speech_reference();
     assert!(cases.len() >= 4, "the reference has {} clips", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
         let features = whisper.features(&case.samples);
-        let frames = features.len() / whisper.network().dims.mels;
+        let frames = features.len() / whisper.engine().dims().mels;
         // faster-whisper's content frames leave out the one after the last hop.
         let window = whisper.window(&features, frames, 0, (frames - 1).min(WINDOW_FRAMES));
         let prompt = whisper.sot_sequence(None, Task::Transcribe);
@@ -103,7 +131,7 @@ fn first_windows_equal_the_reference(dir: &std::path::Path) {
         let decoded = whisper.decode(&audio, &prompt).expect("decode");
         let text = whisper.text(&decoded.tokens).expect("text");
         eprintln!(
-            "{}: {:?} (reference {:?}; spoken {:?})",
+            "{label} {}: {:?} (reference {:?}; spoken {:?})",
             case.name,
             text.trim(),
             case.transcript,
@@ -112,13 +140,13 @@ fn first_windows_equal_the_reference(dir: &std::path::Path) {
         if decoded.tokens != case.tokens {
             let at = decoded.tokens.iter().zip(&case.tokens).position(|(a, b)| a != b).unwrap_or(0);
             failures.push(format!(
-                "{}: first difference at token {at}\n  kiln:      {:?}\n  reference: {:?}",
+                "{label} {}: first difference at token {at}\n  kiln:      {:?}\n  reference: {:?}",
                 case.name, decoded.tokens, case.tokens
             ));
         }
         assert!(
             (decoded.no_speech_prob - case.no_speech_prob).abs() < 0.01,
-            "{}: no-speech probability {} vs faster-whisper's {}",
+            "{label} {}: no-speech probability {} vs faster-whisper's {}",
             case.name,
             decoded.no_speech_prob,
             case.no_speech_prob
@@ -175,7 +203,7 @@ fn the_multilingual_model_detects_the_language_and_decodes_as_faster_whisper_doe
     let mut failures = Vec::new();
     for case in &cases {
         let features = whisper.features(&case.samples);
-        let frames = features.len() / whisper.network().dims.mels;
+        let frames = features.len() / whisper.engine().dims().mels;
         // faster-whisper detects on the first 3000 frames, the one after the last hop included.
         let detect =
             whisper.encode(&whisper.window(&features, frames, 0, frames.min(WINDOW_FRAMES))).expect("encode");
@@ -218,7 +246,7 @@ fn the_multilingual_model_detects_the_language_and_decodes_as_faster_whisper_doe
 fn an_english_only_model_does_not_detect_languages() {
     let whisper = Whisper::load(&common::whisper_tiny_en_dir()).expect("load tiny.en");
     assert!(!whisper.is_multilingual());
-    let audio = whisper.encode(&vec![0.0; whisper.network().dims.mels * WINDOW_FRAMES]).expect("encode");
+    let audio = whisper.encode(&vec![0.0; whisper.engine().dims().mels * WINDOW_FRAMES]).expect("encode");
     let err = whisper.detect_language(&audio).expect_err("refused").to_string();
     assert!(err.contains("English-only"), "{err}");
 }
@@ -237,7 +265,7 @@ fn working_memory_estimates_follow_the_model_size() {
     let tiny = Whisper::load(&dir).expect("load tiny.en");
     // model.bin holds the float16 weights: twice its size is about the float32 weights.
     let file = 2.0 * std::fs::metadata(dir.join("model.bin")).expect("model.bin").len() as f64;
-    let weights = tiny.network().weight_bytes() as f64;
+    let weights = tiny.engine().dims().weight_bytes() as f64;
     assert!((weights / file - 1.0).abs() < 0.05, "{weights} bytes estimated, {file} in the file");
     let base = Whisper::load(&common::whisper_base_dir()).expect("load base");
     let (t, b) = (tiny.transcription_bytes(), base.transcription_bytes());

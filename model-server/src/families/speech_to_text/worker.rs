@@ -122,7 +122,7 @@ impl Worker {
     /// wait for the encoder (in one batch) or steps every decoding hypothesis once (in one
     /// batch), and requests join and leave between passes.
     fn run(&self, model: &Whisper) {
-        let budget = ACTIVE_BYTES.max(model.network().weight_bytes());
+        let budget = ACTIVE_BYTES.max(model.engine().dims().weight_bytes());
         let max_active = (budget / model.transcription_bytes().max(1)).clamp(1, MAX_ACTIVE);
         tracing::info!(model = %self.id, max_active, "transcriptions in progress together at most");
         let mut transcriptions: Vec<Transcription> = Vec::new();

@@ -10,7 +10,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::network::{Audio, Network, Sequence, Step};
+use super::engine::{Audio, Engine, Sequence, Step};
 use crate::models::ModelError;
 
 /// The last allowed initial timestamp, in 20 ms steps (1 s).
@@ -144,7 +144,7 @@ impl Choice {
 }
 
 /// One hypothesis being decoded over a window, a step at a time, so that the hypotheses of
-/// many windows (and requests) can step together through [`Network::decode_batch`].
+/// many windows (and requests) can step together through [`Engine::decode_batch`].
 pub struct Hypothesis {
     seq: Sequence,
     /// The tokens the next step feeds.
@@ -162,8 +162,8 @@ pub struct Hypothesis {
 impl Hypothesis {
     /// A hypothesis after `prompt` (the start-of-transcript sequence, maybe preceded by
     /// `<|startofprev|>` and earlier text).
-    pub fn new(network: &Network, rules: &Rules, prompt: &[u32], choice: Choice) -> Result<Self, ModelError> {
-        let text_ctx = network.dims.text_ctx;
+    pub fn new(engine: &Engine, rules: &Rules, prompt: &[u32], choice: Choice) -> Result<Self, ModelError> {
+        let text_ctx = engine.dims().text_ctx;
         if prompt.is_empty() || prompt.len() >= text_ctx {
             return Err(ModelError::Inference(format!(
                 "a prompt of {} tokens; the decoder takes 1 to {}",
@@ -178,7 +178,7 @@ impl Hypothesis {
             None => (prompt.to_vec(), Vec::new(), false),
         };
         Ok(Hypothesis {
-            seq: network.sequence(),
+            seq: engine.sequence(),
             feed,
             rest,
             at_sot,
@@ -267,15 +267,10 @@ fn draw(logprobs: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
 }
 
 /// Greedy decoding of one window after `prompt`, alone.
-pub fn greedy(
-    network: &Network,
-    audio: &Audio,
-    rules: &Rules,
-    prompt: &[u32],
-) -> Result<Decoded, ModelError> {
-    let mut hypothesis = Hypothesis::new(network, rules, prompt, Choice::Greedy)?;
+pub fn greedy(engine: &Engine, audio: &Audio, rules: &Rules, prompt: &[u32]) -> Result<Decoded, ModelError> {
+    let mut hypothesis = Hypothesis::new(engine, rules, prompt, Choice::Greedy)?;
     while !hypothesis.is_done() {
-        let logits = network.decode_batch(&mut [hypothesis.step(audio)])?;
+        let logits = engine.decode_batch(&mut [hypothesis.step(audio)])?;
         let logits =
             logits.into_iter().next().ok_or_else(|| ModelError::Inference("no logits".to_string()))?;
         hypothesis.advance(rules, logits);

@@ -4,7 +4,10 @@
 //! ship, or from a Hugging Face checkpoint (`config.json` with `model_type` whisper,
 //! `model.safetensors`, `generation_config.json`, `tokenizer.json`).
 
+pub mod candle;
 pub mod decoding;
+pub mod engine;
+pub mod layout;
 pub mod mel;
 pub mod network;
 pub mod transcribe;
@@ -15,8 +18,9 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use self::decoding::{Decoded, Rules, Specials};
+use self::engine::{Audio, Engine, Placement};
+use self::layout::{Dims, Layout};
 use self::mel::MelExtractor;
-use self::network::{Audio, Layout, Network};
 use crate::models::ModelError;
 use crate::weights::ctranslate2::Ct2Model;
 use crate::weights::tensors::Tensors;
@@ -75,7 +79,7 @@ pub enum Task {
 }
 
 pub struct Whisper {
-    network: Network,
+    engine: Engine,
     mel: MelExtractor,
     tokenizer: Tokenizer,
     rules: Rules,
@@ -83,18 +87,28 @@ pub struct Whisper {
 }
 
 impl Whisper {
-    /// Loads a CTranslate2 Whisper directory (`model.bin`) or a Hugging Face checkpoint.
+    /// Loads a CTranslate2 Whisper directory (`model.bin`) or a Hugging Face checkpoint onto
+    /// the packed CPU kernels.
     pub fn load(dir: &Path) -> Result<Whisper, ModelError> {
+        Self::load_on(dir, &Placement::Packed)
+    }
+
+    /// As [`Whisper::load`], the network placed as asked.
+    pub fn load_on(dir: &Path, placement: &Placement) -> Result<Whisper, ModelError> {
         let bin = dir.join("model.bin");
         if bin.is_file() {
-            Self::from_ctranslate2(dir, &Ct2Model::open(&bin)?)
+            Self::from_ctranslate2(dir, &Ct2Model::open(&bin)?, placement)
         } else {
-            Self::from_hugging_face(dir)
+            Self::from_hugging_face(dir, placement)
         }
     }
 
     /// The model of a CTranslate2 directory whose `model.bin` the caller opened.
-    pub fn from_ctranslate2(dir: &Path, model: &Ct2Model) -> Result<Whisper, ModelError> {
+    pub fn from_ctranslate2(
+        dir: &Path,
+        model: &Ct2Model,
+        placement: &Placement,
+    ) -> Result<Whisper, ModelError> {
         if model.spec() != CT2_SPEC {
             return Err(ModelError::Unsupported(format!(
                 "{} holds a {:?}; the speech-to-text family runs {CT2_SPEC}",
@@ -102,19 +116,19 @@ impl Whisper {
                 model.spec()
             )));
         }
-        let network = Network::from_ctranslate2(model)?;
+        let engine = Engine::load(model, Layout::Ctranslate2, Dims::of_ctranslate2(model)?, placement)?;
         let config: Ct2Config = read_json_if_present(&dir.join("config.json"))?.unwrap_or_default();
-        Self::assemble(dir, network, config)
+        Self::assemble(dir, engine, config)
     }
 
     /// The model of a Hugging Face checkpoint directory.
-    pub fn from_hugging_face(dir: &Path) -> Result<Whisper, ModelError> {
-        let (network, config) = Self::load_hugging_face(dir)?;
-        Self::assemble(dir, network, config)
+    pub fn from_hugging_face(dir: &Path, placement: &Placement) -> Result<Whisper, ModelError> {
+        let (engine, config) = Self::load_hugging_face(dir, placement)?;
+        Self::assemble(dir, engine, config)
     }
 
     /// The tokenizer and decoding rules around a loaded network.
-    fn assemble(dir: &Path, network: Network, config: Ct2Config) -> Result<Whisper, ModelError> {
+    fn assemble(dir: &Path, engine: Engine, config: Ct2Config) -> Result<Whisper, ModelError> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
@@ -136,7 +150,7 @@ impl Whisper {
             no_timestamps,
             timestamp_begin: no_timestamps + 1,
         };
-        let vocab = network.dims.vocab as u32;
+        let vocab = engine.dims().vocab as u32;
         if specials.timestamp_begin >= vocab {
             return Err(ModelError::Tokenizer(format!(
                 "<|notimestamps|> is token {no_timestamps} but the model has {vocab}; tokenizer and weights differ"
@@ -151,11 +165,11 @@ impl Whisper {
         };
         let rules =
             Rules { specials, suppress: config.suppress_ids, suppress_begin, no_speech, timestamps: true };
-        let mel = MelExtractor::new(network.dims.mels);
-        Ok(Whisper { network, mel, tokenizer, rules, lang_ids: config.lang_ids })
+        let mel = MelExtractor::new(engine.dims().mels);
+        Ok(Whisper { engine, mel, tokenizer, rules, lang_ids: config.lang_ids })
     }
 
-    fn load_hugging_face(dir: &Path) -> Result<(Network, Ct2Config), ModelError> {
+    fn load_hugging_face(dir: &Path, placement: &Placement) -> Result<(Engine, Ct2Config), ModelError> {
         let c: HfConfig = read_json(&dir.join("config.json"))?;
         if c.encoder_ffn_dim != c.decoder_ffn_dim {
             return Err(ModelError::Unsupported(format!(
@@ -163,7 +177,7 @@ impl Whisper {
                 c.encoder_ffn_dim, c.decoder_ffn_dim
             )));
         }
-        let dims = network::Dims {
+        let dims = Dims {
             mels: c.num_mel_bins,
             audio_ctx: c.max_source_positions,
             hidden: c.d_model,
@@ -176,24 +190,24 @@ impl Whisper {
             decoder_layers: c.decoder_layers,
         };
         let tensors = Tensors::open(dir)?;
-        let network = Network::load(&tensors, Layout::HuggingFace, dims)?;
+        let engine = Engine::load(&tensors, Layout::HuggingFace, dims, placement)?;
         let g: HfGeneration = read_json_if_present(&dir.join("generation_config.json"))?.unwrap_or_default();
         let config = Ct2Config {
             suppress_ids: g.suppress_tokens,
             suppress_ids_begin: g.begin_suppress_tokens,
             lang_ids: g.lang_to_id.into_values().collect(),
         };
-        Ok((network, config))
+        Ok((engine, config))
     }
 
-    pub fn network(&self) -> &Network {
-        &self.network
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Whether the model knows languages other than English (and can translate). English-only
     /// vocabularies have 51864 tokens, multilingual ones at least 51865 (as CTranslate2 tells).
     pub fn is_multilingual(&self) -> bool {
-        self.network.dims.vocab >= 51_865
+        self.engine.dims().vocab >= 51_865
     }
 
     /// Features of a whole clip of 16 kHz mono samples: `[mels × frames]`.
@@ -232,12 +246,12 @@ impl Whisper {
 
     /// Runs the encoder over one window (`[mels × 3000]`).
     pub fn encode(&self, window: &[f32]) -> Result<Audio, ModelError> {
-        self.network.encode(window)
+        self.engine.encode(window)
     }
 
     /// Greedy decoding of an encoded window after `prompt`.
     pub fn decode(&self, audio: &Audio, prompt: &[u32]) -> Result<Decoded, ModelError> {
-        decoding::greedy(&self.network, audio, &self.rules, prompt)
+        decoding::greedy(&self.engine, audio, &self.rules, prompt)
     }
 
     /// The likeliest spoken language of an encoded window and its probability among the
@@ -249,8 +263,8 @@ impl Whisper {
                 "an English-only model does not detect languages".to_string(),
             ));
         }
-        let mut seq = self.network.sequence();
-        let logits = self.network.decode(audio, &mut seq, &[self.rules.specials.sot])?;
+        let mut seq = self.engine.sequence();
+        let logits = self.engine.decode(audio, &mut seq, &[self.rules.specials.sot])?;
         Ok(self.language_from_logits(&logits))
     }
 

@@ -5,32 +5,14 @@
 
 use rayon::prelude::*;
 
+use super::layout::{Dims, Layout, NormSite, Site, Source};
 use crate::kernels::attention::{Mask, attend_head};
 use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
 use crate::kernels::{self, Isa, Norm};
 use crate::models::ModelError;
-use crate::weights::ctranslate2::Ct2Model;
-use crate::weights::tensors::{Tensor, Tensors};
 
 /// Whisper's LayerNorm epsilon.
 const EPS: f32 = 1e-5;
-
-/// The shape, derived from the tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dims {
-    pub mels: usize,
-    /// Encoder positions: 1500 (30 s at 50 frames per second after the stride-2 convolution).
-    pub audio_ctx: usize,
-    pub hidden: usize,
-    pub encoder_heads: usize,
-    pub encoder_layers: usize,
-    pub ffn: usize,
-    pub vocab: usize,
-    /// Decoder positions: 448.
-    pub text_ctx: usize,
-    pub decoder_heads: usize,
-    pub decoder_layers: usize,
-}
 
 struct EncoderLayer {
     attn_norm: Norm,
@@ -128,140 +110,6 @@ pub struct Step<'a> {
     pub tokens: &'a [u32],
 }
 
-/// A checkpoint's tensors, whatever file holds them.
-pub trait Source: Sync {
-    fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError>;
-    fn contains(&self, name: &str) -> bool;
-}
-
-impl Source for Ct2Model {
-    fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError> {
-        Ct2Model::get(self, name, dims)
-    }
-    fn contains(&self, name: &str) -> bool {
-        Ct2Model::contains(self, name)
-    }
-}
-
-impl Source for Tensors {
-    fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor<'_>, ModelError> {
-        Tensors::get(self, name, dims)
-    }
-    fn contains(&self, name: &str) -> bool {
-        Tensors::contains(self, name)
-    }
-}
-
-/// Where a checkpoint layout keeps each weight: CTranslate2 stacks Q, K, V (and the
-/// cross-attention K, V) in one matrix; Hugging Face keeps one per projection, K without a bias.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    Ctranslate2,
-    HuggingFace,
-}
-
-/// The projections of one attention or feed-forward site.
-enum Site {
-    SelfQkv,
-    SelfOut,
-    CrossQ,
-    CrossKv,
-    CrossOut,
-    Fc1,
-    Fc2,
-}
-
-enum NormSite {
-    SelfAttention,
-    CrossAttention,
-    Ffn,
-}
-
-impl Layout {
-    fn layer(self, side: &str, i: usize) -> String {
-        match self {
-            Layout::Ctranslate2 => format!("{side}/layer_{i}"),
-            Layout::HuggingFace => format!("model.{side}.layers.{i}"),
-        }
-    }
-
-    /// The matrices stacked for a site (their outputs concatenated in this order).
-    fn parts(self, layer: &str, site: Site) -> Vec<String> {
-        let names: &[&str] = match (self, site) {
-            (Layout::Ctranslate2, Site::SelfQkv) => &["self_attention/linear_0"],
-            (Layout::Ctranslate2, Site::SelfOut) => &["self_attention/linear_1"],
-            (Layout::Ctranslate2, Site::CrossQ) => &["attention/linear_0"],
-            (Layout::Ctranslate2, Site::CrossKv) => &["attention/linear_1"],
-            (Layout::Ctranslate2, Site::CrossOut) => &["attention/linear_2"],
-            (Layout::Ctranslate2, Site::Fc1) => &["ffn/linear_0"],
-            (Layout::Ctranslate2, Site::Fc2) => &["ffn/linear_1"],
-            (Layout::HuggingFace, Site::SelfQkv) => {
-                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-            }
-            (Layout::HuggingFace, Site::SelfOut) => &["self_attn.out_proj"],
-            (Layout::HuggingFace, Site::CrossQ) => &["encoder_attn.q_proj"],
-            (Layout::HuggingFace, Site::CrossKv) => &["encoder_attn.k_proj", "encoder_attn.v_proj"],
-            (Layout::HuggingFace, Site::CrossOut) => &["encoder_attn.out_proj"],
-            (Layout::HuggingFace, Site::Fc1) => &["fc1"],
-            (Layout::HuggingFace, Site::Fc2) => &["fc2"],
-        };
-        names.iter().map(|n| self.join(layer, n)).collect()
-    }
-
-    fn norm_site(self, layer: &str, site: NormSite) -> String {
-        let name = match (self, site) {
-            (Layout::Ctranslate2, NormSite::SelfAttention) => "self_attention/layer_norm",
-            (Layout::Ctranslate2, NormSite::CrossAttention) => "attention/layer_norm",
-            (Layout::Ctranslate2, NormSite::Ffn) => "ffn/layer_norm",
-            (Layout::HuggingFace, NormSite::SelfAttention) => "self_attn_layer_norm",
-            (Layout::HuggingFace, NormSite::CrossAttention) => "encoder_attn_layer_norm",
-            (Layout::HuggingFace, NormSite::Ffn) => "final_layer_norm",
-        };
-        self.join(layer, name)
-    }
-
-    fn join(self, prefix: &str, name: &str) -> String {
-        match self {
-            Layout::Ctranslate2 => format!("{prefix}/{name}"),
-            Layout::HuggingFace => format!("{prefix}.{name}"),
-        }
-    }
-
-    /// `encoder` or `decoder`-level names: conv1, layer_norm, positions, embeddings.
-    fn top(self, side: &str, what: &str) -> String {
-        match (self, what) {
-            (Layout::Ctranslate2, "positions") => format!("{side}/position_encodings/encodings"),
-            (Layout::Ctranslate2, "embeddings") => format!("{side}/embeddings/weight"),
-            (Layout::Ctranslate2, _) => format!("{side}/{what}"),
-            (Layout::HuggingFace, "positions") => format!("model.{side}.embed_positions.weight"),
-            (Layout::HuggingFace, "embeddings") => format!("model.{side}.embed_tokens.weight"),
-            (Layout::HuggingFace, _) => format!("model.{side}.{what}"),
-        }
-    }
-
-    fn weight(self, prefix: &str) -> String {
-        self.join(prefix, "weight")
-    }
-
-    fn bias(self, prefix: &str) -> String {
-        self.join(prefix, "bias")
-    }
-
-    fn gamma_beta(self, prefix: &str) -> (String, String) {
-        match self {
-            Layout::Ctranslate2 => (self.join(prefix, "gamma"), self.join(prefix, "beta")),
-            Layout::HuggingFace => (self.join(prefix, "weight"), self.join(prefix, "bias")),
-        }
-    }
-
-    /// How many layers a side has: the first index without a feed-forward weight.
-    pub(super) fn count_layers(self, source: &dyn Source, side: &str) -> usize {
-        (0..)
-            .take_while(|&i| source.contains(&self.weight(&self.parts(&self.layer(side, i), Site::Fc1)[0])))
-            .count()
-    }
-}
-
 /// Reads one layout's weights into the packed forms.
 struct Reader<'a> {
     source: &'a dyn Source,
@@ -278,8 +126,8 @@ impl Reader<'_> {
         Ok(Norm { gamma: self.vector(&gamma, hidden)?, beta: self.vector(&beta, hidden)? })
     }
 
-    /// The stacked `parts` (each `[outputs / parts, inputs]`); a part without a bias (K) adds
-    /// zeros. The first `scaled` outputs are multiplied by `scale` (1/√d folded into Q).
+    /// The stacked `parts` (each `[outputs / parts, inputs]`), the first `scaled` outputs
+    /// multiplied by `scale` (1/√d folded into Q), biases as [`Layout::stacked_bias`] lays them.
     fn linear(
         &self,
         parts: &[String],
@@ -293,16 +141,7 @@ impl Reader<'_> {
             .iter()
             .map(|p| self.source.get(&self.layout.weight(p), &[each, inputs]))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut bias = Vec::with_capacity(outputs);
-        for p in parts {
-            let name = self.layout.bias(p);
-            if self.source.contains(&name) {
-                bias.extend(self.vector(&name, each)?);
-            } else {
-                bias.extend(std::iter::repeat_n(0.0, each));
-            }
-        }
-        bias[..scaled].iter_mut().for_each(|b| *b *= scale);
+        let bias = self.layout.stacked_bias(self.source, parts, each, scaled, scale)?;
         let weight = Weight::from_output_rows(inputs, outputs, |o, row| {
             weights[o / each].read_row(o % each, row);
             if o < scaled {
@@ -333,17 +172,7 @@ impl Network {
     /// The network in `source`, laid out as `layout`, of shape `dims` (which the caller derived
     /// from the tensors or the config and which every tensor is checked against).
     pub fn load(source: &dyn Source, layout: Layout, dims: Dims) -> Result<Network, ModelError> {
-        if dims.encoder_layers == 0 || dims.decoder_layers == 0 || dims.ffn == 0 {
-            return Err(ModelError::Unsupported(format!("not a Whisper model: {dims:?}")));
-        }
-        for heads in [dims.encoder_heads, dims.decoder_heads] {
-            if heads == 0 || !dims.hidden.is_multiple_of(heads) {
-                return Err(ModelError::Unsupported(format!(
-                    "{heads} attention heads do not divide the hidden size {}",
-                    dims.hidden
-                )));
-            }
-        }
+        dims.check()?;
         let r = Reader { source, layout };
         let (h, f, l) = (dims.hidden, dims.ffn, layout);
         let enc_scale = 1.0 / ((h / dims.encoder_heads) as f32).sqrt();
@@ -413,60 +242,9 @@ impl Network {
         })
     }
 
-    /// The network in a CTranslate2 `WhisperSpec` file; the shape comes from its tensors.
-    pub fn from_ctranslate2(model: &Ct2Model) -> Result<Network, ModelError> {
-        let files_err = |message: String| ModelError::Files { path: "model.bin".to_string(), message };
-        let first = |name: &str| -> Result<usize, ModelError> {
-            model
-                .dims(name)
-                .and_then(|d| d.first().copied())
-                .ok_or_else(|| files_err(format!("no variable {name}")))
-        };
-        let conv1 = model.dims("encoder/conv1/weight").map(<[usize]>::to_vec).unwrap_or_default();
-        let [hidden, mels, 3] = conv1[..] else {
-            return Err(files_err(format!(
-                "encoder/conv1/weight has dims {conv1:?}, expected [hidden, mels, 3]"
-            )));
-        };
-        let heads = |name: &str| -> Result<usize, ModelError> {
-            Ok(usize::try_from(model.scalar(name)?).unwrap_or(0))
-        };
-        let l = Layout::Ctranslate2;
-        let dims = Dims {
-            mels,
-            audio_ctx: first("encoder/position_encodings/encodings")?,
-            hidden,
-            encoder_heads: heads("encoder/num_heads")?,
-            encoder_layers: l.count_layers(model, "encoder"),
-            ffn: first("encoder/layer_0/ffn/linear_0/weight")?,
-            vocab: first("decoder/embeddings/weight")?,
-            text_ctx: first("decoder/position_encodings/encodings")?,
-            decoder_heads: heads("decoder/num_heads")?,
-            decoder_layers: l.count_layers(model, "decoder"),
-        };
-        Network::load(model, l, dims)
-    }
-
-    /// Bytes of the float32 weights, about (the matrices; biases and norms are noise).
-    pub fn weight_bytes(&self) -> usize {
-        let d = self.dims;
-        let (h, f) = (d.hidden, d.ffn);
-        let encoder = d.encoder_layers * (4 * h * h + 2 * h * f);
-        let decoder = d.decoder_layers * (8 * h * h + 2 * h * f);
-        let rest = d.vocab * h + 3 * d.mels * h + 3 * h * h + (d.audio_ctx + d.text_ctx) * h;
-        (encoder + decoder + rest) * std::mem::size_of::<f32>()
-    }
-
     /// Mel frames the encoder takes: twice its positions (3000 for 30 s).
     pub fn frames(&self) -> usize {
         2 * self.dims.audio_ctx
-    }
-
-    /// Encodes one window of log-mel features (`[mels × frames]`, bin-major as Whisper
-    /// computes them) and projects each decoder layer's cross-attention keys and values.
-    pub fn encode(&self, mel: &[f32]) -> Result<Audio, ModelError> {
-        let mut audio = self.encode_batch(&[mel])?;
-        audio.pop().ok_or_else(|| ModelError::Inference("the encoder returned nothing".to_string()))
     }
 
     /// Encodes several windows together: every projection and feed-forward runs once over the
@@ -635,12 +413,6 @@ impl Network {
         Sequence { self_kv: vec![Vec::new(); self.dims.decoder_layers], len: 0 }
     }
 
-    /// Feeds `tokens` after what `seq` holds and returns the logits that follow the last one.
-    pub fn decode(&self, audio: &Audio, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let mut logits = self.decode_batch(&mut [Step { audio, seq, tokens }])?;
-        logits.pop().ok_or_else(|| ModelError::Inference("the decoder returned nothing".to_string()))
-    }
-
     /// One decoder step of several sequences together, each against its own window: the
     /// projections, feed-forwards and output run once over the rows of all of them, so the
     /// weights are read once per step however many sequences step. Returns, per step, the
@@ -649,22 +421,7 @@ impl Network {
         let d = self.dims;
         let h = d.hidden;
         for step in steps.iter() {
-            let end = step.seq.len.saturating_add(step.tokens.len());
-            if step.tokens.is_empty() {
-                return Err(ModelError::Inference("no tokens to decode".to_string()));
-            }
-            if end > d.text_ctx {
-                return Err(ModelError::Inference(format!(
-                    "{end} tokens do not fit the decoder's {} positions",
-                    d.text_ctx
-                )));
-            }
-            if let Some(id) = step.tokens.iter().find(|&&t| t as usize >= d.vocab) {
-                return Err(ModelError::Inference(format!(
-                    "token {id} is outside the vocabulary of {}",
-                    d.vocab
-                )));
-            }
+            d.check_step(step.seq.len, step.tokens)?;
         }
         // Each step's rows: `start..start + tokens`.
         let mut starts = Vec::with_capacity(steps.len());

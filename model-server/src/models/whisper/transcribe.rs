@@ -8,8 +8,8 @@
 //! step together: their windows share encoder batches and their hypotheses decoder steps.
 
 use super::decoding::{Choice, Decoded, Hypothesis};
+use super::engine::{Audio, Sequence, Step};
 use super::mel::{HOP, SAMPLE_RATE};
-use super::network::{Audio, Sequence, Step};
 use super::{Task, WINDOW_FRAMES, Whisper};
 use crate::models::ModelError;
 
@@ -171,7 +171,7 @@ impl Transcription {
             return Err(ModelError::Inference("no temperature to decode at".to_string()));
         }
         let features = model.features(samples);
-        let frames = features.len() / model.network().dims.mels;
+        let frames = features.len() / model.engine().dims().mels;
         let language = if !model.is_multilingual() {
             Some(("en".to_string(), 1.0, None))
         } else {
@@ -264,7 +264,7 @@ impl Transcription {
             // The detection window is the first decoding window when the audio fills it.
             let reuse = self.frames.min(WINDOW_FRAMES) == self.window_size();
             let sot = [model.specials().sot];
-            self.stage = Stage::Detect { audio, seq: model.network().sequence(), sot, reuse };
+            self.stage = Stage::Detect { audio, seq: model.engine().sequence(), sot, reuse };
         } else {
             self.start_attempt(model, audio, 0, Vec::new());
         }
@@ -274,7 +274,7 @@ impl Transcription {
     fn start_attempt(&mut self, model: &Whisper, audio: Audio, attempt: usize, tried: Vec<Attempt>) {
         let mut prompt = Vec::new();
         if !self.history.is_empty() {
-            let keep = model.network().dims.text_ctx / 2 - 1;
+            let keep = model.engine().dims().text_ctx / 2 - 1;
             prompt.push(model.specials().sot_prev);
             prompt.extend_from_slice(&self.history[self.history.len().saturating_sub(keep)..]);
         }
@@ -292,7 +292,7 @@ impl Transcription {
         };
         let hypotheses: Result<Vec<_>, _> = choices
             .into_iter()
-            .map(|choice| Hypothesis::new(model.network(), model.rules(), &prompt, choice))
+            .map(|choice| Hypothesis::new(model.engine(), model.rules(), &prompt, choice))
             .collect();
         match hypotheses {
             Ok(hypotheses) => self.stage = Stage::Decode { audio, attempt, hypotheses, tried },
@@ -458,7 +458,7 @@ impl Whisper {
     /// window's cross-attention keys and values and [`BEST_OF`] full decoder caches (46 MB for
     /// tiny.en, 1.2 GB for large-v3).
     pub fn transcription_bytes(&self) -> usize {
-        let d = self.network().dims;
+        let d = self.engine().dims();
         let per_position = d.decoder_layers * 2 * d.hidden * std::mem::size_of::<f32>();
         per_position * (d.audio_ctx + BEST_OF * d.text_ctx)
     }
@@ -514,7 +514,7 @@ impl Whisper {
         if !waiting.is_empty() {
             let windows: Vec<Vec<f32>> = waiting.iter().map(|&i| active[i].window(self)).collect();
             let views: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
-            match self.network().encode_batch(&views) {
+            match self.engine().encode_batch(&views) {
                 Ok(audio) => {
                     for (&i, audio) in waiting.iter().zip(audio) {
                         active[i].encoded(self, audio);
@@ -534,7 +534,7 @@ impl Whisper {
         if steps.is_empty() {
             return;
         }
-        let result = self.network().decode_batch(&mut steps);
+        let result = self.engine().decode_batch(&mut steps);
         drop(steps);
         match result {
             Ok(logits) => {
