@@ -106,17 +106,26 @@ fn a_safetensors_checkpoint_of_the_same_weights_matches_the_reference_too() {
     check_against_reference(&model, "safetensors");
 }
 
-/// The GPU path's decoder (candle's quantized Llama) against the same numpy reference: on the
-/// CPU every run, and on CUDA device 0 where one opens.
+/// The GPU path's decoder (on candle's ops) against the same numpy reference, from the GGUF
+/// file and from the Hugging Face checkpoint of the same weights: on the CPU every run, and on
+/// CUDA device 0 where one opens.
 #[test]
 fn the_gpu_path_matches_the_numpy_reference() {
     for device in common::devices() {
-        let model =
-            GenerationModel::load_candle(&common::smollm2_dir(), device.candle()).expect("candle's Llama");
-        // candle's rotary tables stop at 4096 positions: the window it serves says so.
-        assert_eq!(model.context_length(), 4096);
-        check_against_reference(&model, &format!("GGUF (candle on {}, {})", device.label(), device.name()));
+        for (dir, what) in [(common::smollm2_dir(), "GGUF"), (common::smollm2_hf_dir(), "safetensors")] {
+            let model = GenerationModel::load_candle(&dir, device.candle()).expect("candle's Llama");
+            assert_eq!(model.context_length(), 8192, "the file's whole window");
+            check_against_reference(
+                &model,
+                &format!("{what} (candle on {}, {})", device.label(), device.name()),
+            );
+        }
     }
+}
+
+fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
 }
 
 /// The logits after feeding `tokens` to one sequence.
@@ -130,20 +139,7 @@ fn next_logits(decoder: &Decoder, tokens: &[u32], cache: &mut SequenceCache) -> 
         .expect("row")
 }
 
-/// A Hugging Face checkpoint has no GPU path: refused by name, with what to do instead.
-#[test]
-fn the_gpu_path_refuses_a_checkpoint_by_name() {
-    let err = GenerationModel::load_candle(&common::smollm2_hf_dir(), &candle_core::Device::Cpu)
-        .err()
-        .expect("a checkpoint on the GPU path")
-        .to_string();
-    assert_eq!(
-        err,
-        "unsupported model: a Hugging Face Llama checkpoint has no GPU path yet (its GGUF file has one); serve it on the CPU"
-    );
-}
-
-/// The GPU path's decoder (candle's, on the CPU every run and on CUDA where one opens) as the
+/// The GPU path's decoder (on candle's ops, on the CPU every run and on CUDA where one opens) as the
 /// scheduler drives it: sequences stepped together get what each gets alone, and a step that
 /// fails for one sequence changes no cache, so every sequence can run on as if it never ran.
 #[test]
@@ -172,7 +168,11 @@ fn the_gpu_path_steps_sequences_together_and_a_failed_step_changes_nothing() {
             .expect("logits")
             .to_vec2::<f32>()
             .expect("rows");
-        assert_eq!(rows, alone, "candle on {}: together as alone", device.label());
+        // One matmul over both sequences' rows may add in another order than over one's.
+        for (together, alone) in rows.iter().zip(&alone) {
+            let worst = worst_difference(together, alone);
+            assert!(worst < 1e-3, "candle on {}: together as alone, within {worst}", device.label());
+        }
         assert_eq!((a.len(), b.len()), (first.len(), second.len()));
 
         // The second sequence's token is outside the vocabulary: the step fails as a whole.
@@ -188,12 +188,8 @@ fn the_gpu_path_steps_sequences_together_and_a_failed_step_changes_nothing() {
         let mut fresh = d.new_cache();
         next_logits(d, &first, &mut fresh);
         let want = next_logits(d, &next, &mut fresh);
-        assert_eq!(
-            next_logits(d, &next, &mut a),
-            want,
-            "candle on {}: runs on as if it never failed",
-            device.label()
-        );
+        let worst = worst_difference(&next_logits(d, &next, &mut a), &want);
+        assert!(worst < 1e-3, "candle on {}: runs on as if it never failed, within {worst}", device.label());
         // A packed decoder's cache is not candle's, and the other way round.
         let mut packed = cpu.decoder().new_cache();
         let err =

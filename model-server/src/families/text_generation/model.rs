@@ -16,7 +16,7 @@ use tokenizers::Tokenizer;
 use crate::device::ComputeDevice;
 use crate::manifest::Family;
 use crate::models::llama::candle::CandleLlama;
-use crate::models::llama::{Decoder, Llama, Step, hf};
+use crate::models::llama::{Decoder, Llama, Step, hf, load_gguf};
 use crate::models::{Architecture, ModelError, architecture};
 use crate::weights::gguf::tokenizer as gguf_tokenizer;
 use crate::weights::gguf::{metadata_string, metadata_u32};
@@ -118,14 +118,13 @@ impl GenerationModel {
         Self::load_with(dir, None)
     }
 
-    /// [`Self::load`] for `device`: the packed decoder on the CPU, candle's on a GPU (GGUF
-    /// files only; a checkpoint is refused there by name).
+    /// [`Self::load`] for `device`: the packed decoder on the CPU, candle's on a GPU.
     pub fn load_on(dir: &Path, device: &ComputeDevice) -> Result<Self, ModelError> {
         Self::load_with(dir, (!device.is_cpu()).then(|| device.candle()))
     }
 
-    /// The GPU path's decoder (candle's quantized Llama) on any candle device: the CPU too,
-    /// where it is checked against the same reference.
+    /// The GPU path's decoder (on candle's ops) on any candle device: the CPU too, where it is
+    /// checked against the same reference.
     pub fn load_candle(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         Self::load_with(dir, Some(device))
     }
@@ -137,12 +136,7 @@ impl GenerationModel {
             None => match hf::find(dir) {
                 Some((config, files)) => {
                     decoder(model_type(&config)?.as_deref(), "model_type", &config)?;
-                    if candle.is_some() {
-                        return Err(ModelError::Unsupported(
-                            "a Hugging Face Llama checkpoint has no GPU path yet (its GGUF file has one); serve it on the CPU".into(),
-                        ));
-                    }
-                    Self::load_checkpoint(dir, &config, &files)
+                    Self::load_checkpoint(dir, &config, &files, candle)
                 }
                 None => Err(ModelError::Files {
                     path: dir.display().to_string(),
@@ -195,10 +189,9 @@ impl GenerationModel {
             _ => None,
         };
         let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
-        // Last: candle's decoder takes the header itself.
         let decoder = match candle {
-            None => Decoder::Packed(Llama::load(&ct, &mut reader, &Device::Cpu)?),
-            Some(device) => Decoder::Candle(CandleLlama::load(ct, &mut reader, device)?),
+            None => Decoder::Packed(load_gguf::<Llama, _>(&ct, &mut reader, &Device::Cpu)?),
+            Some(device) => Decoder::Candle(load_gguf::<CandleLlama, _>(&ct, &mut reader, device)?),
         };
         Ok(GenerationModel::assemble(decoder, text, chat, file))
     }
@@ -382,8 +375,16 @@ impl GenerationModel {
     /// A Hugging Face checkpoint: the tokenizer from tokenizer.json, the chat template and the
     /// BOS and EOS tokens from tokenizer_config.json, more end tokens from config.json and
     /// generation_config.json.
-    fn load_checkpoint(dir: &Path, config: &Path, files: &[PathBuf]) -> Result<Self, ModelError> {
-        let llama = hf::load(config, files, &Device::Cpu)?;
+    fn load_checkpoint(
+        dir: &Path,
+        config: &Path,
+        files: &[PathBuf],
+        candle: Option<&Device>,
+    ) -> Result<Self, ModelError> {
+        let decoder = match candle {
+            None => Decoder::Packed(hf::load::<Llama>(config, files, &Device::Cpu)?),
+            Some(device) => Decoder::Candle(hf::load::<CandleLlama>(config, files, device)?),
+        };
         let json_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&json_path).map_err(|e| ModelError::Files {
             path: json_path.display().to_string(),
@@ -431,7 +432,7 @@ impl GenerationModel {
         };
         let chat = template.map(chat_environment).transpose()?;
         let text = TextParts { tokenizer, bos, eos: eos.map(|(_, s)| s), add_bos, end_ids };
-        Ok(GenerationModel::assemble(Decoder::Packed(llama), text, chat, config.to_path_buf()))
+        Ok(GenerationModel::assemble(decoder, text, chat, config.to_path_buf()))
     }
 }
 

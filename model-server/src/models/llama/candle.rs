@@ -1,173 +1,228 @@
-//! The GPU path of the Llama decoder: candle-transformers' quantized Llama over the same GGUF
-//! file, on any candle device (on a CUDA device: candle's quantized matmul kernels and cuBLAS).
+//! The GPU path of the Llama decoder: the packed CPU decoder's network on candle's tensor ops
+//! and quantized matmuls (on a CUDA device: candle's quantized kernels and cuBLAS), from the same
+//! weights ([`Weights`]: a GGUF file's blocks as stored, or a checkpoint quantized as on the CPU).
+//! A step runs the rows of all its sequences through each projection at once, so the weights
+//! are read once per step however many sequences step; attention runs per sequence against its
+//! own cache. (candle-transformers' quantized Llama keeps one sequence's cache inside the model,
+//! so sequences could only step one after another, each reading all the weights.)
 //!
-//! candle's model holds one sequence's keys and values inside itself, so each sequence gets
-//! its own copy of the model (the weights are shared: a copy only clones reference-counted
-//! tensors) and a step runs its sequences one after another. A step is all-or-nothing: each
-//! sequence runs on a copy of its state, and the copies replace the states only when every
-//! sequence of the step has run, so a failed step leaves every cache as it was.
+//! A step is all-or-nothing: each sequence's new keys and values are kept aside and replace its
+//! cache only when the whole step has succeeded, so a failed step leaves every cache as it was.
 
-use std::io::{Read, Seek};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::ops::softmax_last_dim;
+use candle_nn::rotary_emb::rope_i;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
-
-use super::{LlamaConfig, Step};
+use super::{FromWeights, LlamaConfig, Step, WeightSource, Weights, rotary_tables};
 use crate::models::ModelError;
 
+struct Layer {
+    attn_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
 pub struct CandleLlama {
-    /// The model with no sequence's cache: what each new sequence starts from.
-    template: ModelWeights,
     cfg: LlamaConfig,
     device: Device,
+    /// The token table dequantized, `[vocab, hidden]`: lookups of exact rows, as on the CPU.
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    /// `[context, head_dim / 2]`, the CPU path's tables.
+    cos: Tensor,
+    sin: Tensor,
 }
 
-/// One sequence's state on the GPU path.
+/// One sequence's keys and values on the device, per layer `[kv_heads, positions, head_dim]`.
 pub struct CandleCache {
-    model: ModelWeights,
+    layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
-/// Why candle's quantized Llama would compute this file differently from the CPU path, if it
-/// would: such files are refused by name instead.
-fn refusal(cfg: &LlamaConfig, ct: &gguf_file::Content) -> Option<String> {
-    if cfg.architecture != "llama" {
-        return Some(format!(
-            "a {:?} GGUF has no GPU path (candle's quantized Llama reads llama.* metadata only)",
-            cfg.architecture
-        ));
+impl FromWeights for CandleLlama {
+    /// float16, as checkpoints are stored: cuBLAS's half-precision matmuls, no requantizing.
+    const CHECKPOINT_MATRICES: GgmlDType = GgmlDType::F16;
+
+    /// The model on `device`; its weights stay as stored (GGUF blocks for candle's quantized
+    /// matmuls), the token table dequantized for lookups.
+    fn from_weights(
+        cfg: LlamaConfig,
+        weights: &mut WeightSource<'_>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let w = Weights::read(&cfg, weights, device)?;
+        let vector = |v: Vec<f32>| Tensor::from_vec(v, cfg.hidden, device);
+        let q = QMatMul::from_qtensor;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in w.layers {
+            layers.push(Layer {
+                attn_norm: vector(l.attn_norm)?,
+                q: q(l.q)?,
+                k: q(l.k)?,
+                v: q(l.v)?,
+                o: q(l.o)?,
+                ffn_norm: vector(l.ffn_norm)?,
+                gate: q(l.gate)?,
+                up: q(l.up)?,
+                down: q(l.down)?,
+            });
+        }
+        let embed = w.embed.dequantize(device)?;
+        if embed.dims() != [cfg.vocab_size, cfg.hidden] {
+            return Err(ModelError::Unsupported(format!(
+                "token_embd.weight is {:?}; expected [{}, {}]",
+                embed.dims(),
+                cfg.vocab_size,
+                cfg.hidden
+            )));
+        }
+        // Tied embeddings (SmolLM2 and most small models) reuse the token table as the head.
+        let output = q(w.head.unwrap_or(w.embed))?;
+        let (cos, sin) = rotary_tables(&cfg, w.rope_factors.as_deref());
+        let half = cfg.head_dim / 2;
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (cfg.context_length, half), device);
+        Ok(CandleLlama {
+            embed,
+            layers,
+            norm: vector(w.norm)?,
+            output,
+            cos: table(cos)?,
+            sin: table(sin)?,
+            device: device.clone(),
+            cfg,
+        })
     }
-    if ct.tensor_infos.contains_key("rope_freqs.weight") {
-        return Some("Llama 3 rotary frequency factors (rope_freqs) have no GPU path yet".into());
-    }
-    let experts = ct.metadata.get("llama.expert_count").and_then(|v| v.to_u32().ok()).unwrap_or(0);
-    if experts > 1 {
-        return Some(format!("a mixture of {experts} experts has no GPU path"));
-    }
-    None
 }
 
 impl CandleLlama {
-    /// The GGUF file whose header is `ct` and which `reader` reads, its weights on `device`.
-    pub fn load<R: Read + Seek>(
-        ct: gguf_file::Content,
-        reader: &mut R,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        // The CPU path's reading decides what is refused (shapes, rotary scaling), so both
-        // paths take the same files, less the ones above.
-        let mut cfg = LlamaConfig::from_gguf(&ct)?;
-        if let Some(why) = refusal(&cfg, &ct) {
-            return Err(ModelError::Unsupported(why));
-        }
-        // candle's rotary tables stop at MAX_SEQ_LEN positions.
-        cfg.context_length = cfg.context_length.min(MAX_SEQ_LEN);
-        let template = ModelWeights::from_gguf(ct, reader, device)?;
-        Ok(CandleLlama { template, cfg, device: device.clone() })
-    }
-
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
 
     pub fn new_cache(&self) -> CandleCache {
-        CandleCache { model: self.template.clone() }
+        CandleCache { layers: vec![None; self.cfg.layers] }
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, self.cfg.rms_eps as f32)
     }
 
     /// Next-token logits, `[k, vocab]` on the CPU, one row per step with `logits: true`.
     pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, ModelError> {
-        let mut next: Vec<Option<ModelWeights>> = Vec::with_capacity(steps.len());
-        let mut rows = Vec::new();
+        let cfg = &self.cfg;
+        let (hd, heads, kv_heads) = (cfg.head_dim, cfg.heads, cfg.kv_heads);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
         for step in steps.iter() {
-            if step.tokens.is_empty() {
-                next.push(None);
-                continue;
+            let cache = step.cache.candle.as_ref().filter(|c| c.layers.len() == cfg.layers);
+            if cache.is_none() {
+                return Err(ModelError::Inference("sequence cache is not from this model".into()));
             }
-            let state = step
-                .cache
-                .candle
-                .as_ref()
-                .ok_or_else(|| ModelError::Inference("sequence cache is not from this model".into()))?;
             let end = step.cache.len.saturating_add(step.tokens.len());
-            if end > self.cfg.context_length {
+            if end > cfg.context_length {
                 return Err(ModelError::Inference(format!(
                     "sequence of {end} tokens exceeds the context window of {}",
-                    self.cfg.context_length
+                    cfg.context_length
                 )));
             }
-            if let Some(id) = step.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(id) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(ModelError::Inference(format!("token id {id} is outside the vocabulary")));
             }
-            let mut model = state.model.clone();
-            let ids = Tensor::new(step.tokens, &self.device)?.unsqueeze(0)?;
-            // candle returns the last position's logits, (1, vocab).
-            let logits = model.forward(&ids, step.cache.len)?;
-            if step.logits {
-                rows.push(logits.to_device(&Device::Cpu)?);
-            }
-            next.push(Some(model));
+            ids.extend_from_slice(step.tokens);
+            positions.extend((step.cache.len..end).map(|p| p as u32));
         }
-        for (step, model) in steps.iter_mut().zip(next) {
-            if let Some(model) = model {
-                step.cache.candle = Some(CandleCache { model });
-                step.cache.len += step.tokens.len();
-            }
-        }
-        if rows.is_empty() {
+        let rows = ids.len();
+        if rows == 0 {
             return Ok(None);
         }
-        Ok(Some(Tensor::cat(&rows, 0)?))
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
+        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        // `[rows, heads * hd]` into `[1, heads, rows, hd]`, rotated at each row's position.
+        let rotated = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            let t = t.reshape((1, rows, heads, hd))?.transpose(1, 2)?.contiguous()?;
+            rope_i(&t, &cos, &sin)
+        };
+        let mut next: Vec<Vec<(Tensor, Tensor)>> = steps.iter().map(|_| Vec::new()).collect();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
+            let q = rotated(layer.q.forward(&h)?, heads)?;
+            let k = rotated(layer.k.forward(&h)?, kv_heads)?;
+            let v = layer.v.forward(&h)?.reshape((1, rows, kv_heads, hd))?.transpose(1, 2)?;
+            let mut ctx = Vec::with_capacity(steps.len());
+            let mut first = 0;
+            for (step, kept) in steps.iter().zip(next.iter_mut()) {
+                let n = step.tokens.len();
+                if n == 0 {
+                    continue;
+                }
+                let part = |t: &Tensor| -> candle_core::Result<Tensor> {
+                    t.narrow(2, first, n)?.squeeze(0)?.contiguous()
+                };
+                let (kn, vn) = (part(&k)?, part(&v)?);
+                let (ks, vs) = match step.cache.candle.as_ref().and_then(|c| c.layers[li].as_ref()) {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &kn], 1)?, Tensor::cat(&[pv, &vn], 1)?),
+                    None => (kn, vn),
+                };
+                ctx.push(self.attend(&part(&q)?, &ks, &vs, step.cache.len)?);
+                kept.push((ks, vs));
+                first += n;
+            }
+            x = (x + layer.o.forward(&Tensor::cat(&ctx, 0)?)?)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&gated)?)?;
+        }
+        let mut last = Vec::new();
+        let mut end = 0;
+        for step in steps.iter() {
+            end += step.tokens.len();
+            if step.logits && !step.tokens.is_empty() {
+                last.push((end - 1) as u32);
+            }
+        }
+        let logits = if last.is_empty() {
+            None
+        } else {
+            let rows = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+            Some(self.output.forward(&self.rms_norm(&rows, &self.norm)?)?.to_device(&Device::Cpu)?)
+        };
+        for (step, kept) in steps.iter_mut().zip(next) {
+            if step.tokens.is_empty() {
+                continue;
+            }
+            step.cache.len += step.tokens.len();
+            step.cache.candle = Some(CandleCache { layers: kept.into_iter().map(Some).collect() });
+        }
+        Ok(logits)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use candle_core::quantized::GgmlDType;
-
-    use super::*;
-
-    fn file(
-        arch: &str,
-        extra: &[(&str, gguf_file::Value)],
-        tensors: &[&str],
-    ) -> (LlamaConfig, gguf_file::Content) {
-        let cfg = LlamaConfig {
-            architecture: arch.into(),
-            layers: 1,
-            hidden: 8,
-            heads: 2,
-            kv_heads: 2,
-            head_dim: 4,
-            context_length: 8192,
-            rms_eps: 1e-5,
-            rope_base: 10_000.0,
-            vocab_size: 16,
-        };
-        let info = || gguf_file::TensorInfo {
-            ggml_dtype: GgmlDType::F32,
-            shape: candle_core::Shape::from(2),
-            offset: 0,
-        };
-        let ct = gguf_file::Content {
-            magic: gguf_file::VersionedMagic::GgufV3,
-            metadata: extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<HashMap<_, _>>(),
-            tensor_infos: tensors.iter().map(|t| (t.to_string(), info())).collect(),
-            tensor_data_offset: 0,
-        };
-        (cfg, ct)
-    }
-
-    #[test]
-    fn what_candle_would_compute_differently_is_refused_by_name() {
-        let (cfg, ct) = file("llama", &[], &["token_embd.weight"]);
-        assert_eq!(refusal(&cfg, &ct), None);
-        let (cfg, ct) = file("mistral", &[], &[]);
-        assert!(refusal(&cfg, &ct).is_some_and(|w| w.contains("\"mistral\" GGUF has no GPU path")));
-        let (cfg, ct) = file("llama", &[], &["rope_freqs.weight"]);
-        assert!(refusal(&cfg, &ct).is_some_and(|w| w.contains("rope_freqs")));
-        let (cfg, ct) = file("llama", &[("llama.expert_count", gguf_file::Value::U32(8))], &[]);
-        assert!(refusal(&cfg, &ct).is_some_and(|w| w.contains("8 experts")));
+    /// Causal attention of one sequence's `[heads, n, hd]` queries at positions `pos..pos + n`
+    /// over its `[kv_heads, pos + n, hd]` keys and values; `[n, heads * hd]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let (heads, n, hd) = q.dims3()?;
+        let group = cfg.heads / cfg.kv_heads;
+        // Each key/value head serves `group` query heads: their rows side by side.
+        let q = q.reshape((cfg.kv_heads, group * n, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if n > 1 {
+            let m = pos + n;
+            let mask: Vec<f32> = (0..group * n)
+                .flat_map(|r| (0..m).map(move |j| if j > pos + r % n { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (group * n, m), &self.device)?)?;
+        }
+        let out = softmax_last_dim(&scores)?.matmul(v)?; // [kv_heads, group * n, hd]
+        out.reshape((heads, n, hd))?.transpose(0, 1)?.reshape((n, heads * hd))
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! Weights are renamed to their GGUF names, the rows of Q and K are permuted from Hugging
 //! Face's rotary order (rotate_half) to the interleaved one the decoder uses (the permutation
-//! llama.cpp's converter applies), and matrices are quantized to Q8_0 once at load: the
-//! decoder's fast matmuls read 8-bit blocks, and Q8_0 keeps a float16 or bfloat16 weight to
-//! within half a step of 1/127 of its block's largest value.
+//! llama.cpp's converter applies), and matrices are stored as the decoder asks
+//! ([`FromWeights::CHECKPOINT_MATRICES`]): Q8_0 for the CPU path, whose fast matmuls read
+//! 8-bit blocks (Q8_0 keeps a float16 or bfloat16 weight to within half a step of 1/127 of its
+//! block's largest value); float16 on the GPU path.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::{Llama, LlamaConfig};
+use super::{FromWeights, LlamaConfig};
 use crate::models::ModelError;
 use crate::weights::read_json;
 
@@ -158,7 +159,7 @@ fn interleave_rows(w: &Tensor, heads: usize) -> Result<Tensor, ModelError> {
 }
 
 /// Load the model of a checkpoint.
-pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Llama, ModelError> {
+pub fn load<M: FromWeights>(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<M, ModelError> {
     let Checkpoint { cfg, rope_factors: factors, tied } = config(config_path)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in files {
@@ -183,11 +184,12 @@ pub fn load(config_path: &Path, files: &[PathBuf], device: &Device) -> Result<Ll
         } else if name.ends_with("attn_k.weight") {
             t = interleave_rows(&t, kv_heads)?;
         }
-        let matrix = t.rank() == 2 && t.dims().last().is_some_and(|c| c % GgmlDType::Q8_0.block_size() == 0);
-        let dtype = if matrix { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+        let blocks = M::CHECKPOINT_MATRICES;
+        let matrix = t.rank() == 2 && t.dims().last().is_some_and(|c| c % blocks.block_size() == 0);
+        let dtype = if matrix { blocks } else { GgmlDType::F32 };
         Ok(Some(QTensor::quantize(&t, dtype)?))
     };
-    Llama::from_weights(cfg, &mut weights, device)
+    M::from_weights(cfg, &mut weights, device)
 }
 
 #[cfg(test)]

@@ -14,15 +14,16 @@
 //! interleaved ("normal") rotary embeddings, output weights tied to the token embeddings when
 //! `output.weight` is absent.
 //!
-//! That is the CPU path. On a GPU, [`candle`] runs candle-transformers' quantized Llama over
-//! the same GGUF file; [`Decoder`] is whichever of the two a model was loaded on.
+//! That is the CPU path. On a GPU, [`candle`] runs the same network on candle's ops and
+//! quantized matmuls, from the same weights ([`Weights`]); [`Decoder`] is whichever of the two a
+//! model was loaded on.
 
 pub mod candle;
 pub mod hf;
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -174,8 +175,8 @@ pub struct SequenceCache {
     len: usize,
     /// Floats per position in each of `k` and `v`.
     row: usize,
-    /// On the GPU path: candle's model holding this sequence's keys and values (`layers` is
-    /// then empty).
+    /// On the GPU path: this sequence's keys and values on the device (`layers` is then
+    /// empty).
     candle: Option<candle::CandleCache>,
 }
 
@@ -209,7 +210,7 @@ pub struct Step<'a> {
     pub logits: bool,
 }
 
-/// The decoder a model was loaded on: the packed CPU kernels, or candle's quantized Llama (the
+/// The decoder a model was loaded on: the packed CPU kernels, or candle's ops (the
 /// GPU path). The scheduler sees one interface: caches, one forward over many sequences.
 pub enum Decoder {
     Packed(Llama),
@@ -256,33 +257,38 @@ impl Decoder {
 /// calling thread: handing a few microseconds of work to the pool costs more than it saves.
 const PARALLEL_ATTENTION: usize = 1 << 18;
 
-impl Llama {
-    /// A GGUF file's model.
-    pub fn load<R: std::io::Read + std::io::Seek>(
-        ct: &gguf_file::Content,
-        reader: &mut R,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let cfg = LlamaConfig::from_gguf(ct)?;
-        let mut weights = |name: &str| -> Result<Option<QTensor>, ModelError> {
-            if ct.tensor_infos.contains_key(name) {
-                tensor(ct, reader, device, name).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        Self::from_weights(cfg, &mut weights, device)
-    }
+/// A decoder's weights by role, as the file gives them (GGUF blocks, or a checkpoint's
+/// matrices quantized by `hf`): what either path packs its own way.
+pub(crate) struct Weights {
+    pub embed: QTensor,
+    /// The output head; None when tied to the token table.
+    pub head: Option<QTensor>,
+    pub norm: Vec<f32>,
+    /// Llama 3.1+ frequency factors (llama.cpp's rope_freqs), one per rotary frequency.
+    pub rope_factors: Option<Vec<f32>>,
+    pub layers: Vec<LayerWeights>,
+}
 
-    /// The model from its weights, asked for by their GGUF names (`blk.0.attn_q.weight`...),
-    /// with Q and K rows in the interleaved rotary order GGUF uses. None: no such tensor.
-    pub fn from_weights(
-        cfg: LlamaConfig,
-        weights: &mut dyn FnMut(&str) -> Result<Option<QTensor>, ModelError>,
+pub(crate) struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub q: QTensor,
+    pub k: QTensor,
+    pub v: QTensor,
+    pub o: QTensor,
+    pub ffn_norm: Vec<f32>,
+    pub gate: QTensor,
+    pub up: QTensor,
+    pub down: QTensor,
+}
+
+impl Weights {
+    /// Asks `weights` for each tensor by its GGUF name; a missing one is refused by name.
+    pub(crate) fn read(
+        cfg: &LlamaConfig,
+        weights: &mut WeightSource<'_>,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let head = weights("output.weight")?;
-        // Llama 3.1+: each rotary frequency divided by its factor (llama.cpp's rope_freqs).
         let rope_factors = match weights("rope_freqs.weight")? {
             None => None,
             Some(q) => {
@@ -300,11 +306,8 @@ impl Llama {
         let mut t = |name: &str| {
             weights(name)?.ok_or_else(|| ModelError::Unsupported(format!("the weights have no {name}")))
         };
-        let floats = |q: QTensor| -> Result<Vec<f32>, ModelError> {
-            Ok(q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
-        };
         let norm_of = |q: QTensor, name: &str| -> Result<Vec<f32>, ModelError> {
-            let v = floats(q)?;
+            let v = q.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
             if v.len() != cfg.hidden {
                 return Err(ModelError::Unsupported(format!(
                     "tensor {name} has {} values for a hidden size of {}",
@@ -314,23 +317,78 @@ impl Llama {
             }
             Ok(v)
         };
-        let embed_q = t("token_embd.weight")?;
+        let embed = t("token_embd.weight")?;
         let norm = norm_of(t("output_norm.weight")?, "output_norm.weight")?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let name = |what: &str| format!("blk.{i}.{what}.weight");
-            layers.push(Layer {
+            layers.push(LayerWeights {
                 attn_norm: norm_of(t(&name("attn_norm"))?, &name("attn_norm"))?,
-                qkv: Projections::new(
-                    vec![t(&name("attn_q"))?, t(&name("attn_k"))?, t(&name("attn_v"))?],
-                    device,
-                )?,
-                wo: Linear::new(t(&name("attn_output"))?, device)?,
+                q: t(&name("attn_q"))?,
+                k: t(&name("attn_k"))?,
+                v: t(&name("attn_v"))?,
+                o: t(&name("attn_output"))?,
                 ffn_norm: norm_of(t(&name("ffn_norm"))?, &name("ffn_norm"))?,
-                gate_up: Projections::new(vec![t(&name("ffn_gate"))?, t(&name("ffn_up"))?], device)?,
-                down: Linear::new(t(&name("ffn_down"))?, device)?,
+                gate: t(&name("ffn_gate"))?,
+                up: t(&name("ffn_up"))?,
+                down: t(&name("ffn_down"))?,
             });
         }
+        Ok(Weights { embed, head, norm, rope_factors, layers })
+    }
+}
+
+/// A tensor by its GGUF name (`blk.0.attn_q.weight`...), Q and K rows in the interleaved
+/// rotary order GGUF uses; None when the model has no such tensor.
+pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Option<QTensor>, ModelError> + 'a;
+
+/// A decoder built from its weights: the packed CPU one or candle's (the GPU path).
+pub trait FromWeights: Sized {
+    /// What a Hugging Face checkpoint's matrices are stored as for this decoder.
+    const CHECKPOINT_MATRICES: GgmlDType;
+    fn from_weights(
+        cfg: LlamaConfig,
+        weights: &mut WeightSource<'_>,
+        device: &Device,
+    ) -> Result<Self, ModelError>;
+}
+
+/// The decoder of a GGUF file whose header is `ct` and which `reader` reads, its tensors read
+/// onto `device`.
+pub fn load_gguf<M: FromWeights, R: std::io::Read + std::io::Seek>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+) -> Result<M, ModelError> {
+    let cfg = LlamaConfig::from_gguf(ct)?;
+    let mut weights = |name: &str| -> Result<Option<QTensor>, ModelError> {
+        if ct.tensor_infos.contains_key(name) { tensor(ct, reader, device, name).map(Some) } else { Ok(None) }
+    };
+    M::from_weights(cfg, &mut weights, device)
+}
+
+impl FromWeights for Llama {
+    /// 8-bit blocks: the quantized matmul is the CPU path's fastest kernel.
+    const CHECKPOINT_MATRICES: GgmlDType = GgmlDType::Q8_0;
+
+    fn from_weights(
+        cfg: LlamaConfig,
+        weights: &mut WeightSource<'_>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let w = Weights::read(&cfg, weights, device)?;
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for l in w.layers {
+            layers.push(Layer {
+                attn_norm: l.attn_norm,
+                qkv: Projections::new(vec![l.q, l.k, l.v], device)?,
+                wo: Linear::new(l.o, device)?,
+                ffn_norm: l.ffn_norm,
+                gate_up: Projections::new(vec![l.gate, l.up], device)?,
+                down: Linear::new(l.down, device)?,
+            });
+        }
+        let (embed_q, head, norm) = (w.embed, w.head, w.norm);
         // Tied embeddings (SmolLM2 and most small models) reuse the token table as the head.
         let (embed, output) =
             match QWeight::from_qtensor(&embed_q, device)?.filter(|w| w.cols() == cfg.hidden) {
@@ -348,7 +406,7 @@ impl Llama {
                     (Embeddings::Dense(table), output)
                 }
             };
-        let (cos, sin) = rotary_tables(&cfg, rope_factors.as_deref());
+        let (cos, sin) = rotary_tables(&cfg, w.rope_factors.as_deref());
         // As many threads as the process's pool (RAYON_NUM_THREADS, set from --threads).
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
@@ -368,7 +426,9 @@ impl Llama {
             pool,
         })
     }
+}
 
+impl Llama {
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -622,7 +682,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// cos and sin of every position's angle for every rotary frequency, `[context][head_dim / 2]`;
 /// frequency `i` is `base^(-2i / head_dim) / factors[i]`.
-fn rotary_tables(cfg: &LlamaConfig, factors: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rotary_tables(cfg: &LlamaConfig, factors: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| {
