@@ -14,7 +14,9 @@
 #                           and a full-depth SmolLM2 (the kept layers repeated), puts the binaries
 #                           where the tests were told they live, runs the GPU tests, serves
 #                           MiniLM (against sentence-transformers on the same weights) and
-#                           SmolLM2 on cuda:0 over HTTP, then `make bench-gpu` (bench/gpu.sh).
+#                           SmolLM2 on cuda:0 over HTTP, serves Whisper (tiny.en's shape, random
+#                           weights) on cuda:0 and on the CPU and transcribes two clips with
+#                           each, then `make bench-gpu` (bench/gpu.sh).
 #                           Logs and JSON go to OUT. Needs python3 with torch, transformers,
 #                           sentence-transformers and numpy, and the CUDA 13 runtime and cuBLAS
 #                           (the `nvidia-*` wheels torch brings).
@@ -58,6 +60,11 @@ EOF
   (cd "$CACHE/fixtures/minilm" && find . -type f ! -name model.safetensors ! -name '.git*' ! -name '*.md' \
     -exec cp --parents {} "$dir/fixtures/minilm/" \;)
   cp -r "$ROOT/../shared/bench/corpus" "$dir/corpus"
+  # Whisper tiny.en's shape and tokenizer but its weights (73 MB), and two spoken clips: there,
+  # transformers writes random weights of that shape for a served smoke run on cuda:0.
+  mkdir -p "$dir/fixtures/whisper"
+  cp "$CACHE"/fixtures/whisper-tiny-en-hf/{config.json,generation_config.json,tokenizer.json} "$dir/fixtures/whisper/"
+  cp "$CACHE"/fixtures/whisper-reference/{fox.wav,kiln.flac} "$dir/fixtures/"
   # SmolLM2 with its first layers only (the token table alone is 30 MB): the GPU path's greedy
   # tokens are compared with the CPU path's on the same file there, so no reference is needed.
   mkdir -p "$dir/fixtures/smollm2"
@@ -198,6 +205,51 @@ finally:
     stop(srv)
 PY
   cat "$out/http.log"
+  echo "== Whisper served on cuda:0 and on the CPU (random tiny.en-shaped weights) (at ${SECONDS}s)"
+  timeout 240 python3 - "$BIN_EXE" "$fixtures/whisper" "$fixtures/fox.wav" "$fixtures/kiln.flac" "$out" \
+    >"$out/whisper.log" 2>&1 <<'PY' || { status=1; echo "FAILED: Whisper on cuda:0"; }
+import base64, json, subprocess, sys, time, urllib.request
+import torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+binary, model, clips, log_dir = sys.argv[1], sys.argv[2], sys.argv[3:5], sys.argv[5]
+# Random weights: the tokens mean nothing, the kernels and the decoding loop all run.
+torch.manual_seed(0)
+WhisperForConditionalGeneration(WhisperConfig.from_json_file(model + "/config.json")).save_pretrained(
+    model, safe_serialization=True)
+for device, port in (("cuda:0", 8095), ("cpu", 8094)):
+    log = f"{log_dir}/serve-whisper-{device.split(':')[0]}.log"
+    srv = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--device", device,
+                            "--family", "speech-to-text", "--model", f"whisper:r={model}"],
+                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        started = time.time()
+        while True:
+            try:
+                if urllib.request.urlopen(base + "/readyz", timeout=2).status == 200:
+                    break
+            except Exception:
+                if srv.poll() is not None or time.time() - started > 120:
+                    raise SystemExit(f"{device}: server exited or never ready: {open(log).read()[-2000:]}")
+                time.sleep(0.1)
+        status = json.load(urllib.request.urlopen(base + "/status", timeout=10))
+        print(f"{device}: ready in {time.time() - started:.1f} s; device {json.dumps(status['device'])}", flush=True)
+        assert status["device"]["device"] == device, status["device"]
+        for clip in clips:
+            body = json.dumps({"audio_base64": base64.b64encode(open(clip, "rb").read()).decode()}).encode()
+            req = urllib.request.Request(base + "/asr/transcribe", body, {"Content-Type": "application/json"})
+            t = time.time()
+            r = json.load(urllib.request.urlopen(req, timeout=120))
+            print(f"{device} {clip.rsplit('/', 1)[-1]}: {time.time() - t:.2f} s, {len(r.get('text', ''))} characters, "
+                  f"{len(r.get('segments', []))} segments", flush=True)
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+PY
+  cat "$out/whisper.log"
   echo "== make bench-gpu (at ${SECONDS}s)"
   BENCH_ENGINE="$dir/bin/bench_engine" BENCH_SERVER="$BIN_EXE" BENCH_LLAMA="$dir/bin/bench_llama" \
     MODEL="$fixtures/minilm" LLAMA_MODEL="$full" CORPUS="$dir/corpus" OUT="$out" THREADS="${THREADS:-8}" \
