@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::ops::{layer_norm, softmax_last_dim};
 
-use super::layout::{Dims, Layout, NormSite, Site, Source};
+use super::layout::{self, Dims, Layout, Reads, Source};
 use crate::models::ModelError;
 
 /// Whisper's LayerNorm epsilon.
@@ -48,29 +48,8 @@ struct Conv {
     bias: Tensor,
 }
 
-struct EncoderLayer {
-    attn_norm: Norm,
-    /// Q, K, V stacked; Q pre-scaled by 1/√d.
-    qkv: Linear,
-    attn_out: Linear,
-    ffn_norm: Norm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-struct DecoderLayer {
-    self_norm: Norm,
-    self_qkv: Linear,
-    self_out: Linear,
-    cross_norm: Norm,
-    cross_q: Linear,
-    /// K and V of the encoder output, stacked.
-    cross_kv: Linear,
-    cross_out: Linear,
-    ffn_norm: Norm,
-    fc1: Linear,
-    fc2: Linear,
-}
+type EncoderLayer = layout::EncoderLayer<Norm, Linear>;
+type DecoderLayer = layout::DecoderLayer<Norm, Linear>;
 
 pub struct CandleNetwork {
     pub dims: Dims,
@@ -100,22 +79,8 @@ pub struct Sequence {
     len: usize,
 }
 
-impl Sequence {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-/// One sequence's part of a decoder step: its window, its cache, the tokens it feeds.
-pub struct Step<'a> {
-    pub audio: &'a Audio,
-    pub seq: &'a mut Sequence,
-    pub tokens: &'a [u32],
-}
+/// One sequence's part of a decoder step.
+pub type Step<'a> = layout::Step<'a, Audio, Sequence>;
 
 /// Reads one layout's weights onto the device.
 struct Reader<'a> {
@@ -136,6 +101,18 @@ impl Reader<'_> {
         Ok(host.to_device(self.device)?)
     }
 
+    fn conv(&self, prefix: &str, channels: usize, hidden: usize) -> Result<Conv, ModelError> {
+        Ok(Conv {
+            weight: self.tensor(&self.layout.weight(prefix), &[hidden, channels, 3], self.dtype)?,
+            bias: self.tensor(&self.layout.bias(prefix), &[hidden], self.dtype)?.reshape((1, hidden, 1))?,
+        })
+    }
+}
+
+impl Reads for Reader<'_> {
+    type Norm = Norm;
+    type Linear = Linear;
+
     fn norm(&self, prefix: &str, hidden: usize) -> Result<Norm, ModelError> {
         let (gamma, beta) = self.layout.gamma_beta(prefix);
         Ok(Norm {
@@ -144,8 +121,6 @@ impl Reader<'_> {
         })
     }
 
-    /// The stacked `parts` (each `[outputs / parts, inputs]`), the first `scaled` outputs
-    /// multiplied by `scale` (1/√d folded into Q), as `Layout::stacked_bias` lays the biases.
     fn linear(
         &self,
         parts: &[String],
@@ -165,13 +140,6 @@ impl Reader<'_> {
             Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(self.device)?)
         };
         Ok(Linear { weight: upload(weight, &[outputs, inputs])?, bias: upload(bias, &[outputs])? })
-    }
-
-    fn conv(&self, prefix: &str, channels: usize, hidden: usize) -> Result<Conv, ModelError> {
-        Ok(Conv {
-            weight: self.tensor(&self.layout.weight(prefix), &[hidden, channels, 3], self.dtype)?,
-            bias: self.tensor(&self.layout.bias(prefix), &[hidden], self.dtype)?.reshape((1, hidden, 1))?,
-        })
     }
 }
 
@@ -203,38 +171,12 @@ impl CandleNetwork {
             )));
         }
         let r = Reader { source, layout, device, dtype };
-        let (h, f, l) = (dims.hidden, dims.ffn, layout);
-        let enc_scale = 1.0 / ((h / dims.encoder_heads) as f32).sqrt();
-        let dec_scale = 1.0 / ((h / dims.decoder_heads) as f32).sqrt();
+        let (h, l) = (dims.hidden, layout);
         let encoder_layers = (0..dims.encoder_layers)
-            .map(|i| {
-                let p = l.layer("encoder", i);
-                Ok(EncoderLayer {
-                    attn_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
-                    qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, enc_scale)?,
-                    attn_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
-                    ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
-                    fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
-                    fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
-                })
-            })
+            .map(|i| EncoderLayer::read(&r, l, &dims, i))
             .collect::<Result<Vec<_>, ModelError>>()?;
         let decoder_layers = (0..dims.decoder_layers)
-            .map(|i| {
-                let p = l.layer("decoder", i);
-                Ok(DecoderLayer {
-                    self_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
-                    self_qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, dec_scale)?,
-                    self_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
-                    cross_norm: r.norm(&l.norm_site(&p, NormSite::CrossAttention), h)?,
-                    cross_q: r.linear(&l.parts(&p, Site::CrossQ), h, h, h, dec_scale)?,
-                    cross_kv: r.linear(&l.parts(&p, Site::CrossKv), h, 2 * h, 0, 1.0)?,
-                    cross_out: r.linear(&l.parts(&p, Site::CrossOut), h, h, 0, 1.0)?,
-                    ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
-                    fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
-                    fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
-                })
-            })
+            .map(|i| DecoderLayer::read(&r, l, &dims, i))
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(CandleNetwork {
             dims,

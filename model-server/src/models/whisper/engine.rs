@@ -4,7 +4,7 @@
 use candle_core::{DType, Device};
 
 use super::candle::{self, CandleNetwork};
-use super::layout::{Dims, Layout, Source};
+use super::layout::{self, Dims, Layout, Source};
 use super::network::{self, Network};
 use crate::models::ModelError;
 
@@ -36,12 +36,8 @@ pub enum Sequence {
     Candle(candle::Sequence),
 }
 
-/// One sequence's part of a decoder step: its window, its cache, the tokens it feeds.
-pub struct Step<'a> {
-    pub audio: &'a Audio,
-    pub seq: &'a mut Sequence,
-    pub tokens: &'a [u32],
-}
+/// One sequence's part of a decoder step.
+pub type Step<'a> = layout::Step<'a, Audio, Sequence>;
 
 fn foreign() -> ModelError {
     ModelError::Inference("a window or sequence made by another engine".to_string())

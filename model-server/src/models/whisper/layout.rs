@@ -1,5 +1,6 @@
 //! Where a Whisper checkpoint keeps its weights (CTranslate2's `model.bin` or a Hugging Face
-//! checkpoint) and the shape they give: read alike by the packed CPU network and the candle one.
+//! checkpoint), the shape they give and the blocks they make: read alike by the packed CPU
+//! network and the candle one.
 
 use crate::models::ModelError;
 use crate::weights::ctranslate2::Ct2Model;
@@ -139,7 +140,7 @@ pub enum Layout {
 }
 
 /// The projections of one attention or feed-forward site.
-pub(super) enum Site {
+enum Site {
     SelfQkv,
     SelfOut,
     CrossQ,
@@ -149,14 +150,14 @@ pub(super) enum Site {
     Fc2,
 }
 
-pub(super) enum NormSite {
+enum NormSite {
     SelfAttention,
     CrossAttention,
     Ffn,
 }
 
 impl Layout {
-    pub(super) fn layer(self, side: &str, i: usize) -> String {
+    fn layer(self, side: &str, i: usize) -> String {
         match self {
             Layout::Ctranslate2 => format!("{side}/layer_{i}"),
             Layout::HuggingFace => format!("model.{side}.layers.{i}"),
@@ -164,7 +165,7 @@ impl Layout {
     }
 
     /// The matrices stacked for a site (their outputs concatenated in this order).
-    pub(super) fn parts(self, layer: &str, site: Site) -> Vec<String> {
+    fn parts(self, layer: &str, site: Site) -> Vec<String> {
         let names: &[&str] = match (self, site) {
             (Layout::Ctranslate2, Site::SelfQkv) => &["self_attention/linear_0"],
             (Layout::Ctranslate2, Site::SelfOut) => &["self_attention/linear_1"],
@@ -186,7 +187,7 @@ impl Layout {
         names.iter().map(|n| self.join(layer, n)).collect()
     }
 
-    pub(super) fn norm_site(self, layer: &str, site: NormSite) -> String {
+    fn norm_site(self, layer: &str, site: NormSite) -> String {
         let name = match (self, site) {
             (Layout::Ctranslate2, NormSite::SelfAttention) => "self_attention/layer_norm",
             (Layout::Ctranslate2, NormSite::CrossAttention) => "attention/layer_norm",
@@ -260,5 +261,104 @@ impl Layout {
         (0..)
             .take_while(|&i| source.contains(&self.weight(&self.parts(&self.layer(side, i), Site::Fc1)[0])))
             .count()
+    }
+}
+
+/// One sequence's part of a decoder step, in an engine's forms: its window, its cache, the
+/// tokens it feeds.
+pub struct Step<'a, A, S> {
+    pub audio: &'a A,
+    pub seq: &'a mut S,
+    pub tokens: &'a [u32],
+}
+
+/// How an engine reads a LayerNorm and a (stacked) projection into its own forms.
+pub(super) trait Reads: Sync {
+    type Norm: Send;
+    type Linear: Send;
+    fn norm(&self, prefix: &str, hidden: usize) -> Result<Self::Norm, ModelError>;
+    /// The stacked `parts` (each `[outputs / parts, inputs]`), the first `scaled` outputs
+    /// multiplied by `scale` (1/√d folded into Q), biases as [`Layout::stacked_bias`] lays them.
+    fn linear(
+        &self,
+        parts: &[String],
+        inputs: usize,
+        outputs: usize,
+        scaled: usize,
+        scale: f32,
+    ) -> Result<Self::Linear, ModelError>;
+}
+
+/// One encoder block, in an engine's forms.
+pub(super) struct EncoderLayer<N, L> {
+    pub attn_norm: N,
+    /// Q, K, V stacked; Q pre-scaled by 1/√d.
+    pub qkv: L,
+    pub attn_out: L,
+    pub ffn_norm: N,
+    pub fc1: L,
+    pub fc2: L,
+}
+
+/// One decoder block, in an engine's forms.
+pub(super) struct DecoderLayer<N, L> {
+    pub self_norm: N,
+    /// Q, K, V stacked; Q pre-scaled by 1/√d.
+    pub self_qkv: L,
+    pub self_out: L,
+    pub cross_norm: N,
+    /// Pre-scaled by 1/√d.
+    pub cross_q: L,
+    /// K and V of the encoder output, stacked.
+    pub cross_kv: L,
+    pub cross_out: L,
+    pub ffn_norm: N,
+    pub fc1: L,
+    pub fc2: L,
+}
+
+impl<N, L> EncoderLayer<N, L> {
+    /// Encoder block `i` of a checkpoint laid out as `l`, of shape `d`.
+    pub(super) fn read(
+        r: &impl Reads<Norm = N, Linear = L>,
+        l: Layout,
+        d: &Dims,
+        i: usize,
+    ) -> Result<Self, ModelError> {
+        let (h, f, p) = (d.hidden, d.ffn, l.layer("encoder", i));
+        let scale = 1.0 / ((h / d.encoder_heads) as f32).sqrt();
+        Ok(EncoderLayer {
+            attn_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
+            qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, scale)?,
+            attn_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
+            ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
+            fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
+            fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
+        })
+    }
+}
+
+impl<N, L> DecoderLayer<N, L> {
+    /// Decoder block `i` of a checkpoint laid out as `l`, of shape `d`.
+    pub(super) fn read(
+        r: &impl Reads<Norm = N, Linear = L>,
+        l: Layout,
+        d: &Dims,
+        i: usize,
+    ) -> Result<Self, ModelError> {
+        let (h, f, p) = (d.hidden, d.ffn, l.layer("decoder", i));
+        let scale = 1.0 / ((h / d.decoder_heads) as f32).sqrt();
+        Ok(DecoderLayer {
+            self_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
+            self_qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, scale)?,
+            self_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
+            cross_norm: r.norm(&l.norm_site(&p, NormSite::CrossAttention), h)?,
+            cross_q: r.linear(&l.parts(&p, Site::CrossQ), h, h, h, scale)?,
+            cross_kv: r.linear(&l.parts(&p, Site::CrossKv), h, 2 * h, 0, 1.0)?,
+            cross_out: r.linear(&l.parts(&p, Site::CrossOut), h, h, 0, 1.0)?,
+            ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
+            fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
+            fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
+        })
     }
 }

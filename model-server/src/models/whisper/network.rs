@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::layout::{Dims, Layout, NormSite, Site, Source};
+use super::layout::{self, Dims, Layout, Reads, Source};
 use crate::kernels::attention::{Mask, attend_head};
 use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
 use crate::kernels::{self, Isa, Norm};
@@ -14,29 +14,8 @@ use crate::models::ModelError;
 /// Whisper's LayerNorm epsilon.
 const EPS: f32 = 1e-5;
 
-struct EncoderLayer {
-    attn_norm: Norm,
-    /// Q, K, V stacked; Q pre-scaled by 1/√d.
-    qkv: Linear,
-    attn_out: Linear,
-    ffn_norm: Norm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-struct DecoderLayer {
-    self_norm: Norm,
-    self_qkv: Linear,
-    self_out: Linear,
-    cross_norm: Norm,
-    cross_q: Linear,
-    /// K and V of the encoder output, stacked.
-    cross_kv: Linear,
-    cross_out: Linear,
-    ffn_norm: Norm,
-    fc1: Linear,
-    fc2: Linear,
-}
+type EncoderLayer = layout::EncoderLayer<Norm, Linear>;
+type DecoderLayer = layout::DecoderLayer<Norm, Linear>;
 
 pub struct Network {
     pub dims: Dims,
@@ -93,22 +72,8 @@ pub struct Sequence {
     len: usize,
 }
 
-impl Sequence {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-/// One sequence's part of a decoder step: its window, its cache, the tokens it feeds.
-pub struct Step<'a> {
-    pub audio: &'a Audio,
-    pub seq: &'a mut Sequence,
-    pub tokens: &'a [u32],
-}
+/// One sequence's part of a decoder step.
+pub type Step<'a> = layout::Step<'a, Audio, Sequence>;
 
 /// Reads one layout's weights into the packed forms.
 struct Reader<'a> {
@@ -117,17 +82,36 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// PyTorch's `[out, in, 3]` convolution into rows over three frames, frame-major: input
+    /// `k·in + c`.
+    fn conv(&self, prefix: &str, channels: usize, hidden: usize) -> Result<Linear, ModelError> {
+        let w = self.source.get(&self.layout.weight(prefix), &[hidden, channels, 3])?;
+        let weight = Weight::from_output_rows(3 * channels, hidden, |o, row| {
+            let mut raw = vec![0.0; channels * 3];
+            w.read_rows(o * channels, &mut raw);
+            for c in 0..channels {
+                for k in 0..3 {
+                    row[k * channels + c] = raw[c * 3 + k];
+                }
+            }
+        });
+        Ok(Linear { weight, bias: self.vector(&self.layout.bias(prefix), hidden)? })
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         Ok(self.source.get(name, &[len])?.to_vec())
     }
+}
+
+impl Reads for Reader<'_> {
+    type Norm = Norm;
+    type Linear = Linear;
 
     fn norm(&self, prefix: &str, hidden: usize) -> Result<Norm, ModelError> {
         let (gamma, beta) = self.layout.gamma_beta(prefix);
         Ok(Norm { gamma: self.vector(&gamma, hidden)?, beta: self.vector(&beta, hidden)? })
     }
 
-    /// The stacked `parts` (each `[outputs / parts, inputs]`), the first `scaled` outputs
-    /// multiplied by `scale` (1/√d folded into Q), biases as [`Layout::stacked_bias`] lays them.
     fn linear(
         &self,
         parts: &[String],
@@ -150,22 +134,6 @@ impl Reader<'_> {
         });
         Ok(Linear { weight, bias })
     }
-
-    /// PyTorch's `[out, in, 3]` convolution into rows over three frames, frame-major: input
-    /// `k·in + c`.
-    fn conv(&self, prefix: &str, channels: usize, hidden: usize) -> Result<Linear, ModelError> {
-        let w = self.source.get(&self.layout.weight(prefix), &[hidden, channels, 3])?;
-        let weight = Weight::from_output_rows(3 * channels, hidden, |o, row| {
-            let mut raw = vec![0.0; channels * 3];
-            w.read_rows(o * channels, &mut raw);
-            for c in 0..channels {
-                for k in 0..3 {
-                    row[k * channels + c] = raw[c * 3 + k];
-                }
-            }
-        });
-        Ok(Linear { weight, bias: self.vector(&self.layout.bias(prefix), hidden)? })
-    }
 }
 
 impl Network {
@@ -174,9 +142,7 @@ impl Network {
     pub fn load(source: &dyn Source, layout: Layout, dims: Dims) -> Result<Network, ModelError> {
         dims.check()?;
         let r = Reader { source, layout };
-        let (h, f, l) = (dims.hidden, dims.ffn, layout);
-        let enc_scale = 1.0 / ((h / dims.encoder_heads) as f32).sqrt();
-        let dec_scale = 1.0 / ((h / dims.decoder_heads) as f32).sqrt();
+        let (h, l) = (dims.hidden, layout);
         // The layers, the convolutions and the embeddings convert side by side.
         let convs = || -> Result<_, ModelError> {
             let conv1 = r.conv(&l.top("encoder", "conv1"), dims.mels, h)?;
@@ -191,37 +157,13 @@ impl Network {
         let encoder = || {
             (0..dims.encoder_layers)
                 .into_par_iter()
-                .map(|i| {
-                    let p = l.layer("encoder", i);
-                    Ok(EncoderLayer {
-                        attn_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
-                        qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, enc_scale)?,
-                        attn_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
-                        ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
-                        fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
-                        fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
-                    })
-                })
+                .map(|i| EncoderLayer::read(&r, l, &dims, i))
                 .collect::<Result<Vec<_>, ModelError>>()
         };
         let decoder = || {
             (0..dims.decoder_layers)
                 .into_par_iter()
-                .map(|i| {
-                    let p = l.layer("decoder", i);
-                    Ok(DecoderLayer {
-                        self_norm: r.norm(&l.norm_site(&p, NormSite::SelfAttention), h)?,
-                        self_qkv: r.linear(&l.parts(&p, Site::SelfQkv), h, 3 * h, h, dec_scale)?,
-                        self_out: r.linear(&l.parts(&p, Site::SelfOut), h, h, 0, 1.0)?,
-                        cross_norm: r.norm(&l.norm_site(&p, NormSite::CrossAttention), h)?,
-                        cross_q: r.linear(&l.parts(&p, Site::CrossQ), h, h, h, dec_scale)?,
-                        cross_kv: r.linear(&l.parts(&p, Site::CrossKv), h, 2 * h, 0, 1.0)?,
-                        cross_out: r.linear(&l.parts(&p, Site::CrossOut), h, h, 0, 1.0)?,
-                        ffn_norm: r.norm(&l.norm_site(&p, NormSite::Ffn), h)?,
-                        fc1: r.linear(&l.parts(&p, Site::Fc1), h, f, 0, 1.0)?,
-                        fc2: r.linear(&l.parts(&p, Site::Fc2), f, h, 0, 1.0)?,
-                    })
-                })
+                .map(|i| DecoderLayer::read(&r, l, &dims, i))
                 .collect::<Result<Vec<_>, ModelError>>()
         };
         let (convs, (encoder_layers, decoder_layers)) = rayon::join(convs, || rayon::join(encoder, decoder));
