@@ -3,7 +3,8 @@
 # registry: built and packed here, run there.
 #
 #   gpu-check.sh pack DIR   (here) builds the `cuda` model server, bench_engine, bench_llama
-#                           and the GPU tests (architectures, image_text, device, generation)
+#                           and the GPU tests (architectures, image_text, device, generation,
+#                           faces)
 #                           with `make build-cuda`'s toolchain, for KILN_CUDA_ARCHS (default
 #                           90) only, into DIR/bin.tar.xz, with
 #                           MiniLM's small files, SmolLM2's GGUF cut to its first 2 layers with
@@ -23,7 +24,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-TESTS=architectures,image_text,device,generation
+TESTS=architectures,image_text,device,generation,faces
 
 pack() {
   local dir
@@ -65,6 +66,8 @@ EOF
   mkdir -p "$dir/fixtures/whisper"
   cp "$CACHE"/fixtures/whisper-tiny-en-hf/{config.json,generation_config.json,tokenizer.json} "$dir/fixtures/whisper/"
   cp "$CACHE"/fixtures/whisper-reference/{fox.wav,kiln.flac} "$dir/fixtures/"
+  # YuNet and OpenCV's faces (2 MB): the faces test runs whole there.
+  cp -rL "$CACHE/fixtures/yunet" "$CACHE/fixtures/yunet-reference" "$dir/fixtures/"
   # SmolLM2 with its first layers only (the token table alone is 30 MB): the GPU path's greedy
   # tokens are compared with the CPU path's on the same file there, so no reference is needed.
   mkdir -p "$dir/fixtures/smollm2"
@@ -132,6 +135,7 @@ PY
       device) args=(--skip gpu_embeddings_match_the_reference_vectors) ;;
       # The cut-down SmolLM2 has no numpy reference: the CPU path is the yardstick.
       generation) args=(the_gpu_path_gives_the_cpu_paths_greedy_tokens the_gpu_path_steps_sequences_together) ;;
+      faces) args=(the_gpu_path) ;;
       *) args=() ;;
     esac
     echo "== test $t ${args[*]} (at ${SECONDS}s)"

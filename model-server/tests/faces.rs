@@ -41,6 +41,35 @@ fn every_reference_image_gives_opencvs_faces_on_each_isa() {
     }
 }
 
+/// YuNet's GPU path (the same planned graph on candle's ops) finds OpenCV's faces, image by
+/// image and all in one batch (several sizes, two of the same padded size): on the CPU every
+/// run, and on CUDA device 0 where one opens.
+#[test]
+fn the_gpu_path_gives_opencvs_faces() {
+    let (dir, cases) = common::face_reference();
+    let options = DetectOptions::default();
+    for device in common::devices() {
+        let model = FaceModel::load_candle(&common::yunet_dir(), device.candle()).expect("load on candle");
+        let label = format!("candle on {} ({})", device.label(), device.name());
+        let mut inputs = Vec::new();
+        for case in &cases {
+            let bytes = std::fs::read(dir.join(&case.file)).expect("image");
+            let d = detect(&model, &bytes, options);
+            common::assert_faces_match(&format!("{} ({label})", case.name), &found(&d), &case.faces);
+            inputs.push(model.image(&bytes, &ImageLimits::default(), options).expect("decode"));
+        }
+        let refs: Vec<_> = inputs.iter().collect();
+        for (case, d) in cases.iter().zip(model.run(&refs).expect("detect")) {
+            common::assert_faces_match(
+                &format!("{} in a batch ({label})", case.name),
+                &found(&d),
+                &case.faces,
+            );
+        }
+        eprintln!("{label}: OpenCV's faces on {} images", cases.len());
+    }
+}
+
 #[test]
 fn batched_images_give_what_each_gives_alone() {
     let (dir, cases) = common::face_reference();

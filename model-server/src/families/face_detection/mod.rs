@@ -41,8 +41,7 @@ impl ModelFamily for FaceDetection {
     type Serving = BatchServing<FaceModel, Input>;
 
     fn load(dir: &Path, device: &ComputeDevice) -> Result<FaceModel, ModelError> {
-        device.require_cpu("the YuNet architecture")?;
-        FaceModel::load(dir)
+        FaceModel::load_on(dir, device)
     }
 
     fn summary(model: &FaceModel) -> String {
@@ -109,16 +108,31 @@ pub struct FaceModel {
 }
 
 impl FaceModel {
-    /// Load the model directory's ONNX file (exactly one `*.onnx`); the architecture is
-    /// recognised by the graph's outputs.
+    /// Load the model directory's ONNX file (exactly one `*.onnx`) for the CPU; the
+    /// architecture is recognised by the graph's outputs.
     pub fn load(dir: &Path) -> Result<FaceModel, ModelError> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`Self::load`] for `device`: the packed kernels on the CPU, candle's ops on a GPU.
+    pub fn load_on(dir: &Path, device: &ComputeDevice) -> Result<FaceModel, ModelError> {
+        Self::load_with(dir, (!device.is_cpu()).then(|| device.candle()))
+    }
+
+    /// The GPU path (candle's ops) on any candle device: the CPU too, where it is checked
+    /// against the same reference.
+    pub fn load_candle(dir: &Path, device: &candle_core::Device) -> Result<FaceModel, ModelError> {
+        Self::load_with(dir, Some(device))
+    }
+
+    fn load_with(dir: &Path, candle: Option<&candle_core::Device>) -> Result<FaceModel, ModelError> {
         let file = onnx_file(dir)?;
         let onnx = crate::weights::onnx::read(&file)?;
         let declared = if is_yunet(&onnx) { "yunet".to_string() } else { onnx.outputs.join(", ") };
         let arch = architecture(Family::FaceDetection, Some(&declared), "graph outputs", &file)
             .map_err(|e| ModelError::Unsupported(e.to_string()))?;
         let yunet = match arch {
-            Architecture::Yunet => Yunet::from_graph(&onnx, &file)?,
+            Architecture::Yunet => Yunet::from_graph(&onnx, &file, candle)?,
             other => return Err(ModelError::Unsupported(format!("{other:?} is not a face detector"))),
         };
         Ok(FaceModel { yunet, file })

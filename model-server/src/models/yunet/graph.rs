@@ -54,9 +54,9 @@ impl Value {
 /// How a nearest-neighbour resize maps an output index to an input one (ONNX's Resize
 /// attributes).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Nearest {
-    scale_h: f32,
-    scale_w: f32,
+pub(super) struct Nearest {
+    pub scale_h: f32,
+    pub scale_w: f32,
     coordinate: Coordinate,
     rounding: Rounding,
 }
@@ -80,7 +80,7 @@ enum Rounding {
 
 impl Nearest {
     /// The input index each of `floor(size · scale)` outputs reads.
-    fn indices(&self, size: usize, scale: f32) -> Vec<usize> {
+    pub(super) fn indices(&self, size: usize, scale: f32) -> Vec<usize> {
         let out = (size as f32 * scale).floor() as usize;
         (0..out)
             .map(|o| {
@@ -107,8 +107,8 @@ impl Nearest {
     }
 }
 
-enum Op {
-    Conv(Conv2d),
+pub(super) enum Op<C> {
+    Conv(C),
     Relu,
     Sigmoid,
     MaxPool(Window),
@@ -119,22 +119,63 @@ enum Op {
     Identity,
 }
 
-struct Step {
-    node: String,
-    op: Op,
-    inputs: Vec<usize>,
-    output: usize,
+pub(super) struct Step<C> {
+    pub node: String,
+    pub op: Op<C>,
+    pub inputs: Vec<usize>,
+    pub output: usize,
     /// Values no later step reads, dropped after this one.
-    frees: Vec<usize>,
+    pub frees: Vec<usize>,
+}
+
+/// A convolution as ONNX gives it: weight `[out, in / groups, kh, kw]`, bias `[out]`.
+pub(super) struct ConvSpec<'a> {
+    pub weight: &'a [f32],
+    pub out_c: usize,
+    pub in_per_group: usize,
+    pub groups: usize,
+    pub window: Window,
+    pub bias: Option<&'a [f32]>,
+}
+
+/// A convolution in an executor's form: the packed CPU kernel's or candle's.
+pub(super) trait ConvKind: Sized {
+    /// What building one needs besides the ONNX weights (candle's device).
+    type Context;
+    fn build(spec: ConvSpec<'_>, context: &Self::Context) -> Result<Self, String>;
+    fn in_channels(&self) -> usize;
+    /// Apply a ReLU to the output; false when it already does.
+    fn fuse_relu(&mut self) -> bool;
+}
+
+impl ConvKind for Conv2d {
+    type Context = ();
+
+    fn build(s: ConvSpec<'_>, _: &()) -> Result<Self, String> {
+        Conv2d::new(s.weight, s.out_c, s.in_per_group, s.groups, s.window, s.bias)
+    }
+
+    fn in_channels(&self) -> usize {
+        self.in_c
+    }
+
+    fn fuse_relu(&mut self) -> bool {
+        !std::mem::replace(&mut self.relu, true)
+    }
+}
+
+/// A graph planned into steps, each value in a slot, for any executor.
+pub(super) struct Plan<C> {
+    pub steps: Vec<Step<C>>,
+    pub slots: usize,
+    pub input: usize,
+    pub input_channels: usize,
+    pub outputs: Vec<(String, usize)>,
 }
 
 /// A planned graph: run it on a batch of NHWC images.
 pub struct Program {
-    steps: Vec<Step>,
-    slots: usize,
-    input: usize,
-    input_channels: usize,
-    outputs: Vec<(String, usize)>,
+    plan: Plan<Conv2d>,
     /// Map buffers kept from one run to the next (runs are one at a time: the model's worker).
     buffers: std::sync::Mutex<Buffers>,
 }
@@ -156,6 +197,14 @@ pub struct Output {
 impl Program {
     /// Plan `graph`; the error names the node and what about it is not run here.
     pub fn plan(graph: &Graph) -> Result<Program, String> {
+        Ok(Program { plan: Plan::new(graph, &())?, buffers: Default::default() })
+    }
+}
+
+impl<C: ConvKind> Plan<C> {
+    /// Plan `graph`, convolutions built with `context`; the error names the node and what
+    /// about it is not run here.
+    pub(super) fn new(graph: &Graph, context: &C::Context) -> Result<Plan<C>, String> {
         let [input] = &graph.inputs[..] else {
             return Err(format!(
                 "the graph takes {} inputs; one image input is expected",
@@ -172,7 +221,7 @@ impl Program {
         }
         let mut slots: HashMap<String, usize> = HashMap::new();
         slots.insert(input.clone(), 0);
-        let mut steps: Vec<Step> = Vec::new();
+        let mut steps: Vec<Step<C>> = Vec::new();
         let mut input_channels = None;
         for node in &graph.nodes {
             let err = |m: String| format!("node {:?} ({}): {m}", node.name, node.op_type);
@@ -198,9 +247,9 @@ impl Program {
             };
             let op = match node.op_type.as_str() {
                 "Conv" => {
-                    let conv = conv(node, constant(1), constant(2)).map_err(err)?;
+                    let conv: C = conv(node, constant(1), constant(2), context).map_err(err)?;
                     if data(0)? == 0 {
-                        input_channels.get_or_insert(conv.in_c);
+                        input_channels.get_or_insert(conv.in_channels());
                     }
                     Op::Conv(conv)
                 }
@@ -211,9 +260,8 @@ impl Program {
                     if let Some(step) = steps.iter_mut().rev().find(|s| s.output == x)
                         && let Op::Conv(c) = &mut step.op
                         && reads.get(source) == Some(&1)
-                        && !c.relu
+                        && c.fuse_relu()
                     {
-                        c.relu = true;
                         let out = node.outputs.first().ok_or_else(|| err("no output".into()))?;
                         slots.insert(out.clone(), x);
                         continue;
@@ -278,16 +326,11 @@ impl Program {
             }
         }
         let input_channels = input_channels.ok_or("the input is not read by a convolution")?;
-        Ok(Program {
-            steps,
-            slots: slots.len(),
-            input: 0,
-            input_channels,
-            outputs,
-            buffers: Default::default(),
-        })
+        Ok(Plan { steps, slots: slots.len(), input: 0, input_channels, outputs })
     }
+}
 
+impl Program {
     /// A buffer of `len` floats for the next input, from those kept between runs; it holds old
     /// values, to be overwritten.
     pub fn buffer(&self, len: usize) -> Vec<f32> {
@@ -296,7 +339,7 @@ impl Program {
 
     /// Channels the input image must have.
     pub fn input_channels(&self) -> usize {
-        self.input_channels
+        self.plan.input_channels
     }
 
     /// Run on `input` (NHWC); every graph output by name.
@@ -314,9 +357,9 @@ impl Program {
         isa: Isa,
         buffers: &mut Buffers,
     ) -> Result<HashMap<String, Output>, String> {
-        let mut values: Vec<Option<Value>> = vec![None; self.slots];
-        values[self.input] = Some(Value::Map(input));
-        for step in &self.steps {
+        let mut values: Vec<Option<Value>> = vec![None; self.plan.slots];
+        values[self.plan.input] = Some(Value::Map(input));
+        for step in &self.plan.steps {
             let err = |m: String| format!("node {:?}: {m}", step.node);
             let x = step.inputs[0];
             // A value read for the last time is taken rather than copied.
@@ -399,7 +442,7 @@ impl Program {
             }
         }
         let mut out = HashMap::new();
-        for (name, slot) in &self.outputs {
+        for (name, slot) in &self.plan.outputs {
             let v = values[*slot].clone().ok_or_else(|| format!("output {name:?} was not computed"))?;
             let (shape, data) = v.into_dense();
             out.insert(name.clone(), Output { shape, data });
@@ -442,7 +485,7 @@ fn transpose(v: Value, perm: &[usize]) -> Result<Value, String> {
 }
 
 /// ONNX's Reshape: 0 copies the input's dimension, -1 takes what is left.
-fn reshape(shape: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
+pub(super) fn reshape(shape: &[usize], spec: &[i64]) -> Result<Vec<usize>, String> {
     let total: usize = shape.iter().product();
     let mut out = Vec::with_capacity(spec.len());
     let mut infer = None;
@@ -504,7 +547,12 @@ fn window(node: &Node, kernel: Option<(usize, usize)>) -> Result<Window, String>
     Ok(Window { kh, kw, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right })
 }
 
-fn conv(node: &Node, weight: Option<&Constant>, bias: Option<&Constant>) -> Result<Conv2d, String> {
+fn conv<C: ConvKind>(
+    node: &Node,
+    weight: Option<&Constant>,
+    bias: Option<&Constant>,
+    context: &C::Context,
+) -> Result<C, String> {
     let weight = weight.ok_or("the weight must be an initializer")?;
     let w = weight.floats().ok_or("the weight must be floating point")?;
     let [out_c, in_per_group, kh, kw] = weight.dims[..] else {
@@ -516,7 +564,8 @@ fn conv(node: &Node, weight: Option<&Constant>, bias: Option<&Constant>) -> Resu
         (Some(_), Some(b)) => Some(b.floats().ok_or("the bias must be floating point")?),
         (Some(_), None) => return Err("the bias must be an initializer".into()),
     };
-    Conv2d::new(w, out_c, in_per_group, groups, window(node, Some((kh, kw)))?, bias)
+    let window = window(node, Some((kh, kw)))?;
+    C::build(ConvSpec { weight: w, out_c, in_per_group, groups, window, bias }, context)
 }
 
 fn pool(node: &Node) -> Result<Window, String> {

@@ -5,11 +5,15 @@
 //! size, in strides) and five landmarks for every cell; a face scores sqrt(cls · obj), and
 //! faces over the threshold go through OpenCV's NMS (on integer boxes, as OpenCV builds them).
 
+pub mod candle;
 pub mod graph;
 
 use std::path::Path;
 
+use candle_core::Device;
 use graph::Program;
+
+use self::candle::CandleProgram;
 
 use super::ModelError;
 use crate::kernels::Isa;
@@ -57,8 +61,14 @@ pub struct BgrImage<'a> {
     pub pixels: &'a [u8],
 }
 
+/// Where the graph runs: the packed CPU kernels, or candle's ops (the GPU path).
+enum Executor {
+    Packed(Program),
+    Candle(CandleProgram),
+}
+
 pub struct Yunet {
-    program: Program,
+    program: Executor,
     isa: Isa,
     /// The model's own threads (as many as the process's inference threads), the caller running
     /// inside the pool as the encoders do: a frame is ~90 steps of short parallel loops, each of
@@ -67,15 +77,28 @@ pub struct Yunet {
 }
 
 impl Yunet {
-    /// Plan YuNet's graph as read from `path`; an operator not run here is refused by name.
-    pub fn from_graph(onnx: &crate::weights::onnx::Graph, path: &Path) -> Result<Yunet, ModelError> {
+    /// Plan YuNet's graph as read from `path` for the CPU (`candle` None) or for candle's ops
+    /// on that device; an operator not run there is refused by name.
+    pub fn from_graph(
+        onnx: &crate::weights::onnx::Graph,
+        path: &Path,
+        candle: Option<&Device>,
+    ) -> Result<Yunet, ModelError> {
         let files = |message: String| ModelError::Files { path: path.display().to_string(), message };
-        let program = Program::plan(onnx).map_err(files)?;
-        if program.input_channels() != 3 {
-            return Err(files(format!(
-                "the input has {} channels; YuNet takes 3 (BGR)",
-                program.input_channels()
-            )));
+        let (program, channels) = match candle {
+            None => {
+                let p = Program::plan(onnx).map_err(files)?;
+                let c = p.input_channels();
+                (Executor::Packed(p), c)
+            }
+            Some(device) => {
+                let p = CandleProgram::plan(onnx, device).map_err(files)?;
+                let c = p.input_channels();
+                (Executor::Candle(p), c)
+            }
+        };
+        if channels != 3 {
+            return Err(files(format!("the input has {channels} channels; YuNet takes 3 (BGR)")));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
@@ -106,7 +129,11 @@ impl Yunet {
             return Err(ModelError::Inference("a batch of images that pad to different sizes".into()));
         }
         // A recycled buffer: every value is written, the padding with zeros.
-        let data = self.program.buffer(images.len() * ph * pw * 3);
+        let len = images.len() * ph * pw * 3;
+        let data = match &self.program {
+            Executor::Packed(p) => p.buffer(len),
+            Executor::Candle(_) => vec![0.0; len],
+        };
         let mut input = Feature { n: images.len(), h: ph, w: pw, c: 3, data };
         for (image, dst) in images.iter().zip(input.data.chunks_exact_mut(ph * pw * 3)) {
             let width = image.width;
@@ -123,8 +150,11 @@ impl Yunet {
                 padding.fill(0.0);
             }
         }
-        let outputs =
-            self.pool.install(|| self.program.run(input, self.isa)).map_err(ModelError::Inference)?;
+        let outputs = match &self.program {
+            Executor::Packed(p) => self.pool.install(|| p.run(input, self.isa)),
+            Executor::Candle(p) => p.run(input),
+        }
+        .map_err(ModelError::Inference)?;
         let mut faces = Vec::with_capacity(images.len());
         for (b, opts) in options.iter().enumerate() {
             let mut candidates = Vec::new();
