@@ -152,6 +152,14 @@ impl CandleLlama {
             rope_i(&t, &cos, &sin)
         };
         let mut next: Vec<Vec<(Tensor, Tensor)>> = steps.iter().map(|_| Vec::new()).collect();
+        // Each sequence's causal mask, once for every layer.
+        let masks = steps
+            .iter()
+            .map(|s| match s.tokens.len() {
+                n if n > 1 => self.causal_mask(n, s.cache.len).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
             let q = rotated(layer.q.forward(&h)?, heads)?;
@@ -159,7 +167,7 @@ impl CandleLlama {
             let v = layer.v.forward(&h)?.reshape((1, rows, kv_heads, hd))?.transpose(1, 2)?;
             let mut ctx = Vec::with_capacity(steps.len());
             let mut first = 0;
-            for (step, kept) in steps.iter().zip(next.iter_mut()) {
+            for ((step, kept), mask) in steps.iter().zip(next.iter_mut()).zip(&masks) {
                 let n = step.tokens.len();
                 if n == 0 {
                     continue;
@@ -172,7 +180,7 @@ impl CandleLlama {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &kn], 1)?, Tensor::cat(&[pv, &vn], 1)?),
                     None => (kn, vn),
                 };
-                ctx.push(self.attend(&part(&q)?, &ks, &vs, step.cache.len)?);
+                ctx.push(self.attend(&part(&q)?, &ks, &vs, mask.as_ref())?);
                 kept.push((ks, vs));
                 first += n;
             }
@@ -207,7 +215,14 @@ impl CandleLlama {
 
     /// Causal attention of one sequence's `[heads, n, hd]` queries at positions `pos..pos + n`
     /// over its `[kv_heads, pos + n, hd]` keys and values; `[n, heads * hd]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    /// `mask`: [`Self::causal_mask`] for more than one query row.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
         let (heads, n, hd) = q.dims3()?;
         let group = cfg.heads / cfg.kv_heads;
@@ -215,14 +230,21 @@ impl CandleLlama {
         let q = q.reshape((cfg.kv_heads, group * n, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if n > 1 {
-            let m = pos + n;
-            let mask: Vec<f32> = (0..group * n)
-                .flat_map(|r| (0..m).map(move |j| if j > pos + r % n { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            scores = scores.broadcast_add(&Tensor::from_vec(mask, (group * n, m), &self.device)?)?;
+        if let Some(mask) = mask {
+            let m = scores.dim(2)?;
+            let grouped = scores.reshape((cfg.kv_heads, group, n, m))?.broadcast_add(mask)?;
+            scores = grouped.reshape((cfg.kv_heads, group * n, m))?;
         }
         let out = softmax_last_dim(&scores)?.matmul(v)?; // [kv_heads, group * n, hd]
         out.reshape((heads, n, hd))?.transpose(0, 1)?.reshape((n, heads * hd))
+    }
+
+    /// `[n, pos + n]`: query row `i` (position `pos + i`) sees the keys up to its own position.
+    fn causal_mask(&self, n: usize, pos: usize) -> candle_core::Result<Tensor> {
+        let m = pos + n;
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..m).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (n, m), &self.device)
     }
 }
