@@ -8,6 +8,8 @@ mod common;
 
 use std::path::PathBuf;
 
+use candle_core::DType;
+
 use kiln_model_server::families::image_text_embedding::{ImageTextModel, Input};
 use kiln_model_server::families::text_embedding::cosine;
 use kiln_model_server::images::ImageLimits;
@@ -119,19 +121,23 @@ fn clip_matches_transformers() {
     parity("clip");
 }
 
-/// The GPU paths (candle's SigLIP and CLIP towers) on the CPU every run, and on CUDA device 0
-/// where one opens, through the same checks; `load_on` a GPU picks them.
+/// The GPU paths (candle's SigLIP, in float32 and float16, and CLIP towers) on the CPU every
+/// run, and on CUDA device 0 where one opens, through the same checks; `load_on` a GPU picks
+/// them.
 #[test]
 fn the_gpu_paths_match_transformers() {
     for device in &common::devices() {
-        for name in ["siglip", "clip"] {
+        // SigLIP runs on a GPU in float16: checked in it as well as in float32.
+        for (name, dtype) in [("siglip", DType::F32), ("siglip", DType::F16), ("clip", DType::F32)] {
             let dir = data().join("tiny").join(name);
             let encoder: Box<dyn ImageTextEncoder> = match name {
-                "siglip" => Box::new(CandleSiglip::load(&dir, device.candle()).expect("candle's SigLIP")),
+                "siglip" => {
+                    Box::new(CandleSiglip::load(&dir, device.candle(), dtype).expect("candle's SigLIP"))
+                }
                 _ => Box::new(CandleClip::load(&dir, device.candle()).expect("candle's CLIP")),
             };
             let model = ImageTextModel::with_encoder(&dir, encoder).expect("model");
-            let label = format!("{name} (candle on {}, {})", device.label(), device.name());
+            let label = format!("{name} (candle {dtype:?} on {}, {})", device.label(), device.name());
             check(&model, name, &label);
             eprintln!("{label}: within cosine 0.9999 of transformers");
             if !device.is_cpu() {

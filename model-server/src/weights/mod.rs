@@ -57,11 +57,12 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(files)
 }
 
-/// A model directory's safetensors weights for candle's models, float32 on `device` (the GPU
-/// paths), and the error that names the directory for what building the model then reports.
+/// A model directory's safetensors weights for candle's models, in `dtype` on `device` (the
+/// GPU paths), and the error that names the directory for what building the model then reports.
 pub fn candle_weights(
     dir: &Path,
     device: &candle_core::Device,
+    dtype: candle_core::DType,
 ) -> Result<(candle_nn::VarBuilder<'static>, impl Fn(candle_core::Error) -> ModelError), ModelError> {
     let path = dir.display().to_string();
     let failed =
@@ -70,8 +71,7 @@ pub fn candle_weights(
     // SAFETY: the files are memory-mapped read-only; the cache is written atomically by `pull`
     // and never modified in place afterwards.
     let vb =
-        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, candle_core::DType::F32, device) }
-            .map_err(&failed)?;
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(&failed)?;
     Ok((vb, failed))
 }
 

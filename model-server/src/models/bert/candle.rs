@@ -60,7 +60,7 @@ impl CandleBert {
                 fields.entry(key).or_insert(default);
             }
         }
-        let (vb, failed) = candle_weights(dir, device)?;
+        let (vb, failed) = candle_weights(dir, device, candle_core::DType::F32)?;
         let network = match architecture {
             Architecture::Bert => {
                 let c: CandleBertConfig = serde_json::from_value(config).map_err(invalid)?;

@@ -65,7 +65,7 @@ impl CandleClip {
             image_size: v.image_size,
             patch_size: v.patch_size,
         };
-        let (vb, failed) = candle_weights(dir, device)?;
+        let (vb, failed) = candle_weights(dir, device, candle_core::DType::F32)?;
         // candle would invent a random class embedding where the checkpoint has none.
         if !vb.contains_tensor("vision_model.embeddings.class_embedding") {
             return Err(ModelError::Files {

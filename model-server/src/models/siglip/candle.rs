@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::siglip;
 use serde_json::Value;
 
@@ -17,11 +17,12 @@ pub struct CandleSiglip {
     model: siglip::Model,
     shape: TowerShape,
     device: Device,
+    dtype: DType,
 }
 
 impl CandleSiglip {
-    /// The model in `dir` with float32 weights on `device`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+    /// The model in `dir` with `dtype` weights and activations on `device`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
         // Our reading decides what is refused, so both paths refuse the same checkpoints.
         let ours = SiglipConfig::read(dir)?;
@@ -45,7 +46,7 @@ impl CandleSiglip {
             path: path.display().to_string(),
             message: format!("not a config candle's SigLIP reads: {e}"),
         })?;
-        let (vb, failed) = candle_weights(dir, device)?;
+        let (vb, failed) = candle_weights(dir, device, dtype)?;
         let model = siglip::Model::new(&config, vb).map_err(&failed)?;
         Ok(CandleSiglip {
             model,
@@ -56,14 +57,15 @@ impl CandleSiglip {
                 pads_text: true,
             },
             device: device.clone(),
+            dtype,
         })
     }
 }
 
 impl ImageTextEncoder for CandleSiglip {
     fn embed_images(&self, images: &[&PixelValues]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let pixels = PixelValues::batch(images, self.shape.image_size, &self.device)?;
-        Ok(self.model.get_image_features(&pixels)?.to_vec2::<f32>()?)
+        let pixels = PixelValues::batch(images, self.shape.image_size, &self.device)?.to_dtype(self.dtype)?;
+        Ok(self.model.get_image_features(&pixels)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 
     fn embed_texts(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -77,7 +79,7 @@ impl ImageTextEncoder for CandleSiglip {
         }
         let ids: Vec<u32> = texts.iter().flat_map(|t| t.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (texts.len(), len), &self.device)?;
-        Ok(self.model.get_text_features(&ids)?.to_vec2::<f32>()?)
+        Ok(self.model.get_text_features(&ids)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 
     fn shape(&self) -> TowerShape {
