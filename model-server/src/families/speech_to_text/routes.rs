@@ -162,10 +162,15 @@ async fn run(
     let worker = serving.worker.clone();
     let place = worker.reserve().map_err(ApiError::from)?;
     let max_seconds = state.limits.max_audio_seconds;
-    let decoded = tokenize(state, move || audio::decode(&bytes, &extension, max_seconds))
-        .await?
-        .map_err(audio_error)?;
-    let rx = place.submit(decoded.samples, options).map_err(ApiError::from)?;
+    // Decoding, resampling and the log-mel features run here, beside the request, so the
+    // model's worker spends its time on the network only.
+    let model = serving.model.clone();
+    let clip = tokenize(state, move || {
+        audio::decode(&bytes, &extension, max_seconds).map(|d| model.audio_features(&d.samples))
+    })
+    .await?
+    .map_err(audio_error)?;
+    let rx = place.submit(clip, options).map_err(ApiError::from)?;
     worker_answer(rx, worker.queue(), id).await
 }
 

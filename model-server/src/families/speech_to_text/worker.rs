@@ -13,19 +13,17 @@ use crate::families::StartContext;
 use crate::manifest::ModelRef;
 use crate::metrics::Metrics;
 use crate::models::ModelError;
-use crate::models::whisper::Whisper;
 use crate::models::whisper::transcribe::{Options, Transcript, Transcription};
+use crate::models::whisper::{AudioFeatures, Whisper};
 use crate::queue::{
     InFlight, RequestQueue, Reservation, SubmitError, Tracked, Weigh, WorkerThread, spawn_worker,
 };
-
-use super::audio::RATE;
 
 pub type TranscriptResult = Result<Transcript, ModelError>;
 
 /// A transcription waiting for the worker.
 pub struct Job {
-    samples: Vec<f32>,
+    clip: AudioFeatures,
     options: Options,
     reply: oneshot::Sender<TranscriptResult>,
 }
@@ -33,7 +31,7 @@ pub struct Job {
 impl Weigh for Job {
     /// Seconds of audio, rounded up.
     fn tokens(&self) -> usize {
-        self.samples.len().div_ceil(RATE as usize)
+        self.clip.seconds().ceil() as usize
     }
 }
 
@@ -44,11 +42,11 @@ impl Slot {
     /// Queue 16 kHz mono `samples`; the receiver yields the transcript.
     pub fn submit(
         self,
-        samples: Vec<f32>,
+        clip: AudioFeatures,
         options: Options,
     ) -> Result<oneshot::Receiver<TranscriptResult>, SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.0.push(Job { samples, options, reply })?;
+        self.0.push(Job { clip, options, reply })?;
         Ok(rx)
     }
 }
@@ -135,9 +133,9 @@ impl Worker {
                 if crate::failpoint::hit("batch-panic", &self.id) {
                     panic!("failpoint batch-panic");
                 }
-                let seconds = job.samples.len() as f64 / f64::from(RATE);
+                let seconds = job.clip.seconds();
                 let span = tracing::info_span!("transcribe", model = %self.id, audio_seconds = seconds);
-                match span.in_scope(|| Transcription::new(model, &job.samples, job.options)) {
+                match span.in_scope(|| Transcription::of_features(model, job.clip, job.options)) {
                     Ok(t) => {
                         transcriptions.push(t);
                         requests.push(Request {

@@ -70,6 +70,20 @@ struct HfGeneration {
     lang_to_id: std::collections::BTreeMap<String, u32>,
 }
 
+/// A clip's features (`[mels × frames]`) and length: computed where the audio is decoded, so
+/// the model's worker spends its time on the network only.
+pub struct AudioFeatures {
+    features: Vec<f32>,
+    frames: usize,
+    seconds: f64,
+}
+
+impl AudioFeatures {
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+}
+
 /// What a multilingual model is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
@@ -213,6 +227,13 @@ impl Whisper {
     /// Features of a whole clip of 16 kHz mono samples: `[mels × frames]`.
     pub fn features(&self, samples: &[f32]) -> Vec<f32> {
         self.mel.features(samples)
+    }
+
+    /// A clip of 16 kHz mono samples as a transcription takes it: its features and length.
+    pub fn audio_features(&self, samples: &[f32]) -> AudioFeatures {
+        let features = self.features(samples);
+        let frames = features.len() / self.mel.mels().max(1);
+        AudioFeatures { features, frames, seconds: samples.len() as f64 / mel::SAMPLE_RATE as f64 }
     }
 
     /// The window of `frames_total`-frame features starting at frame `seek`, `content` frames

@@ -10,7 +10,7 @@
 use super::decoding::{Choice, Decoded, Hypothesis};
 use super::engine::{Audio, Sequence, Step};
 use super::mel::{HOP, SAMPLE_RATE};
-use super::{Task, WINDOW_FRAMES, Whisper};
+use super::{AudioFeatures, Task, WINDOW_FRAMES, Whisper};
 use crate::models::ModelError;
 
 /// Seconds per mel frame.
@@ -166,12 +166,19 @@ impl Transcription {
     /// A transcription of 16 kHz mono `samples` (its features computed here); checks the
     /// options against the model first.
     pub fn new(model: &Whisper, samples: &[f32], options: Options) -> Result<Self, ModelError> {
+        Self::of_features(model, model.audio_features(samples), options)
+    }
+
+    /// A transcription of a clip's features ([`Whisper::audio_features`]).
+    pub fn of_features(model: &Whisper, audio: AudioFeatures, options: Options) -> Result<Self, ModelError> {
         model.check_options(&options).map_err(|e| ModelError::Inference(e.to_string()))?;
         if options.temperatures.is_empty() {
             return Err(ModelError::Inference("no temperature to decode at".to_string()));
         }
-        let features = model.features(samples);
-        let frames = features.len() / model.engine().dims().mels;
+        let AudioFeatures { features, frames, seconds } = audio;
+        if features.len() != frames * model.engine().dims().mels {
+            return Err(ModelError::Inference("features of another model's shape".to_string()));
+        }
         let language = if !model.is_multilingual() {
             Some(("en".to_string(), 1.0, None))
         } else {
@@ -190,7 +197,7 @@ impl Transcription {
             features,
             frames,
             content: frames.saturating_sub(1),
-            duration: samples.len() as f64 / SAMPLE_RATE as f64,
+            duration: seconds,
             options,
             language,
             sot_sequence,
