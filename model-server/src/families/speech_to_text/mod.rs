@@ -1,8 +1,9 @@
 //! The speech-to-text family: Whisper (CTranslate2's layout, the one faster-whisper loads, or a
 //! Hugging Face checkpoint)
 //! behind OpenAI's `/v1/audio/transcriptions` and `/v1/audio/translations` (multipart uploads)
-//! and the product's `/asr/transcribe` (JSON with base64 audio). Audio is decoded and resampled
-//! on the request's side (`audio`), transcribed whole by the model's worker (`worker`).
+//! and the product's `/asr/transcribe` (JSON with base64 audio). Audio is decoded, resampled
+//! and turned into log-mel features on the request's side (`audio`), transcribed whole by the
+//! model's worker (`worker`).
 
 pub mod audio;
 mod routes;
