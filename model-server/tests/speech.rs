@@ -116,6 +116,27 @@ fn the_gpu_path_gives_faster_whisper_s_tokens() {
     }
 }
 
+/// A window encoded by one engine and a sequence begun by the other are refused by name, and
+/// the failed step leaves the sequence as it was.
+#[test]
+fn a_window_of_one_engine_is_refused_by_the_other() {
+    let dir = common::whisper_tiny_en_dir();
+    let packed = Whisper::load(&dir).expect("packed");
+    let placement = Placement::Candle { device: candle_core::Device::Cpu, dtype: DType::F32 };
+    let candle = Whisper::load_on(&dir, &placement).expect("candle");
+    let mels = packed.engine().dims().mels;
+    let silence = vec![0.0; mels * WINDOW_FRAMES];
+    let sot = [packed.specials().sot];
+    for (a, b) in [(&packed, &candle), (&candle, &packed)] {
+        let audio = a.encode(&silence).expect("encode");
+        let mut seq = b.engine().sequence();
+        let err = b.engine().decode(&audio, &mut seq, &sot).expect_err("another engine's window");
+        assert!(err.to_string().contains("made by another engine"), "{err}");
+        let mut own = a.engine().sequence();
+        a.engine().decode(&audio, &mut own, &sot).expect("its own engine decodes it");
+    }
+}
+
 fn first_windows_of_equal_the_reference(whisper: &Whisper, label: &str) {
     let cases = common::speech_reference();
     assert!(cases.len() >= 4, "the reference has {} clips", cases.len());
