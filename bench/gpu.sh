@@ -6,11 +6,15 @@
 # - text generation: SmolLM2-135M Q4_1 (bench_llama: prefill 128 tokens, decode with 1, 4 and 8
 #   sequences) on the GPU and on the CPU;
 # - image-text embeddings: SigLIP base and so400m (random weights, full size) served by Kiln on
-#   the GPU over HTTP beside transformers on torch on the same GPU (bench/image_text.py).
-# Needs a CUDA device; without one it says so and exits 2. The other families have no GPU path
-# yet (docs/model-server.md).
+#   the GPU over HTTP beside transformers on torch on the same GPU (bench/image_text.py);
+# - speech to text: Whisper (WHISPER_MODEL, default tiny.en from make fixtures) encoder windows/s
+#   and decoder tokens/s at 1, 4 and 8 sequences per step on the GPU and on the CPU
+#   (bench_whisper);
+# - face detection: YuNet images/s and batch-1 latency at 640x640 and 1080p on the GPU and on
+#   the CPU (bench_faces).
+# Needs a CUDA device; without one it says so and exits 2.
 #   env: OUT (default target/bench-gpu); BENCH_ENGINE, BENCH_LLAMA and BENCH_SERVER use
-#        already built CUDA binaries (on a GPU machine without the package registries, carry
+#        already built CUDA binaries, as do BENCH_WHISPER and BENCH_FACES (on a GPU machine without the package registries, carry
 #        them there: scripts/gpu-check.sh); MODEL (MiniLM) and LLAMA_MODEL (SmolLM2) directories;
 #        TORCH_PYTHON (default python3) has torch with CUDA and transformers; THREADS (default 8)
 #        for both image-text engines.
@@ -20,16 +24,22 @@ SHARED="$ROOT/../shared/bench"
 OUT="${OUT:-$ROOT/target/bench-gpu}"
 MODEL="${MODEL:-${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/minilm}"
 LLAMA_MODEL="${LLAMA_MODEL:-${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/smollm2}"
+WHISPER_MODEL="${WHISPER_MODEL:-${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/whisper-tiny-en}"
+YUNET_MODEL="${YUNET_MODEL:-${KILN_CACHE:-$HOME/.cache/kiln}/fixtures/yunet}"
 CORPUS="${CORPUS:-$SHARED/corpus}"
 mkdir -p "$OUT"
 engine="${BENCH_ENGINE:-}"
 llama="${BENCH_LLAMA:-}"
 server="${BENCH_SERVER:-}"
-if [ -z "$engine" ] || [ -z "$llama" ] || [ -z "$server" ]; then
+whisper="${BENCH_WHISPER:-}"
+faces="${BENCH_FACES:-}"
+if [ -z "$engine" ] || [ -z "$llama" ] || [ -z "$server" ] || [ -z "$whisper" ] || [ -z "$faces" ]; then
   bash "$ROOT/scripts/fixtures.sh"
   server="$(bash "$ROOT/scripts/build-cuda.sh")"
   engine="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_engine)"
   llama="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_llama)"
+  whisper="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_whisper)"
+  faces="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_faces)"
 fi
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -60,6 +70,16 @@ echo "== SmolLM2-135M Q4_1: the GPU path on cuda:0, the packed decoder on the CP
 for dev in cuda:0 cpu; do
   echo "-- $dev"
   "$llama" "$LLAMA_MODEL" "$dev" 2>&1 | tee "$OUT/gpu-llama-${dev%%:*}.txt"
+done
+echo "== Whisper ($(basename "$WHISPER_MODEL")): the GPU path on cuda:0 (float16), the packed network on the CPU (bench_whisper)"
+for dev in cuda:0 cpu; do
+  echo "-- $dev"
+  "$whisper" "$WHISPER_MODEL" "$dev" 2>&1 | tee "$OUT/gpu-whisper-${dev%%:*}.txt"
+done
+echo "== YuNet: the GPU path on cuda:0, the packed kernels on the CPU (bench_faces)"
+for dev in cuda:0 cpu; do
+  echo "-- $dev"
+  "$faces" "$YUNET_MODEL" "$dev" 2>&1 | tee "$OUT/gpu-faces-${dev%%:*}.txt"
 done
 echo "== SigLIP on cuda:0: Kiln over HTTP and transformers on torch"
 "${TORCH_PYTHON:-python3}" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \

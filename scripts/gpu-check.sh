@@ -2,8 +2,8 @@
 # The GPU checks of issue 24 on a machine with a CUDA device but no Rust toolchain or package
 # registry: built and packed here, run there.
 #
-#   gpu-check.sh pack DIR   (here) builds the `cuda` model server, bench_engine, bench_llama
-#                           and the GPU tests (architectures, image_text, device, generation,
+#   gpu-check.sh pack DIR   (here) builds the `cuda` model server, bench_engine, bench_llama,
+#                           bench_whisper, bench_faces and the GPU tests (architectures, image_text, device, generation,
 #                           faces)
 #                           with `make build-cuda`'s toolchain, for KILN_CUDA_ARCHS (default
 #                           90) only, into DIR/bin.tar.xz, with
@@ -39,11 +39,13 @@ pack() {
     cp -a "$CACHE/cargo-target-cuda" "$KILN_CUDA_TARGET_DIR"
     rm -rf "$KILN_CUDA_TARGET_DIR"/release/build/candle-kernels-*
   fi
-  local server engine llama
+  local server engine llama whisper faces
   server="$(bash "$ROOT/scripts/build-cuda.sh")"
   engine="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_engine)"
   llama="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_llama)"
-  cp "$server" "$engine" "$llama" "$dir/stage/"
+  whisper="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_whisper)"
+  faces="$(bash "$ROOT/scripts/build-cuda.sh" --example bench_faces)"
+  cp "$server" "$engine" "$llama" "$whisper" "$faces" "$dir/stage/"
   while read -r exe; do
     # cargo names a test's executable NAME-HASH.
     cp "$exe" "$dir/stage/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
@@ -117,13 +119,21 @@ PY
   ldd "$BIN_EXE" | grep 'not found' && status=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   local fixtures="$dir/fixtures" full="$dir/smollm2-full"
-  # MiniLM's shape with seeded random weights, and SmolLM2 at full depth from the kept layers
-  # repeated (speed depends on shapes and formats, not values).
+  # MiniLM's and Whisper tiny.en's shapes with seeded random weights, and SmolLM2 at full depth
+  # from the kept layers repeated (speed depends on shapes and formats, not values).
   python3 - "$fixtures/minilm" <<'PY' || { status=1; echo "FAILED: writing MiniLM"; }
 import sys, torch
 from transformers import BertConfig, BertModel
 torch.manual_seed(0)
 BertModel(BertConfig.from_json_file(sys.argv[1] + "/config.json")).save_pretrained(sys.argv[1], safe_serialization=True)
+PY
+  # Whisper with tiny.en's shape, seeded random weights.
+  python3 - "$fixtures/whisper" <<'PY' || { status=1; echo "FAILED: writing Whisper"; }
+import sys, torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+torch.manual_seed(0)
+WhisperForConditionalGeneration(WhisperConfig.from_json_file(sys.argv[1] + "/config.json")).save_pretrained(
+    sys.argv[1], safe_serialization=True)
 PY
   mkdir -p "$full"
   python3 "$ROOT/scripts/gguf_layers.py" "$fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
@@ -212,11 +222,6 @@ finally:
 
 # Whisper with tiny.en's shape and random weights: the tokens mean nothing, but every kernel of
 # the float16 path and the decoding loop (fallback included) run on the GPU, the CPU beside it.
-import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
-torch.manual_seed(0)
-WhisperForConditionalGeneration(WhisperConfig.from_json_file(whisper + "/config.json")).save_pretrained(
-    whisper, safe_serialization=True)
 for device, port in (("cuda:0", 8095), ("cpu", 8094)):
     srv, base = serve(["--family", "speech-to-text", "--model", f"whisper:r={whisper}"], port,
                       f"{log_dir}/serve-whisper-{device.split(':')[0]}.log", device)
@@ -234,7 +239,9 @@ PY
   cat "$out/http.log"
   echo "== make bench-gpu (at ${SECONDS}s)"
   BENCH_ENGINE="$dir/bin/bench_engine" BENCH_SERVER="$BIN_EXE" BENCH_LLAMA="$dir/bin/bench_llama" \
-    MODEL="$fixtures/minilm" LLAMA_MODEL="$full" CORPUS="$dir/corpus" OUT="$out" THREADS="${THREADS:-8}" \
+    BENCH_WHISPER="$dir/bin/bench_whisper" BENCH_FACES="$dir/bin/bench_faces" \
+    MODEL="$fixtures/minilm" LLAMA_MODEL="$full" WHISPER_MODEL="$fixtures/whisper" YUNET_MODEL="$fixtures/yunet" \
+    CORPUS="$dir/corpus" OUT="$out" THREADS="${THREADS:-8}" \
     timeout "${BENCH_TIMEOUT:-420}" bash "$ROOT/bench/gpu.sh" || { status=1; echo "FAILED: bench-gpu"; }
   echo "== done at ${SECONDS}s"
   return "$status"
