@@ -15,6 +15,7 @@ pub mod conv;
 pub mod encoder;
 pub mod gemm;
 pub mod quant;
+pub mod team;
 
 /// Which implementation the kernels use, slowest first: each level has everything the one
 /// before it has, so a kernel written only up to AVX2 runs its AVX2 version on an AVX-512 CPU.

@@ -178,7 +178,7 @@ impl QWeight {
         let mut y = vec![0f32; t * n];
         // Each task owns a run of weight rows, that is a band of output columns.
         let out = Columns(y.as_mut_ptr());
-        let tasks = rayon::current_num_threads().max(1) * 4;
+        let tasks = super::team::threads().max(1) * 4;
         let per_task = n.div_ceil(tasks).next_multiple_of(8).max(8);
         let work = |c: usize| {
             let first = c * per_task;
@@ -218,7 +218,7 @@ impl QWeight {
         if n * t * nb < 4096 {
             (0..parts).for_each(work);
         } else {
-            (0..parts).into_par_iter().for_each(work);
+            super::team::for_each(parts, &work);
         }
         y
     }

@@ -25,9 +25,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::kernels::quant::{Linear, Projections, QWeight};
+use crate::kernels::team::Team;
 use crate::kernels::{self, Isa};
 use crate::models::ModelError;
 use crate::weights::gguf::{metadata_f32, metadata_string, metadata_u32, tensor};
@@ -157,7 +157,9 @@ pub struct Llama {
     sin: Vec<f32>,
     device: Device,
     isa: Isa,
-    pool: rayon::ThreadPool,
+    /// The model's own threads (as many as the process's inference threads): the step's
+    /// caller and helpers that spin between its loops (see [`crate::kernels::team`]).
+    team: Team,
 }
 
 /// One layer's keys and values for the positions seen so far, one row of
@@ -408,10 +410,7 @@ impl FromWeights for Llama {
             };
         let (cos, sin) = rotary_tables(&cfg, w.rope_factors.as_deref());
         // As many threads as the process's pool (RAYON_NUM_THREADS, set from --threads).
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(rayon::current_num_threads())
-            .thread_name(|i| format!("kiln-llama-{i}"))
-            .build()
+        let team = Team::new(rayon::current_num_threads(), "kiln-llama")
             .map_err(|e| ModelError::Inference(format!("inference threads: {e}")))?;
         Ok(Llama {
             cfg,
@@ -423,7 +422,7 @@ impl FromWeights for Llama {
             sin,
             device: device.clone(),
             isa: Isa::chosen(),
-            pool,
+            team,
         })
     }
 }
@@ -448,11 +447,10 @@ impl Llama {
     /// Run one step over several sequences. Returns next-token logits, `[k, vocab]`, one row per
     /// step with `logits: true`, in order; None when no step asked for logits.
     ///
-    /// The step runs on a worker of the model's own thread pool, so the work between matmuls
-    /// and the matmuls' shares use the same threads: a caller thread waiting beside the pool
-    /// would leave an idle worker spinning on the core that the step's serial part needs.
+    /// The caller runs the step on the model's team, taking part in its loops; the helpers spin
+    /// between loops rather than sleep, so none waits for a wake-up.
     pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, ModelError> {
-        self.pool.install(|| self.forward_here(steps))
+        self.team.install(|| self.forward_here(steps))
     }
 
     fn forward_here(&self, steps: &mut [Step<'_>]) -> Result<Option<Tensor>, ModelError> {
@@ -568,7 +566,16 @@ impl Llama {
         let outs: Vec<Vec<f32>> = if work < PARALLEL_ATTENTION {
             jobs.iter().map(job).collect()
         } else {
-            jobs.par_iter().map(job).collect()
+            // Each task fills its own slot (uncontended locks).
+            let slots: Vec<std::sync::Mutex<Vec<f32>>> = jobs.iter().map(|_| Default::default()).collect();
+            kernels::team::for_each(jobs.len(), &|i| {
+                let out = job(&jobs[i]);
+                *slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
+            });
+            slots
+                .into_iter()
+                .map(|s| s.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .collect()
         };
         let mut y = vec![0f32; row * qd];
         for (&(_, head, first), out) in jobs.iter().zip(&outs) {
