@@ -165,6 +165,20 @@ pub fn architecture(
         })
 }
 
+/// The additive causal mask of a GPU path's attention, `[n, first + n]`: query row `i` (position
+/// `first + i`) sees the keys up to its own position.
+pub(crate) fn causal_mask(
+    n: usize,
+    first: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let m = first + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..m).map(move |j| if j > first + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    candle_core::Tensor::from_vec(mask, (n, m), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

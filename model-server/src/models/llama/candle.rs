@@ -15,7 +15,7 @@ use candle_nn::ops::softmax_last_dim;
 use candle_nn::rotary_emb::rope_i;
 
 use super::{FromWeights, LlamaConfig, Step, WeightSource, Weights, rotary_tables};
-use crate::models::ModelError;
+use crate::models::{ModelError, causal_mask};
 
 struct Layer {
     attn_norm: Tensor,
@@ -157,7 +157,7 @@ impl CandleLlama {
         let masks = steps
             .iter()
             .map(|s| match s.tokens.len() {
-                n if n > 1 => self.causal_mask(n, s.cache.len).map(Some),
+                n if n > 1 => causal_mask(n, s.cache.len, &self.device).map(Some),
                 _ => Ok(None),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -216,7 +216,7 @@ impl CandleLlama {
 
     /// Causal attention of one sequence's `[heads, n, hd]` queries at positions `pos..pos + n`
     /// over its `[kv_heads, pos + n, hd]` keys and values; `[n, heads * hd]`.
-    /// `mask`: [`Self::causal_mask`] for more than one query row.
+    /// `mask`: [`causal_mask`] for more than one query row.
     fn attend(
         &self,
         q: &Tensor,
@@ -238,14 +238,5 @@ impl CandleLlama {
         }
         let out = softmax_last_dim(&scores)?.matmul(v)?; // [kv_heads, group * n, hd]
         out.reshape((heads, n, hd))?.transpose(0, 1)?.reshape((n, heads * hd))
-    }
-
-    /// `[n, pos + n]`: query row `i` (position `pos + i`) sees the keys up to its own position.
-    fn causal_mask(&self, n: usize, pos: usize) -> candle_core::Result<Tensor> {
-        let m = pos + n;
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| (0..m).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Tensor::from_vec(mask, (n, m), &self.device)
     }
 }

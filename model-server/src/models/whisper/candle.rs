@@ -10,7 +10,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::ops::{layer_norm, softmax_last_dim};
 
 use super::layout::{self, Dims, Layout, Reads, Source};
-use crate::models::ModelError;
+use crate::models::{ModelError, causal_mask};
 
 /// Whisper's LayerNorm epsilon.
 const EPS: f32 = 1e-5;
@@ -307,7 +307,7 @@ impl CandleNetwork {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
                     None => (k, v),
                 };
-                let mask = if n > 1 { Some(self.causal_mask(n, step.seq.len)?) } else { None };
+                let mask = if n > 1 { Some(causal_mask(n, step.seq.len, &self.device)?) } else { None };
                 ctx.push(self.merge_heads(&attend(&q, &k, &v, mask.as_ref())?.unsqueeze(0)?)?);
                 cache.push((k, v));
             }
@@ -330,14 +330,5 @@ impl CandleNetwork {
             step.seq.len += step.tokens.len();
         }
         Ok(logits)
-    }
-
-    /// `[n, first + n]`: row `i` (position `first + i`) sees the keys up to its own position.
-    fn causal_mask(&self, n: usize, first: usize) -> candle_core::Result<Tensor> {
-        let m = first + n;
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| (0..m).map(move |j| if j > first + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Tensor::from_vec(mask, (n, m), &self.device)
     }
 }
