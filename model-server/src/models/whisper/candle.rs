@@ -219,7 +219,7 @@ impl CandleNetwork {
     /// projects each decoder layer's cross-attention keys and values of each.
     pub fn encode_batch(&self, mels: &[&[f32]]) -> Result<Vec<Audio>, ModelError> {
         let d = self.dims;
-        let (frames, h, n, w) = (2 * d.audio_ctx, d.hidden, d.audio_ctx, mels.len());
+        let (frames, h, n, w) = (d.frames(), d.hidden, d.audio_ctx, mels.len());
         if let Some(mel) = mels.iter().find(|m| m.len() != d.mels * frames) {
             return Err(ModelError::Inference(format!(
                 "{} mel values; the encoder takes {} bins × {frames} frames",

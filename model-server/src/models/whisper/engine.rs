@@ -74,11 +74,6 @@ impl Engine {
         }
     }
 
-    /// Mel frames the encoder takes: twice its positions (3000 for 30 s).
-    pub fn frames(&self) -> usize {
-        2 * self.dims().audio_ctx
-    }
-
     /// Encodes windows of log-mel features (`[mels × frames]` each) together.
     pub fn encode_batch(&self, mels: &[&[f32]]) -> Result<Vec<Audio>, ModelError> {
         Ok(match self {

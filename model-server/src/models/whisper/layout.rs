@@ -67,6 +67,11 @@ impl Dims {
         (encoder + decoder + rest) * std::mem::size_of::<f32>()
     }
 
+    /// Mel frames the encoder takes: twice its positions (3000 for 30 s).
+    pub fn frames(&self) -> usize {
+        2 * self.audio_ctx
+    }
+
     /// Refuses a shape no Whisper has (no layers, heads that do not divide the width), before
     /// any weight is read.
     pub fn check(&self) -> Result<(), ModelError> {

@@ -184,15 +184,10 @@ impl Network {
         })
     }
 
-    /// Mel frames the encoder takes: twice its positions (3000 for 30 s).
-    pub fn frames(&self) -> usize {
-        2 * self.dims.audio_ctx
-    }
-
     /// Encodes several windows together: every projection and feed-forward runs once over the
     /// rows of all of them (one larger matmul reads each weight once), attention per window.
     pub fn encode_batch(&self, mels: &[&[f32]]) -> Result<Vec<Audio>, ModelError> {
-        let (d, frames, mels_n) = (self.dims, self.frames(), self.dims.mels);
+        let (d, frames, mels_n) = (self.dims, self.dims.frames(), self.dims.mels);
         if let Some(mel) = mels.iter().find(|m| m.len() != mels_n * frames) {
             return Err(ModelError::Inference(format!(
                 "{} mel values; the encoder takes {mels_n} bins × {frames} frames",
