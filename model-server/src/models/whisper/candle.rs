@@ -293,10 +293,20 @@ impl CandleNetwork {
             (self.embeddings.index_select(&ids_t, 0)? + self.decoder_positions.index_select(&pos_t, 0)?)?;
         // The caches each step will hold once every step has succeeded.
         let mut caches: Vec<Vec<(Tensor, Tensor)>> = steps.iter().map(|_| Vec::new()).collect();
+        // Each sequence's causal mask, once for every layer.
+        let masks = steps
+            .iter()
+            .map(|s| match s.tokens.len() {
+                n if n > 1 => causal_mask(n, s.seq.len, &self.device).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         for (l, layer) in self.decoder_layers.iter().enumerate() {
             let qkv = layer.self_qkv.forward(&layer.self_norm.forward(&x)?)?;
             let mut ctx = Vec::with_capacity(steps.len());
-            for ((step, &start), cache) in steps.iter().zip(&starts).zip(caches.iter_mut()) {
+            for (((step, &start), cache), mask) in
+                steps.iter().zip(&starts).zip(caches.iter_mut()).zip(&masks)
+            {
                 let n = step.tokens.len();
                 let rows = qkv.narrow(0, start, n)?;
                 let part = |i: usize| -> candle_core::Result<Tensor> {
@@ -307,7 +317,6 @@ impl CandleNetwork {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
                     None => (k, v),
                 };
-                let mask = if n > 1 { Some(causal_mask(n, step.seq.len, &self.device)?) } else { None };
                 ctx.push(self.merge_heads(&attend(&q, &k, &v, mask.as_ref())?.unsqueeze(0)?)?);
                 cache.push((k, v));
             }
