@@ -178,7 +178,7 @@ impl PreNormEncoder {
     fn attention(&self, qkv: &[f32], ctx: &mut [f32], spans: &[Span], causal: bool) {
         let (h, heads, d) = (self.dims.hidden, self.dims.heads, self.dims.head_dim());
         let out = SharedOut::new(ctx);
-        (0..spans.len() * heads).into_par_iter().for_each(|item| {
+        super::team::for_each(spans.len() * heads, &|item| {
             let (span, head) = (spans[item / heads], item % heads);
             let n = span.len;
             if n == 0 {

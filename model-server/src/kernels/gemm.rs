@@ -3,8 +3,6 @@
 //! matrix in place instead of copying heads out.
 
 use gemm::Parallelism;
-use rayon::prelude::*;
-
 /// The instruction set the `gemm` crate's micro-kernels dispatch to on this CPU, for logs and
 /// benchmarks. It picks at run time by itself: its 512-bit kernels (the `x86-v4` feature) need
 /// the whole x86-64-v4 level, else the AVX2+FMA ones, else portable code.
@@ -202,12 +200,6 @@ pub struct Linear {
 /// f32 per 64-byte cache line.
 const LINE: usize = 16;
 
-/// Above this many tokens [`linear`] makes one gemm call, which packs the weights once and
-/// splits the work itself. gemm packs its LHS (here: the weights) when a call has more than 16
-/// micro-tiles of 6 columns (tokens); below that it reads the weights in place, which the padded
-/// [`Weight`] layout makes cheap, and packing would cost more than it saves.
-const PACKED_ABOVE_TOKENS: usize = 96;
-
 /// The output of a parallel loop whose tasks each write their own block of it.
 pub struct SharedOut {
     ptr: *mut f32,
@@ -244,26 +236,39 @@ impl SharedOut {
 // tasks write disjoint elements of a buffer that outlives them.
 unsafe impl Sync for SharedOut {}
 
+/// At most this many rows (a short input's tokens) [`linear`] multiplies in one task per block
+/// of output columns, on the current team or pool, reading the weights in place: [`few`] on
+/// AVX-512, else gemm per block (the padded [`Weight`] layout makes reading in place cheap).
+/// Above, it makes one gemm call, which packs the weights once and splits the work itself over
+/// rayon's pool: gemm packs its LHS (here: the weights) when a call has more than 16
+/// micro-tiles of 6 columns (tokens), and below that packing would cost more than it saves.
+pub const FEW_TOKENS: usize = 96;
+
 /// At most this many rows [`linear`] multiplies with [`skinny`]: a decoder step (one token per
 /// sequence) or a short input.
 const SKINNY_TOKENS: usize = 8;
 
-/// `dst[t×out] (+)= x[t×in] · w`, all rows dense, on the current rayon pool.
+/// `dst[t×out] (+)= x[t×in] · w`, all rows dense, on the current team or rayon pool
+/// ([`super::team::for_each`]); `threads` is how many threads that has.
 pub fn linear(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
     let (inp, out) = (w.rows, w.cols);
     let tokens = x.len() / inp;
+    #[cfg(target_arch = "x86_64")]
+    if tokens <= FEW_TOKENS && super::Isa::best() == super::Isa::Avx512 {
+        return few(dst, x, w, accumulate, threads);
+    }
     if tokens <= SKINNY_TOKENS && super::Isa::best().has_avx2() {
         return skinny(dst, x, w, accumulate, threads);
     }
     let xv = View::dense(0, tokens, inp);
-    if tokens > PACKED_ABOVE_TOKENS || threads == 1 {
+    if tokens > FEW_TOKENS || threads == 1 {
         return gemm(dst, View::dense(0, tokens, out), (x, xv), (&w.data, w.view()), accumulate, threads);
     }
-    // Few tokens (one short input, say): one task per thread, each on a block of output
-    // columns cut at multiples of gemm's 16-row micro-tile.
+    // One task per thread, each on a block of output columns cut at multiples of gemm's 16-row
+    // micro-tile.
     let part = out.div_ceil(threads).div_ceil(16) * 16;
     let shared = SharedOut::new(dst);
-    (0..out.div_ceil(part)).into_par_iter().for_each(|p| {
+    super::team::for_each(out.div_ceil(part), &|p| {
         let (c0, cn) = (p * part, part.min(out - p * part));
         let dv = View { offset: c0, rows: tokens, cols: cn, row_stride: out, col_stride: 1 };
         let wv = View { offset: w.offset + c0, rows: inp, cols: cn, row_stride: w.stride, col_stride: 1 };
@@ -311,7 +316,7 @@ fn skinny(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usi
     if threads <= 1 {
         (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        super::team::for_each(tasks, &task);
     }
 }
 
@@ -382,7 +387,166 @@ pub fn by_rows<E: RowElement>(dst: &mut [f32], x: &[f32], w: &[E], k: usize, thr
     if threads <= 1 {
         (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        super::team::for_each(tasks, &task);
+    }
+}
+
+/// [`linear`] for up to [`FEW_TOKENS`] rows on AVX-512: a short input's tokens. Output columns
+/// go in blocks of 32 (two vectors), each thread taking one contiguous range of blocks; within
+/// a block, rows go in passes of up to 12 (24 accumulators) over the whole input dimension, so
+/// each weight vector loaded feeds up to 12 fused multiply-adds, and the block's weights, read
+/// once from memory (prefetched a few rows ahead: at these sizes the stream of weights from
+/// L3 is the limit), serve the other passes from L2. Each value is the same sequence of
+/// multiply-adds whatever the other rows are, so a row gets bit-identical results alone or
+/// batched.
+#[cfg(target_arch = "x86_64")]
+fn few(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
+    let (inp, out) = (w.rows, w.cols);
+    let tokens = x.len() / inp;
+    assert!(dst.len() >= tokens * out && x.len() >= tokens * inp, "matmul bounds");
+    assert!(inp == 0 || w.offset + (inp - 1) * w.stride + out <= w.data.len(), "matmul bounds");
+    let per_pass = tokens.div_ceil(tokens.div_ceil(avx512::ROWS).max(1)).max(1);
+    let blocks = out.div_ceil(avx512::COLS);
+    // One range per thread: finer tasks measured slower (shorter runs of each weight row).
+    let tasks = threads.clamp(1, blocks.max(1));
+    let shared = SharedOut::new(dst);
+    let task = |t: usize| {
+        for b in t * blocks / tasks..(t + 1) * blocks / tasks {
+            let c0 = b * avx512::COLS;
+            let width = avx512::COLS.min(out - c0);
+            for r0 in (0..tokens).step_by(per_pass) {
+                let rows = per_pass.min(tokens - r0);
+                // SAFETY: `linear` only comes here when the CPU has AVX-512F. Bounds: rows
+                // r0..r0+rows of `x` and of `dst` (columns c0..c0+width) are inside, as are the
+                // weight rows' columns c0..c0+width (asserted above); tasks write disjoint column
+                // blocks of `dst`, borrowed until the loop ends.
+                unsafe {
+                    avx512::block(
+                        x.as_ptr().add(r0 * inp),
+                        rows,
+                        inp,
+                        w.data.as_ptr().add(w.offset + c0),
+                        w.stride,
+                        shared.at(r0 * out + c0),
+                        out,
+                        width,
+                        accumulate,
+                    )
+                };
+            }
+        }
+    };
+    if tasks == 1 {
+        task(0);
+    } else {
+        super::team::for_each(tasks, &task);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Output columns per block: two vectors.
+    pub const COLS: usize = 32;
+    /// Rows per pass: 2·12 accumulators, two weight vectors and a broadcast fit 32 registers.
+    pub const ROWS: usize = 12;
+    /// How far ahead the weight rows are prefetched (measured: 8 to 32 alike, none 40% slower).
+    const PREFETCH_ROWS: usize = 16;
+
+    /// `dst[r, j] (+)= Σ_k x[r·inp + k] · w[k·stride + j]` for `r < rows` (at most [`ROWS`]) and
+    /// `j < width` (at most [`COLS`]); `dst` rows are `dst_stride` apart.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x` holds `rows·inp` floats, `w` `inp` rows of `width` floats
+    /// `stride` apart, `dst` `rows` rows of `width` floats that nothing else accesses meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn block(
+        x: *const f32,
+        rows: usize,
+        inp: usize,
+        w: *const f32,
+        stride: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+        width: usize,
+        accumulate: bool,
+    ) {
+        let masks = (lanes(width), lanes(width.saturating_sub(16)));
+        let io = Io { x, inp, w, stride, dst, dst_stride, masks, accumulate };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match rows {
+                0 => {}
+                1 => pass::<1>(io),
+                2 => pass::<2>(io),
+                3 => pass::<3>(io),
+                4 => pass::<4>(io),
+                5 => pass::<5>(io),
+                6 => pass::<6>(io),
+                7 => pass::<7>(io),
+                8 => pass::<8>(io),
+                9 => pass::<9>(io),
+                10 => pass::<10>(io),
+                11 => pass::<11>(io),
+                _ => pass::<12>(io),
+            }
+        }
+    }
+
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Io {
+        x: *const f32,
+        inp: usize,
+        w: *const f32,
+        stride: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+        masks: (__mmask16, __mmask16),
+        accumulate: bool,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pass<const R: usize>(io: Io) {
+        let (m0, m1) = io.masks;
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY (whole body): within the bounds `block`'s caller guarantees; masked-off lanes
+        // are never accessed.
+        unsafe {
+            if io.accumulate {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let d = io.dst.add(r * io.dst_stride);
+                    a[0] = _mm512_maskz_loadu_ps(m0, d);
+                    a[1] = _mm512_maskz_loadu_ps(m1, d.add(16));
+                }
+            }
+            for k in 0..io.inp {
+                let wk = io.w.add(k * io.stride);
+                // The block's rows are `stride` apart; fetch a few rows ahead (a prefetch past the
+                // end is harmless: it never faults).
+                let ahead = wk.wrapping_add(PREFETCH_ROWS * io.stride);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+                let w0 = _mm512_maskz_loadu_ps(m0, wk);
+                let w1 = _mm512_maskz_loadu_ps(m1, wk.add(16));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*io.x.add(r * io.inp + k));
+                    a[0] = _mm512_fmadd_ps(b, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(b, w1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let d = io.dst.add(r * io.dst_stride);
+                _mm512_mask_storeu_ps(d, m0, a[0]);
+                _mm512_mask_storeu_ps(d.add(16), m1, a[1]);
+            }
+        }
     }
 }
 
@@ -571,24 +735,53 @@ mod tests {
         assert_eq!(dst, want);
     }
 
+    type Kernel = fn(&mut [f32], &[f32], &Weight, bool, usize);
+
+    /// The few-row kernels this CPU runs: name, most rows, whether a row comes out bit-identical
+    /// alone and batched, and the kernel.
+    fn few_row_kernels() -> Vec<(&'static str, usize, bool, Kernel)> {
+        let mut kernels: Vec<(&'static str, usize, bool, Kernel)> =
+            vec![("linear", FEW_TOKENS, false, linear)];
+        if super::super::Isa::best().has_avx2() {
+            kernels.push(("skinny", SKINNY_TOKENS, true, skinny));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::super::Isa::best() == super::super::Isa::Avx512 {
+            kernels.push(("few", FEW_TOKENS, true, few));
+        }
+        let names: Vec<_> = kernels.iter().map(|k| k.0).collect();
+        eprintln!("few-row kernels on this CPU: {names:?}");
+        kernels
+    }
+
     #[test]
     fn few_rows_multiply_like_many_and_alone_like_batched() {
-        for (i, o) in [(5, 40), (384, 37), (33, 16), (7, 100)] {
-            let w: Vec<f32> = (0..i * o).map(|v| ((v * 31) % 17) as f32 * 0.25 - 2.0).collect();
-            let weight = Weight::new(&w, i, o);
-            for t in 1..=SKINNY_TOKENS {
-                let x: Vec<f32> = (0..t * i).map(|v| ((v * 13) % 11) as f32 * 0.5 - 2.5).collect();
-                let want = naive(&x, View::dense(0, t, i), &w, View::dense(0, i, o));
-                for threads in [1, 2] {
-                    let mut dst = vec![1.0; t * o];
-                    linear(&mut dst, &x, &weight, true, threads);
-                    let ok =
-                        dst.iter().zip(&want).all(|(d, w)| (d - (w + 1.0)).abs() <= 1e-3 * (1.0 + w.abs()));
-                    assert!(ok, "{i}x{o}, {t} rows, {threads} threads");
-                    let mut alone = vec![0.0; o];
-                    linear(&mut alone, &x[(t - 1) * i..], &weight, false, threads);
-                    linear(&mut dst, &x, &weight, false, threads);
-                    assert_eq!(&dst[(t - 1) * o..], &alone[..], "the last row batched and alone");
+        for (name, most, identical, kernel) in few_row_kernels() {
+            for (i, o) in [(5, 40), (384, 37), (33, 16), (7, 100), (40, 70)] {
+                let w: Vec<f32> = (0..i * o).map(|v| ((v * 31) % 17) as f32 * 0.25 - 2.0).collect();
+                let weight = Weight::new(&w, i, o);
+                for t in (1..=8).chain([11, 12, 13, 25, 30, FEW_TOKENS]).filter(|&t| t <= most) {
+                    let x: Vec<f32> = (0..t * i).map(|v| ((v * 13) % 11) as f32 * 0.5 - 2.5).collect();
+                    let want = naive(&x, View::dense(0, t, i), &w, View::dense(0, i, o));
+                    for threads in [1, 2] {
+                        let mut dst = vec![1.0; t * o];
+                        kernel(&mut dst, &x, &weight, true, threads);
+                        let ok = dst
+                            .iter()
+                            .zip(&want)
+                            .all(|(d, w)| (d - (w + 1.0)).abs() <= 1e-3 * (1.0 + w.abs()));
+                        assert!(ok, "{name}: {i}x{o}, {t} rows, {threads} threads");
+                        if identical {
+                            let mut alone = vec![0.0; o];
+                            kernel(&mut alone, &x[(t - 1) * i..], &weight, false, threads);
+                            kernel(&mut dst, &x, &weight, false, threads);
+                            assert_eq!(
+                                &dst[(t - 1) * o..],
+                                &alone[..],
+                                "{name}: the last row batched and alone"
+                            );
+                        }
+                    }
                 }
             }
         }

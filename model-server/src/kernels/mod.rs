@@ -93,15 +93,20 @@ impl Isa {
 const PARALLEL_ROWS_MIN: usize = 16 * 1024;
 
 /// Runs a row kernel over `data` (rows of `row_len`), one contiguous block per thread of the
-/// current rayon pool, or on this thread when `data` is small.
+/// current team or rayon pool ([`team::for_each`]), or on this thread when `data` is small.
 pub fn par_rows(data: &mut [f32], row_len: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
-    use rayon::prelude::*;
     let rows = data.len() / row_len.max(1);
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     if threads == 1 || rows < 2 || data.len() < PARALLEL_ROWS_MIN {
         return f(data);
     }
-    data.par_chunks_mut(rows.div_ceil(threads) * row_len).for_each(f);
+    let (block, len) = (rows.div_ceil(threads) * row_len, data.len());
+    let out = gemm::SharedOut::new(data);
+    team::for_each(len.div_ceil(block), &|b| {
+        let start = b * block;
+        // SAFETY: blocks are disjoint and inside `data`, which stays borrowed until the loop ends.
+        f(unsafe { std::slice::from_raw_parts_mut(out.at(start), block.min(len - start)) })
+    });
 }
 
 /// `x[r] = gelu(x[r] + bias)` for every row `r` of `x` (rows of `bias.len()`).

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use super::BertConfig;
 use crate::kernels::attention::{Mask, attend_head};
 use crate::kernels::gemm::{self as matmul, Linear, SharedOut, View, Weight};
+use crate::kernels::team::Team;
 use crate::kernels::{self, Isa, Norm};
 use crate::models::{Encoder, ModelError, Pooling};
 use crate::weights::tensors::{Scope, Tensors};
@@ -135,6 +136,10 @@ pub struct PackedBert {
     isa: Isa,
     threads: usize,
     pool: rayon::ThreadPool,
+    /// Runs a short batch's forward pass: its ~50 parallel loops are tens of microseconds each,
+    /// and between them rayon's idle workers would sleep and need waking (see
+    /// [`crate::kernels::team`]). Longer batches run on `pool`, where gemm splits its own work.
+    team: Team,
     workspaces: Mutex<Vec<Workspace>>,
 }
 
@@ -161,8 +166,19 @@ impl PackedBert {
             .thread_name(|i| format!("kiln-encoder-{i}"))
             .build()
             .map_err(|e| ModelError::Inference(format!("thread pool: {e}")))?;
+        let team = Team::new(threads, "kiln-encoder-team")
+            .map_err(|e| ModelError::Inference(format!("thread team: {e}")))?;
         let (embeddings, layers) = pool.install(|| load_weights(&root, &dims, config.num_hidden_layers))?;
-        Ok(PackedBert { dims, embeddings, layers, isa, threads, pool, workspaces: Mutex::new(Vec::new()) })
+        Ok(PackedBert {
+            dims,
+            embeddings,
+            layers,
+            isa,
+            threads,
+            pool,
+            team,
+            workspaces: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn isa(&self) -> Isa {
@@ -254,7 +270,7 @@ impl PackedBert {
     fn attention(&self, qkv: &[f32], ctx: &mut [f32], spans: &[Span]) {
         let heads = self.dims.heads;
         let out = SharedOut::new(ctx);
-        (0..spans.len() * heads).into_par_iter().for_each(|item| {
+        kernels::team::for_each(spans.len() * heads, &|item| {
             // SAFETY: item ↦ (input, head) is one-to-one, so each task writes its own block of
             // `ctx`, which stays mutably borrowed (and alive) for the whole loop.
             unsafe { self.attend(qkv, &out, spans[item / heads], item % heads) }
@@ -335,8 +351,10 @@ impl Encoder for PackedBert {
         }
         let mut ws = self.take_workspace();
         ws.reserve(tokens, &self.dims);
-        if tokens > 0 {
+        if tokens > matmul::FEW_TOKENS {
             self.pool.install(|| self.forward(&mut ws, inputs, &spans, tokens));
+        } else if tokens > 0 {
+            self.team.install(|| self.forward(&mut ws, inputs, &spans, tokens));
         }
         let out = pool_spans(&ws.x, &spans, self.dims.hidden, pooling);
         self.return_workspace(ws);
