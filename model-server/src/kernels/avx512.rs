@@ -82,12 +82,109 @@ pub fn bias_sigmoid_gate(x: &mut [f32], bias: &[f32], a: f32, b: f32) {
     }
 }
 
+/// [`super::small_attention`] on whole vectors: Kᵀ written out once (zero-padded to 16 keys),
+/// then each query's scores 16 keys per vector (a broadcast of one query element against a row
+/// of Kᵀ per multiply-add) and each output row held in registers over the values, where the
+/// generic body spent a horizontal sum on every score and a load and store of the output row on
+/// every value. Head sizes that are not a multiple of 16 (or above 128) take the generic body.
+///
 /// # Safety
 /// As [`super::small_attention`].
 #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-pub unsafe fn small_attention(qkv: &[f32], h: super::HeadView, scores: &mut [f32], out: *mut f32) {
-    // SAFETY: forwarded from the caller; this function has the features Avx512 needs.
-    unsafe { super::small_attention_body(qkv, h, scores, out, super::Isa::Avx512) }
+pub unsafe fn small_attention(qkv: &[f32], h: super::HeadView, scratch: &mut [f32], out: *mut f32) {
+    let (n, d) = (h.n, h.d);
+    if n == 0 || !d.is_multiple_of(16) || d > 128 || n > 64 {
+        // SAFETY: forwarded from the caller; this function has the features Avx512 needs.
+        return unsafe { super::small_attention_body(qkv, h, scratch, out, super::Isa::Avx512) };
+    }
+    let padded = n.next_multiple_of(16);
+    let end = |at: usize| at + (n - 1) * h.stride + d;
+    assert!(end(h.q).max(end(h.k)).max(end(h.v)) <= qkv.len(), "attention head bounds");
+    let (scores, kt) = scratch.split_at_mut(n * n);
+    let kt = &mut kt[..d * padded];
+    for j in 0..padded {
+        for c in 0..d {
+            kt[c * padded + j] = if j < n { qkv[h.k + j * h.stride + c] } else { 0.0 };
+        }
+    }
+    // SAFETY (both): the rows of q, k and v are inside `qkv` (asserted above), `kt` holds d rows
+    // of `padded`, `scores` n×n floats; `out` is the caller's.
+    unsafe {
+        match padded / 16 {
+            1 => attention_scores::<1>(qkv, h, kt, scores),
+            2 => attention_scores::<2>(qkv, h, kt, scores),
+            3 => attention_scores::<3>(qkv, h, kt, scores),
+            _ => attention_scores::<4>(qkv, h, kt, scores),
+        }
+    }
+    softmax(scores, n);
+    // SAFETY: as above.
+    unsafe {
+        match d / 16 {
+            1 => attention_values::<1>(qkv, h, scores, out),
+            2 => attention_values::<2>(qkv, h, scores, out),
+            3 => attention_values::<3>(qkv, h, scores, out),
+            4 => attention_values::<4>(qkv, h, scores, out),
+            5 => attention_values::<5>(qkv, h, scores, out),
+            6 => attention_values::<6>(qkv, h, scores, out),
+            7 => attention_values::<7>(qkv, h, scores, out),
+            _ => attention_values::<8>(qkv, h, scores, out),
+        }
+    }
+}
+
+/// `scores[i, j] = q_i · k_j` from Kᵀ (`kt`: d rows of 16·J keys), J vectors of keys per query.
+///
+/// # Safety
+/// The n query rows of `h` are inside `qkv`; `kt` holds d·16·J floats, `scores` n·n.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+unsafe fn attention_scores<const J: usize>(qkv: &[f32], h: super::HeadView, kt: &[f32], scores: &mut [f32]) {
+    let (n, d, padded) = (h.n, h.d, 16 * J);
+    for i in 0..n {
+        let mut acc = [_mm512_setzero_ps(); J];
+        for c in 0..d {
+            // SAFETY: per the contract.
+            unsafe {
+                let q = _mm512_set1_ps(*qkv.get_unchecked(h.q + i * h.stride + c));
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(q, _mm512_loadu_ps(kt.as_ptr().add(c * padded + 16 * v)), *a);
+                }
+            }
+        }
+        let row = &mut scores[i * n..(i + 1) * n];
+        for (v, a) in acc.iter().enumerate() {
+            store(&mut row[16 * v..], *a);
+        }
+    }
+}
+
+/// `out_i = Σ_j scores[i, j] · v_j` for head size 16·C, each output row in C registers.
+///
+/// # Safety
+/// The n value rows of `h` are inside `qkv`; `out` is valid for the n rows of d floats that
+/// `h` describes, which nothing else accesses meanwhile.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+unsafe fn attention_values<const C: usize>(qkv: &[f32], h: super::HeadView, scores: &[f32], out: *mut f32) {
+    let n = h.n;
+    for i in 0..n {
+        let mut acc = [_mm512_setzero_ps(); C];
+        for (j, &p) in scores[i * n..(i + 1) * n].iter().enumerate() {
+            let p = _mm512_set1_ps(p);
+            // SAFETY: per the contract.
+            unsafe {
+                let v = qkv.as_ptr().add(h.v + j * h.stride);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(16 * c)), *a);
+                }
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            // SAFETY: per the contract.
+            unsafe { _mm512_storeu_ps(out.add(i * h.out_stride + 16 * c), *a) };
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512dq,avx512vl")]

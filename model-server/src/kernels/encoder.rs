@@ -191,8 +191,9 @@ impl PreNormEncoder {
                 View { offset: span.start * h + head * d, rows: n, cols: d, row_stride: h, col_stride: 1 };
             if !causal && n <= SMALL_ATTENTION_TOKENS {
                 SCORES.with_borrow_mut(|buf| {
-                    if buf.len() < n * n {
-                        buf.resize(n * n, 0.0);
+                    let need = super::small_attention_scratch(n, d);
+                    if buf.len() < need {
+                        buf.resize(need, 0.0);
                     }
                     let view =
                         HeadView { q: base, k: base + h, v: base + 2 * h, stride, out_stride: h, n, d };

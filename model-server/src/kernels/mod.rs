@@ -204,22 +204,30 @@ pub struct HeadView {
 
 /// `out_i = Σ_j softmax_j(q_i·k_j) v_j` for one (input, head), computed directly (the 1/√d
 /// scale is folded into Wq). For a few dozen tokens this beats two GEMM calls, whose setup
-/// costs more than the arithmetic. `scores` holds at least n×n floats.
+/// costs more than the arithmetic. `scratch` holds at least [`small_attention_scratch`] floats.
 ///
 /// # Safety
 /// `out` must be valid for writes of the `n` rows of `d` floats that `h` describes, and no
 /// other thread may access them meanwhile.
-pub unsafe fn small_attention(qkv: &[f32], h: HeadView, scores: &mut [f32], out: *mut f32, isa: Isa) {
+pub unsafe fn small_attention(qkv: &[f32], h: HeadView, scratch: &mut [f32], out: *mut f32, isa: Isa) {
+    let (n, d) = (h.n, h.d);
+    assert!(scratch.len() >= small_attention_scratch(n, d), "attention scratch");
     match isa {
         // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { avx2::small_attention(qkv, h, scores, out) },
+        Isa::Avx2Fma => unsafe { avx2::small_attention(qkv, h, scratch, out) },
         // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::small_attention(qkv, h, scores, out) },
+        Isa::Avx512 => unsafe { avx512::small_attention(qkv, h, scratch, out) },
         // SAFETY: forwarded from the caller.
-        _ => unsafe { small_attention_body(qkv, h, scores, out, Isa::Scalar) },
+        _ => unsafe { small_attention_body(qkv, h, scratch, out, Isa::Scalar) },
     }
+}
+
+/// Floats of scratch [`small_attention`] needs for `n` tokens of head size `d`: the scores, and
+/// Kᵀ padded to whole vectors of keys.
+pub fn small_attention_scratch(n: usize, d: usize) -> usize {
+    n * n + d * n.next_multiple_of(16)
 }
 
 /// Eight independent partial sums, so the loop vectorises without reordering a reduction.
@@ -640,6 +648,63 @@ mod tests {
         eprintln!("ISA levels checked against scalar: {:?}", Isa::supported());
         for isa in Isa::supported() {
             simd_kernels_match_scalar_on(isa);
+        }
+    }
+
+    /// Attention over one head of a packed QKV matrix (rows of 3·heads·d, this head's Q, K and V
+    /// a third apart, the output one of `heads` column blocks), on every supported ISA, against
+    /// softmax(Q·Kᵀ)·V in f64: head sizes that take the AVX-512 vectors (32, 64, 128) and one that
+    /// does not (24), lengths inside and across whole vectors of keys.
+    #[test]
+    fn small_attention_matches_the_definition_on_each_isa() {
+        for d in [24, 32, 64, 128] {
+            for n in [1, 5, 16, 21, 33, 64] {
+                let (heads, head) = (3, 1);
+                let stride = 3 * heads * d;
+                let qkv = values(n * stride, 1.5);
+                let view = HeadView {
+                    q: head * d,
+                    k: heads * d + head * d,
+                    v: 2 * heads * d + head * d,
+                    stride,
+                    out_stride: heads * d,
+                    n,
+                    d,
+                };
+                let at = |base: usize, i: usize, c: usize| qkv[base + i * stride + c] as f64;
+                let mut want = vec![0.0f64; n * d];
+                for i in 0..n {
+                    let s: Vec<f64> =
+                        (0..n).map(|j| (0..d).map(|c| at(view.q, i, c) * at(view.k, j, c)).sum()).collect();
+                    let max = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        want[i * d + c] = (0..n).map(|j| e[j] / sum * at(view.v, j, c)).sum();
+                    }
+                }
+                for isa in Isa::supported() {
+                    let mut out = vec![f32::NAN; n * heads * d];
+                    let mut scratch = vec![f32::NAN; small_attention_scratch(n, d)];
+                    // SAFETY: from this head's first column, `out` holds the n rows of d floats,
+                    // heads·d apart, that the view writes, and is ours.
+                    unsafe { small_attention(&qkv, view, &mut scratch, out.as_mut_ptr().add(head * d), isa) };
+                    for i in 0..n {
+                        for c in 0..d {
+                            let (got, w) = (out[i * heads * d + head * d + c] as f64, want[i * d + c]);
+                            assert!(
+                                (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{isa:?} d={d} n={n} ({i}, {c}): {got} vs {w}"
+                            );
+                        }
+                        let others = out[i * heads * d..][..heads * d].iter().enumerate();
+                        assert!(
+                            others.filter(|(c, _)| c / d != head).all(|(_, v)| v.is_nan()),
+                            "{isa:?} wrote outside its head"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -76,7 +76,9 @@ struct Dims {
 }
 
 struct Layer {
-    /// `[hidden, 3·hidden]`: columns Q·(1/√d) | K | V.
+    /// `[hidden, 3·hidden]`: per head, its columns of Q·(1/√d) | K | V side by side, so a
+    /// thread's contiguous share of the matmul's columns is whole heads, the heads its share of
+    /// attention then reads (from its own cache, not the other core's).
     qkv: Linear,
     attn_out: Linear,
     attn_norm: Norm,
@@ -270,10 +272,14 @@ impl PackedBert {
     fn attention(&self, qkv: &[f32], ctx: &mut [f32], spans: &[Span]) {
         let heads = self.dims.heads;
         let out = SharedOut::new(ctx);
-        kernels::team::for_each(spans.len() * heads, &|item| {
-            // SAFETY: item ↦ (input, head) is one-to-one, so each task writes its own block of
-            // `ctx`, which stays mutably borrowed (and alive) for the whole loop.
-            unsafe { self.attend(qkv, &out, spans[item / heads], item % heads) }
+        let items = spans.len() * heads;
+        let tasks = self.threads.clamp(1, items.max(1));
+        kernels::team::for_each(tasks, &|t| {
+            for item in t * items / tasks..(t + 1) * items / tasks {
+                // SAFETY: item ↦ (input, head) is one-to-one, so each writes its own block of
+                // `ctx`, which stays mutably borrowed (and alive) for the whole loop.
+                unsafe { self.attend(qkv, &out, spans[item / heads], item % heads) }
+            }
         });
     }
 
@@ -288,13 +294,14 @@ impl PackedBert {
         }
         let stride = 3 * h;
         let rows = |offset| View { offset, rows: n, cols: d, row_stride: stride, col_stride: 1 };
-        let base = span.start * stride + head * d;
-        let (q, k, v) = (rows(base), rows(base + h), rows(base + 2 * h));
+        let base = span.start * stride + head * 3 * d;
+        let (q, k, v) = (rows(base), rows(base + d), rows(base + 2 * d));
         let ctx = View { offset: span.start * h + head * d, rows: n, cols: d, row_stride: h, col_stride: 1 };
         if n <= SMALL_ATTENTION_TOKENS {
             SCORES.with_borrow_mut(|buf| {
-                if buf.len() < n * n {
-                    buf.resize(n * n, 0.0);
+                let need = kernels::small_attention_scratch(n, d);
+                if buf.len() < need {
+                    buf.resize(need, 0.0);
                 }
                 let view =
                     kernels::HeadView { q: q.offset, k: k.offset, v: v.offset, stride, out_stride: h, n, d };
@@ -477,17 +484,24 @@ fn load_qkv(s: &Scope, d: &Dims) -> Result<Linear, ModelError> {
     for part in &parts {
         qkv.push(part.get("weight", &[h, h])?);
     }
+    let hd = d.head_dim;
+    // Output column o is head o / 3d's part (o % 3d) / d (Q, K, V), row o % d of it.
+    let source = |o: usize| ((o % (3 * hd)) / hd, (o / (3 * hd)) * hd + o % hd);
     let weight = Weight::from_output_rows(h, 3 * h, |o, row| {
-        qkv[o / h].read_row(o % h, row);
-        if o < h {
+        let (part, r) = source(o);
+        qkv[part].read_row(r, row);
+        if part == 0 {
             row.iter_mut().for_each(|w| *w *= scale);
         }
     });
-    let mut bias = Vec::with_capacity(3 * h);
-    for (i, part) in parts.iter().enumerate() {
-        let b = part.get("bias", &[h])?.to_vec();
-        bias.extend(b.into_iter().map(|b| if i == 0 { b * scale } else { b }));
-    }
+    let biases =
+        parts.iter().map(|p| Ok(p.get("bias", &[h])?.to_vec())).collect::<Result<Vec<_>, ModelError>>()?;
+    let bias = (0..3 * h)
+        .map(|o| {
+            let (part, r) = source(o);
+            if part == 0 { biases[part][r] * scale } else { biases[part][r] }
+        })
+        .collect();
     Ok(Linear { weight, bias })
 }
 
