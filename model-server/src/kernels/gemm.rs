@@ -248,16 +248,23 @@ pub const FEW_TOKENS: usize = 96;
 /// sequence) or a short input.
 const SKINNY_TOKENS: usize = 8;
 
+/// The level our own matmul kernels run at: [`super::Isa::chosen`] (so `KILN_ENGINE_ISA` lowers
+/// them too), read once. The gemm crate's micro-kernels pick theirs by themselves.
+fn level() -> super::Isa {
+    static LEVEL: std::sync::OnceLock<super::Isa> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(super::Isa::chosen)
+}
+
 /// `dst[t×out] (+)= x[t×in] · w`, all rows dense, on the current team or rayon pool
 /// ([`super::team::for_each`]); `threads` is how many threads that has.
 pub fn linear(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize) {
     let (inp, out) = (w.rows, w.cols);
     let tokens = x.len() / inp;
     #[cfg(target_arch = "x86_64")]
-    if tokens <= FEW_TOKENS && super::Isa::best() == super::Isa::Avx512 {
+    if tokens <= FEW_TOKENS && level() == super::Isa::Avx512 {
         return few(dst, x, w, accumulate, threads);
     }
-    if tokens <= SKINNY_TOKENS && super::Isa::best().has_avx2() {
+    if tokens <= SKINNY_TOKENS && level().has_avx2() {
         return skinny(dst, x, w, accumulate, threads);
     }
     let xv = View::dense(0, tokens, inp);
@@ -330,7 +337,7 @@ pub trait RowElement: Copy + Send + Sync {
 impl RowElement for f32 {
     fn dots(xs: &[f32], rows: usize, w: &[f32], dots: &mut [f32; SKINNY_TOKENS]) {
         #[cfg(target_arch = "x86_64")]
-        if super::Isa::best().has_avx2() {
+        if level().has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { avx2::dots(xs, rows, w, dots) };
         }
@@ -343,7 +350,7 @@ impl RowElement for f32 {
 impl RowElement for half::f16 {
     fn dots(xs: &[f32], rows: usize, w: &[half::f16], dots: &mut [f32; SKINNY_TOKENS]) {
         #[cfg(target_arch = "x86_64")]
-        if super::Isa::best().has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+        if level().has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
             // SAFETY: the CPU has AVX2, FMA and F16C.
             return unsafe { avx2::dots_f16(xs, rows, w, dots) };
         }
