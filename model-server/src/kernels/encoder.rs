@@ -190,17 +190,10 @@ impl PreNormEncoder {
             let o =
                 View { offset: span.start * h + head * d, rows: n, cols: d, row_stride: h, col_stride: 1 };
             if !causal && n <= SMALL_ATTENTION_TOKENS {
-                SCORES.with_borrow_mut(|buf| {
-                    let need = super::small_attention_scratch(n, d);
-                    if buf.len() < need {
-                        buf.resize(need, 0.0);
-                    }
-                    let view =
-                        HeadView { q: base, k: base + h, v: base + 2 * h, stride, out_stride: h, n, d };
-                    // SAFETY: item ↦ (sequence, head) is one-to-one, so this task alone writes the
-                    // n rows of d floats at `o.offset`, h apart; `ctx` outlives the loop.
-                    unsafe { super::small_attention(qkv, view, buf, out.at(o.offset), self.isa) };
-                });
+                let view = HeadView { q: base, k: base + h, v: base + 2 * h, stride, out_stride: h, n, d };
+                // SAFETY: item ↦ (sequence, head) is one-to-one, so this task alone writes the n
+                // rows of d floats at `o.offset`, h apart; `ctx` outlives the loop.
+                unsafe { super::small_attention(qkv, view, out.at(o.offset), self.isa) };
                 return;
             }
             let mask = if causal { Mask::Causal { first: 0 } } else { Mask::None };
@@ -240,11 +233,6 @@ impl PreNormEncoder {
             super::bias_layer_norm(r, &zero, &norm.gamma, &norm.beta, eps, self.isa)
         });
     }
-}
-
-thread_local! {
-    /// Attention scores of the short (sequence, head) a pool thread is working on.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Every row of `dst` set to `row`.

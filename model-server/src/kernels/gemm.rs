@@ -413,41 +413,33 @@ fn few(dst: &mut [f32], x: &[f32], w: &Weight, accumulate: bool, threads: usize)
     assert!(dst.len() >= tokens * out && x.len() >= tokens * inp, "matmul bounds");
     assert!(inp == 0 || w.offset + (inp - 1) * w.stride + out <= w.data.len(), "matmul bounds");
     let per_pass = tokens.div_ceil(tokens.div_ceil(avx512::ROWS).max(1)).max(1);
-    let blocks = out.div_ceil(avx512::COLS);
-    // One range per thread: finer tasks measured slower (shorter runs of each weight row).
-    let tasks = threads.clamp(1, blocks.max(1));
     let shared = SharedOut::new(dst);
-    let task = |t: usize| {
-        for b in t * blocks / tasks..(t + 1) * blocks / tasks {
-            let c0 = b * avx512::COLS;
-            let width = avx512::COLS.min(out - c0);
-            for r0 in (0..tokens).step_by(per_pass) {
-                let rows = per_pass.min(tokens - r0);
-                // SAFETY: `linear` only comes here when the CPU has AVX-512F. Bounds: rows
-                // r0..r0+rows of `x` and of `dst` (columns c0..c0+width) are inside, as are the
-                // weight rows' columns c0..c0+width (asserted above); tasks write disjoint column
-                // blocks of `dst`, borrowed until the loop ends.
-                unsafe {
-                    avx512::block(
-                        x.as_ptr().add(r0 * inp),
-                        rows,
-                        inp,
-                        w.data.as_ptr().add(w.offset + c0),
-                        w.stride,
-                        shared.at(r0 * out + c0),
-                        out,
-                        width,
-                        accumulate,
-                    )
-                };
-            }
+    let block = |b: usize| {
+        let c0 = b * avx512::COLS;
+        let width = avx512::COLS.min(out - c0);
+        for r0 in (0..tokens).step_by(per_pass) {
+            let rows = per_pass.min(tokens - r0);
+            // SAFETY: `linear` only comes here when the CPU has AVX-512F. Bounds: rows r0..r0+rows
+            // of `x` and of `dst` (columns c0..c0+width) are inside, as are the weight rows'
+            // columns c0..c0+width (asserted above); each block runs once, writing its own
+            // columns of `dst`, borrowed until the loop ends.
+            unsafe {
+                avx512::block(
+                    x.as_ptr().add(r0 * inp),
+                    rows,
+                    inp,
+                    w.data.as_ptr().add(w.offset + c0),
+                    w.stride,
+                    shared.at(r0 * out + c0),
+                    out,
+                    width,
+                    accumulate,
+                )
+            };
         }
     };
-    if tasks == 1 {
-        task(0);
-    } else {
-        super::team::for_each(tasks, &task);
-    }
+    // One run of blocks per thread: finer tasks measured slower (shorter runs of each weight row).
+    super::team::for_runs(out.div_ceil(avx512::COLS), threads, &block);
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -204,30 +204,32 @@ pub struct HeadView {
 
 /// `out_i = Σ_j softmax_j(q_i·k_j) v_j` for one (input, head), computed directly (the 1/√d
 /// scale is folded into Wq). For a few dozen tokens this beats two GEMM calls, whose setup
-/// costs more than the arithmetic. `scratch` holds at least [`small_attention_scratch`] floats.
+/// costs more than the arithmetic. Its scratch (the scores, and Kᵀ padded to whole vectors of
+/// keys) is the calling thread's, grown to the longest input seen and reused.
 ///
 /// # Safety
 /// `out` must be valid for writes of the `n` rows of `d` floats that `h` describes, and no
 /// other thread may access them meanwhile.
-pub unsafe fn small_attention(qkv: &[f32], h: HeadView, scratch: &mut [f32], out: *mut f32, isa: Isa) {
-    let (n, d) = (h.n, h.d);
-    assert!(scratch.len() >= small_attention_scratch(n, d), "attention scratch");
-    match isa {
-        // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { avx2::small_attention(qkv, h, scratch, out) },
-        // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::small_attention(qkv, h, scratch, out) },
-        // SAFETY: forwarded from the caller.
-        _ => unsafe { small_attention_body(qkv, h, scratch, out, Isa::Scalar) },
+pub unsafe fn small_attention(qkv: &[f32], h: HeadView, out: *mut f32, isa: Isa) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-}
-
-/// Floats of scratch [`small_attention`] needs for `n` tokens of head size `d`: the scores, and
-/// Kᵀ padded to whole vectors of keys.
-pub fn small_attention_scratch(n: usize, d: usize) -> usize {
-    n * n + d * n.next_multiple_of(16)
+    SCRATCH.with_borrow_mut(|scratch| {
+        let need = h.n * h.n + h.d * h.n.next_multiple_of(16);
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        match isa {
+            // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { avx2::small_attention(qkv, h, scratch, out) },
+            // SAFETY: as in `bias_gelu`; `out` forwarded from the caller.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::small_attention(qkv, h, scratch, out) },
+            // SAFETY: forwarded from the caller.
+            _ => unsafe { small_attention_body(qkv, h, scratch, out, Isa::Scalar) },
+        }
+    })
 }
 
 /// Eight independent partial sums, so the loop vectorises without reordering a reduction.
@@ -685,10 +687,9 @@ mod tests {
                 }
                 for isa in Isa::supported() {
                     let mut out = vec![f32::NAN; n * heads * d];
-                    let mut scratch = vec![f32::NAN; small_attention_scratch(n, d)];
                     // SAFETY: from this head's first column, `out` holds the n rows of d floats,
                     // heads·d apart, that the view writes, and is ours.
-                    unsafe { small_attention(&qkv, view, &mut scratch, out.as_mut_ptr().add(head * d), isa) };
+                    unsafe { small_attention(&qkv, view, out.as_mut_ptr().add(head * d), isa) };
                     for i in 0..n {
                         for c in 0..d {
                             let (got, w) = (out[i * heads * d + head * d + c] as f64, want[i * d + c]);

@@ -231,6 +231,18 @@ pub fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// `f(0)`, …, `f(items - 1)` on the current team (or rayon pool) in one contiguous run per
+/// thread (at most `threads` runs): a loop over the same count splits the same way, so what a
+/// thread writes in one such loop it reads in the next from its own cache, and each thread
+/// walks its items in order.
+pub fn for_runs(items: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
+    let runs = threads.clamp(1, items.max(1));
+    if runs == 1 {
+        return (0..items).for_each(f);
+    }
+    for_each(runs, &|r| (r * items / runs..(r + 1) * items / runs).for_each(f));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +261,18 @@ mod tests {
         }
         assert_eq!(team.install(threads), 3);
         assert_eq!(threads(), rayon::current_num_threads(), "no team outside install");
+    }
+
+    #[test]
+    fn runs_cover_every_item_once() {
+        let team = Team::new(2, "test-team").expect("team");
+        for threads in [1, 2, 3] {
+            for items in [0, 1, 2, 5, 36] {
+                let hits: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+                team.install(|| for_runs(items, threads, &|i| _ = hits[i].fetch_add(1, SeqCst)));
+                assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "{threads} runs of {items}");
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,6 @@
 //! - row kernels use AVX2+FMA when the CPU has it ([`crate::kernels`]);
 //! - buffers are kept between calls, so steady state allocates nothing large.
 
-use std::cell::RefCell;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
@@ -123,12 +122,6 @@ impl Workspace {
 struct Span {
     start: usize,
     len: usize,
-}
-
-thread_local! {
-    /// Attention scores of the short (input, head) a pool thread is working on; grows to the longest
-    /// input seen and is reused.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 pub struct PackedBert {
@@ -272,14 +265,12 @@ impl PackedBert {
     fn attention(&self, qkv: &[f32], ctx: &mut [f32], spans: &[Span]) {
         let heads = self.dims.heads;
         let out = SharedOut::new(ctx);
-        let items = spans.len() * heads;
-        let tasks = self.threads.clamp(1, items.max(1));
-        kernels::team::for_each(tasks, &|t| {
-            for item in t * items / tasks..(t + 1) * items / tasks {
-                // SAFETY: item ↦ (input, head) is one-to-one, so each writes its own block of
-                // `ctx`, which stays mutably borrowed (and alive) for the whole loop.
-                unsafe { self.attend(qkv, &out, spans[item / heads], item % heads) }
-            }
+        // In runs, as the QKV matmul splits its columns: a thread attends over the heads it
+        // computed.
+        kernels::team::for_runs(spans.len() * heads, self.threads, &|item| {
+            // SAFETY: item ↦ (input, head) is one-to-one and each item runs once, so each writes
+            // its own block of `ctx`, which stays mutably borrowed (and alive) for the whole loop.
+            unsafe { self.attend(qkv, &out, spans[item / heads], item % heads) }
         });
     }
 
@@ -298,17 +289,11 @@ impl PackedBert {
         let (q, k, v) = (rows(base), rows(base + d), rows(base + 2 * d));
         let ctx = View { offset: span.start * h + head * d, rows: n, cols: d, row_stride: h, col_stride: 1 };
         if n <= SMALL_ATTENTION_TOKENS {
-            SCORES.with_borrow_mut(|buf| {
-                let need = kernels::small_attention_scratch(n, d);
-                if buf.len() < need {
-                    buf.resize(need, 0.0);
-                }
-                let view =
-                    kernels::HeadView { q: q.offset, k: k.offset, v: v.offset, stride, out_stride: h, n, d };
-                // SAFETY: the caller gives this task exclusive use of the `ctx` block, which
-                // starts at `ctx.offset` and spans n rows of d floats, h apart.
-                unsafe { kernels::small_attention(qkv, view, buf, out.at(ctx.offset), self.isa) };
-            });
+            let view =
+                kernels::HeadView { q: q.offset, k: k.offset, v: v.offset, stride, out_stride: h, n, d };
+            // SAFETY: the caller gives this task exclusive use of the `ctx` block, which starts
+            // at `ctx.offset` and spans n rows of d floats, h apart.
+            unsafe { kernels::small_attention(qkv, view, out.at(ctx.offset), self.isa) };
             return;
         }
         // SAFETY: the caller gives this task exclusive use of the `ctx` block.
